@@ -1,0 +1,118 @@
+"""PyTorch reference attention on packed (variable-length) tokens.
+
+These are the CPU paths of the model and the ground truth the Triton kernel is tested
+against. Layout follows FlashAttention's varlen API: ``q, k, v`` are ``[total_tokens, H, D]``,
+the tokens of all sequences concatenated; ``cu_seqlens`` (int32, ``[B + 1]``) holds the
+cumulative lengths, so sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """``scale=None`` means ``1/sqrt(D)``."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def sequence_bias(lengths: torch.Tensor, bias: float | torch.Tensor | None) -> torch.Tensor:
+    """Per-sequence additive bias ``b_i`` as float32 ``[B]``.
+
+    ``None`` means ``-log(n_i)`` (n_i = the sequence's length), the choice that keeps the
+    expected row sum of ``sigmoid(s + b)`` near one at initialisation; a float is used for every
+    sequence; a tensor of shape ``[B]`` is taken as given.
+    """
+    lengths = lengths.to(torch.float32)
+    if bias is None:
+        return -torch.log(lengths.clamp_min(1.0))
+    if isinstance(bias, torch.Tensor):
+        return bias.to(device=lengths.device, dtype=torch.float32).expand_as(lengths)
+    return torch.full_like(lengths, float(bias))
+
+
+def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """``[total, ...]`` -> ``[B, max_seqlen, ...]``, zeros at padded positions."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    batch = lengths.numel()
+    out = x.new_zeros((batch, max_seqlen, *x.shape[1:]))
+    mask = torch.arange(max_seqlen, device=x.device)[None, :] < lengths[:, None]
+    out[mask] = x
+    return out
+
+
+def unpad(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, N, ...]`` -> ``[sum(lengths), ...]`` (the real tokens, in order)."""
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device).long()[:, None]
+    return x[mask]
+
+
+def sigmoid_attention_padded_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    bias: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``o = sigmoid(q k^T * scale + b_i) v`` over the first ``lengths[i]`` keys.
+
+    q, k, v: ``[B, N, H, D]``; lengths: ``[B]``. Computed in the inputs' dtype promoted to at
+    least float32; outputs at padded query positions are zero.
+    """
+    batch, n, _, d = q.shape
+    compute = torch.promote_types(q.dtype, torch.float32)
+    s = default_scale(d, scale)
+    lengths = lengths.to(q.device)
+    b = sequence_bias(lengths, bias).to(compute)
+    qf, kf, vf = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    logits = torch.matmul(qf, kf.transpose(-1, -2)) * s + b[:, None, None, None]
+    valid = torch.arange(n, device=q.device)[None, :] < lengths.long()[:, None]  # [B, N]
+    weights = torch.sigmoid(logits) * valid[:, None, None, :]
+    out = torch.matmul(weights, vf).transpose(1, 2)  # [B, N, H, D]
+    out = out * valid[:, :, None, None]
+    return out.to(q.dtype)
+
+
+def sigmoid_attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    bias: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed-token sigmoid attention, ``[total, H, D]`` in and out."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    out = sigmoid_attention_padded_reference(
+        pad_packed(q, cu_seqlens, max_seqlen),
+        pad_packed(k, cu_seqlens, max_seqlen),
+        pad_packed(v, cu_seqlens, max_seqlen),
+        lengths,
+        scale=scale,
+        bias=bias,
+    )
+    return unpad(out, lengths)
+
+
+def softmax_attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Packed-token softmax attention through SDPA on a padded batch with a key mask."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
+    valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths.long()[:, None]
+    mask = valid[:, None, None, :]  # keys only; padded query rows are dropped by unpad
+    out = F.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=mask, scale=default_scale(q.shape[-1], scale)
+    )
+    return unpad(out.transpose(1, 2), lengths)

@@ -1,0 +1,53 @@
+"""``sigmoid-sc <stage> ...``: one sub-command per pipeline stage.
+
+Each stage module defines ``register(subparsers)``, which adds its sub-command and sets
+``func`` to a callable taking the parsed ``argparse.Namespace``. Modules are imported only when
+listed here, so a sub-command's heavy imports (torch, scanpy, jax) stay out of the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+STAGE_MODULES = (
+    "sigmoid_sc.sources",  # download
+    "sigmoid_sc.prepare",  # prepare
+    "sigmoid_sc.tokenize",  # tokenize
+    "sigmoid_sc.train",  # train
+    "sigmoid_sc.embed",  # embed, pca
+    "sigmoid_sc.evaluate",  # evaluate
+    "sigmoid_sc.aggregate",  # aggregate
+    "sigmoid_sc.plots",  # figures
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigmoid-sc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not a stage not written yet
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"sigmoid-sc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
