@@ -1,0 +1,308 @@
+"""The ``download`` stage: turn a dataset entry of the config into ``results/<dataset>/raw.h5ad``.
+
+Sources (``entry["source"]``):
+
+- ``scanpy``: a dataset shipped inside scanpy's wheel (``name: pbmc68k_reduced``), offline;
+  ``use_raw: true`` takes ``.raw`` (all genes, unscaled) as ``X``.
+- ``synthetic``: :func:`synthetic_counts`, seeded negative-binomial counts with known cell types
+  and batches.
+- ``path``: a local file (h5ad; 10x h5 / mtx through :mod:`sigmoid_sc.readers`).
+- ``url``: http/https with ``sha256``, delegated to :func:`sigmoid_sc.download.fetch_url_dataset`.
+
+``normalized: true`` in an entry says ``X`` holds log-normalised values rather than counts. The
+data are checked (:mod:`sigmoid_sc.validate`) before anything is written, and ``raw.h5ad`` is
+written atomically, so a bad input leaves no output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import ConfigError, DataError
+from .io import write_h5ad
+from .validate import validate_raw
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("scanpy", "synthetic", "path", "url")
+SYNTHETIC_KEYS = {"n_cells", "n_genes", "n_cell_types", "n_batches", "seed"}
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic counts
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_counts(
+    n_cells: int = 1500,
+    n_genes: int = 600,
+    n_cell_types: int = 6,
+    n_batches: int = 2,
+    seed: int = 0,
+    label_key: str = "cell_type",
+    batch_key: str = "batch",
+):
+    """Seeded UMI-like counts with known cell types and batches.
+
+    Model (a gamma-Poisson, i.e. negative binomial, per gene and cell):
+
+    - baseline gene proportions are log-normal (a few genes dominate, many are rare), so the
+      matrix is sparse like droplet data (roughly 60-90% zeros);
+    - each cell type has its own gene programme: a disjoint block of marker genes up-regulated
+      about 4.5x (log-fold change ~N(1.5, 0.4)) plus a few genes down-regulated, so types differ in
+      which genes lead the ranking;
+    - each batch multiplies every gene by a milder factor (log-fold change ~N(0, 0.25)) and shifts
+      the library size, so batch is visible but weaker than type;
+    - library sizes are log-normal (sd 0.5 on the natural-log scale), so cells express varied
+      numbers of genes;
+    - cell-type proportions are unequal (Dirichlet), every type has at least a few cells.
+
+    Returns an AnnData: ``X`` float32 CSR counts ``[n_cells, n_genes]``, ``obs[label_key]``
+    ("type_0", ...) and ``obs[batch_key]`` ("batch_0", ...) as categoricals.
+    """
+    import anndata as ad
+
+    if n_cells < 2 * n_cell_types or n_genes < 4 * n_cell_types or n_batches < 1:
+        raise ConfigError(
+            f"synthetic: need n_cells >= 2 * n_cell_types, n_genes >= 4 * n_cell_types and "
+            f"n_batches >= 1 (got n_cells={n_cells}, n_genes={n_genes}, "
+            f"n_cell_types={n_cell_types}, n_batches={n_batches})"
+        )
+    rng = np.random.default_rng(seed)
+
+    # cell types: unequal proportions, at least 2 cells each
+    proportions = rng.dirichlet(np.full(n_cell_types, 4.0))
+    n_per_type = 2 + rng.multinomial(n_cells - 2 * n_cell_types, proportions)
+    cell_type = rng.permutation(np.repeat(np.arange(n_cell_types), n_per_type))
+    batch = rng.integers(0, n_batches, size=n_cells)
+
+    # baseline log-expression per gene
+    log_base = rng.normal(0.0, 1.3, size=n_genes)
+
+    # gene programmes: disjoint marker blocks (about a tenth of the genes per type, at most half
+    # of all genes overall), plus a few down-regulated genes taken from the remaining genes
+    lfc = np.zeros((n_cell_types, n_genes))
+    order = rng.permutation(n_genes)
+    n_markers = max(3, min(n_genes // 10, n_genes // (2 * n_cell_types)))
+    rest = order[n_cell_types * n_markers :]
+    for t in range(n_cell_types):
+        markers = order[t * n_markers : (t + 1) * n_markers]
+        lfc[t, markers] = rng.normal(1.5, 0.4, size=n_markers)
+        down = rng.choice(rest, size=min(len(rest), n_markers // 2), replace=False)
+        lfc[t, down] -= rng.normal(1.0, 0.3, size=len(down))
+
+    batch_lfc = rng.normal(0.0, 0.25, size=(n_batches, n_genes))
+    batch_lib = rng.normal(0.0, 0.15, size=n_batches)
+
+    log_mean = log_base[None, :] + lfc[cell_type] + batch_lfc[batch]
+    proportion = np.exp(log_mean - log_mean.max(axis=1, keepdims=True))
+    proportion /= proportion.sum(axis=1, keepdims=True)
+    # median library ~ 1 count per gene, enough for a few hundred expressed genes per cell
+    library = np.exp(rng.normal(np.log(1.0 * n_genes), 0.5, size=n_cells) + batch_lib[batch])
+    mean = proportion * library[:, None]
+    dispersion = 0.2  # NB variance = mean + dispersion * mean^2
+    rate = rng.gamma(shape=1.0 / dispersion, scale=mean * dispersion)
+    counts = rng.poisson(rate).astype(np.float32)
+
+    # a cell drawn with no counts at all would be an invalid droplet: give it its top gene
+    empty = counts.sum(axis=1) == 0
+    counts[empty, np.argmax(mean[empty], axis=1)] = 1.0
+
+    obs = pd.DataFrame(
+        {
+            label_key: pd.Categorical([f"type_{t}" for t in cell_type]),
+            batch_key: pd.Categorical([f"batch_{b}" for b in batch]),
+        },
+        index=pd.Index([f"cell_{i:06d}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=pd.Index([f"gene_{g:05d}" for g in range(n_genes)]))
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------
+
+
+def _from_scanpy(dataset: str, entry: dict):
+    import scanpy as sc
+
+    name = entry.get("name")
+    if not name:
+        raise ConfigError(
+            f"dataset {dataset!r}: source 'scanpy' needs 'name' (e.g. pbmc68k_reduced)"
+        )
+    loader = getattr(sc.datasets, name, None)
+    if loader is None or name.startswith("_") or not callable(loader):
+        available = ", ".join(n for n in dir(sc.datasets) if not n.startswith("_"))
+        raise ConfigError(
+            f"dataset {dataset!r}: scanpy has no dataset {name!r}; available: {available}"
+        )
+    adata = loader()
+    if entry.get("use_raw", False):
+        if adata.raw is None:
+            raise DataError(
+                f"dataset {dataset!r}: use_raw is set but scanpy's {name!r} has no .raw"
+            )
+        adata = adata.raw.to_adata()  # keeps obs; var and X from .raw
+    return adata
+
+
+def _from_path(dataset: str, entry: dict):
+    import anndata as ad
+
+    path = entry.get("path")
+    if not path:
+        raise ConfigError(f"dataset {dataset!r}: source 'path' needs 'path'")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset {dataset!r}: file {str(path)!r} does not exist")
+    if path.suffix == ".h5ad" and not entry.get("format"):
+        try:
+            return ad.read_h5ad(path)
+        except Exception as exc:  # h5py/anndata raise many kinds for a bad file
+            raise DataError(
+                f"dataset {dataset!r}: cannot read {str(path)!r} as h5ad: {exc}"
+            ) from exc
+    try:
+        from . import readers
+    except ModuleNotFoundError as exc:
+        raise DataError(
+            f"dataset {dataset!r}: {str(path)!r} is not .h5ad and no reader module is installed"
+        ) from exc
+    return readers.read_dataset(path, entry.get("format"), dataset=dataset)
+
+
+def _from_url(dataset: str, entry: dict, cache_dir, lockfile, require_checksum: bool):
+    from .download import fetch_url_dataset  # lazy: requests etc. only for url entries
+
+    return fetch_url_dataset(dataset, entry, cache_dir, lockfile, require_checksum)
+
+
+def load_dataset(
+    dataset: str,
+    entry: dict[str, Any],
+    cache_dir: str | None = None,
+    lockfile: str | None = None,
+    require_checksum: bool = False,
+):
+    """Load, check and annotate one dataset entry; returns the AnnData that ``raw.h5ad`` holds.
+
+    ``X`` becomes float32 CSR (counts, or log-normalised values when ``normalized: true``);
+    ``uns["sigmoid_sc"]`` records ``dataset, source, label_key, batch_key, normalized``.
+    Raises :class:`ConfigError` for a bad entry and :class:`DataError` for bad data.
+    """
+    source = entry.get("source")
+    if source not in SOURCES:
+        raise ConfigError(
+            f"dataset {dataset!r}: source {source!r} is not one of {', '.join(SOURCES)}"
+        )
+    label_key = entry.get("label_key")
+    if not label_key:
+        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
+    batch_key = entry.get("batch_key") or None
+
+    if source == "scanpy":
+        adata = _from_scanpy(dataset, entry)
+    elif source == "synthetic":
+        params = dict(entry.get("synthetic") or {})
+        unknown = set(params) - SYNTHETIC_KEYS
+        if unknown:
+            raise ConfigError(
+                f"dataset {dataset!r}: unknown synthetic key(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(SYNTHETIC_KEYS))}"
+            )
+        adata = synthetic_counts(**params, label_key=label_key, batch_key=batch_key or "batch")
+    elif source == "path":
+        adata = _from_path(dataset, entry)
+    else:
+        adata = _from_url(dataset, entry, cache_dir, lockfile, require_checksum)
+
+    if not adata.obs_names.is_unique:
+        # later stages match cells by obs_names (embeddings, metrics): they must be unique
+        log.warning("dataset %s: obs_names are not unique; making them unique", dataset)
+        adata.obs_names_make_unique()
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+
+    validate_raw(adata, dataset, label_key, batch_key)
+
+    # raw.h5ad holds counts, cells and genes only: drop derived slots of the source (a PCA or a
+    # neighbour graph of a scaled matrix would be stale once prepare filters cells)
+    for slot in (adata.obsm, adata.obsp, adata.varm, adata.varp, adata.layers, adata.uns):
+        for key in list(slot.keys()):
+            del slot[key]
+    X = adata.X
+    adata.X = (
+        sp.csr_matrix(X, dtype=np.float32) if not sp.isspmatrix_csr(X) else X.astype(np.float32)
+    )
+    adata.X.eliminate_zeros()
+    # labels and batches as string categoricals: stable sorting, clean h5ad round-trip
+    for key in (label_key, batch_key):
+        if key is not None:
+            adata.obs[key] = pd.Categorical(adata.obs[key].astype(str))
+    info = {
+        "dataset": dataset,
+        "source": source,
+        "label_key": label_key,
+        "normalized": bool(entry.get("normalized", False)),
+    }
+    if batch_key is not None:
+        info["batch_key"] = batch_key  # h5ad cannot store None: absent means no batch
+    adata.uns["sigmoid_sc"] = info
+    return adata
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_json_arg(text: str, what: str) -> dict:
+    """Parse a ``--*-json`` argument into a dict, raising ConfigError on bad JSON."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def run_download(args: argparse.Namespace) -> None:
+    entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
+    adata = load_dataset(
+        args.dataset,
+        entry,
+        cache_dir=args.cache_dir,
+        lockfile=args.lockfile,
+        require_checksum=args.require_checksum,
+    )
+    write_h5ad(args.out, adata)
+    log.info("dataset %s: wrote %s (%d cells x %d genes)", args.dataset, args.out, *adata.shape)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "download",
+        help="load a dataset entry (scanpy, synthetic, path, url), check it, write raw.h5ad",
+    )
+    p.add_argument("--dataset", required=True, help="dataset name (the key under datasets:)")
+    p.add_argument("--entry-json", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--out", required=True, help="output raw.h5ad")
+    p.add_argument("--lockfile", default=None, help="url sources: lock file of checksums")
+    p.add_argument(
+        "--require-checksum", action="store_true", help="url sources: refuse entries without sha256"
+    )
+    p.add_argument("--cache-dir", default=None, help="url sources: download cache folder")
+    p.set_defaults(func=run_download)

@@ -1,0 +1,183 @@
+"""The ``tokenize`` stage: rank-value encoding of each cell (Geneformer style).
+
+A cell becomes the sequence of its expressed genes (value > 0), highest first, one token per
+gene, truncated to ``max_len``. With ``gene_median_norm: true`` (the default, as Geneformer does
+with its corpus medians) each gene's normalised expression (CP10K, ``expm1`` of the log1p values
+of ``prepared.h5ad``) is first divided by that gene's median non-zero value over the training
+cells, so a gene ranks high where it is high *for that gene*, and ubiquitous housekeeping genes
+stop leading every cell. Ties are broken by gene index (lower first), so the encoding is
+deterministic.
+
+Token ids: ``pad_id = 0``, ``mask_id = 1``, ``cls_id = 2``; gene ``g`` (column ``g`` of
+``prepared.h5ad``) is ``g + 3``, so ``vocab_size = n_genes + 3``. The sequences hold gene
+tokens only: a model that wants a CLS token prepends it itself (its sequence is then
+``max_len + 1`` long).
+
+Output ``tokens.npz``: ``input_ids`` int32 (all cells' tokens concatenated in obs order),
+``offsets`` int64 ``[n_cells + 1]`` (cell ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``, the
+same layout as ``cu_seqlens``), ``split`` str ``[n_cells]``, ``obs_names`` str ``[n_cells]``,
+``gene_names`` str ``[n_genes]``, ``gene_median`` float32 ``[n_genes]`` (1 where not normalised),
+and the scalars ``vocab_size``, ``max_len``, ``pad_id``, ``mask_id``, ``cls_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ConfigError, DataError
+from .io import write_npz
+from .prepare import check_params
+from .sources import parse_json_arg
+
+log = logging.getLogger(__name__)
+
+PAD_ID, MASK_ID, CLS_ID = 0, 1, 2
+N_SPECIAL = 3
+
+DEFAULTS = {"max_len": 256, "gene_median_norm": True}
+
+#: rows sorted per chunk; bounds the lexsort's working memory (a few x nnz of a chunk)
+CHUNK_CELLS = 8192
+
+
+def gene_nonzero_median(X: sp.spmatrix) -> np.ndarray:
+    """Median of the positive values of each column of ``X`` [cells, genes]: float64 ``[n_genes]``.
+
+    Genes never positive get 1.0 (no rescaling). Vectorised: one sort by (gene, value).
+    """
+    csc = sp.csc_matrix(X)
+    n_genes = csc.shape[1]
+    genes = np.repeat(np.arange(n_genes), np.diff(csc.indptr))
+    positive = csc.data > 0
+    genes, values = genes[positive], np.asarray(csc.data[positive], dtype=np.float64)
+    order = np.lexsort((values, genes))
+    genes, values = genes[order], values[order]
+    n = np.bincount(genes, minlength=n_genes)
+    start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    median = np.ones(n_genes)
+    has = n > 0
+    lo = start[has] + (n[has] - 1) // 2
+    hi = start[has] + n[has] // 2
+    median[has] = 0.5 * (values[lo] + values[hi])
+    return median
+
+
+def rank_value_encode(
+    X: sp.spmatrix, max_len: int, gene_scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-value encode every row of ``X`` [cells, genes].
+
+    Each row's positive entries, divided by ``gene_scale`` (float ``[n_genes]``) when given, are
+    sorted by value descending, ties by gene index ascending, and cut to the first ``max_len``.
+
+    Returns ``(input_ids, offsets)``: int32 token ids (gene index + 3), concatenated row after
+    row, and int64 ``offsets [n_cells + 1]``.
+    """
+    if max_len < 1:
+        raise ConfigError(f"tokenize: max_len must be >= 1, got {max_len}")
+    X = sp.csr_matrix(X)
+    n_cells = X.shape[0]
+    lengths = np.zeros(n_cells, dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    for first in range(0, n_cells, CHUNK_CELLS):
+        chunk = X[first : first + CHUNK_CELLS]
+        rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        genes = chunk.indices.astype(np.int64)
+        values = np.asarray(chunk.data, dtype=np.float64)
+        positive = values > 0
+        rows, genes, values = rows[positive], genes[positive], values[positive]
+        if gene_scale is not None:
+            values = values / gene_scale[genes]
+        # primary key row, then value descending, then gene index ascending (lexsort: last key
+        # is primary)
+        order = np.lexsort((genes, -values, rows))
+        rows, genes = rows[order], genes[order]
+        row_counts = np.bincount(rows, minlength=chunk.shape[0])
+        row_start = np.concatenate([[0], np.cumsum(row_counts)[:-1]])
+        rank = np.arange(len(rows)) - row_start[rows]
+        keep = rank < max_len
+        pieces.append((genes[keep] + N_SPECIAL).astype(np.int32))
+        lengths[first : first + chunk.shape[0]] = np.minimum(row_counts, max_len)
+    input_ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return input_ids, offsets
+
+
+def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.ndarray]:
+    """Tokenise a prepared AnnData; returns the arrays of ``tokens.npz`` (see the module doc)."""
+    p = check_params(params, DEFAULTS, "tokenize")
+    if not isinstance(p["max_len"], int) or isinstance(p["max_len"], bool) or p["max_len"] < 1:
+        raise ConfigError(f"tokenize: max_len must be an integer >= 1, got {p['max_len']!r}")
+    if not isinstance(p["gene_median_norm"], bool):
+        raise ConfigError(
+            f"tokenize: gene_median_norm must be true or false, got {p['gene_median_norm']!r}"
+        )
+    if "split" not in adata.obs:
+        raise DataError(
+            f"dataset {dataset!r}: prepared data has no obs['split']; run prepare first"
+        )
+    X = sp.csr_matrix(adata.X)
+    split = adata.obs["split"].astype(str).to_numpy()
+    n_genes = X.shape[1]
+    if p["gene_median_norm"]:
+        # normalised expression (CP10K); ranks compare x / median_g, a ratio of linear values
+        X = X.copy()
+        X.data = np.expm1(X.data.astype(np.float64))
+        train = split == "train"
+        if not train.any():
+            raise DataError(f"dataset {dataset!r}: no training cells to take gene medians from")
+        gene_median = gene_nonzero_median(X[train])
+        input_ids, offsets = rank_value_encode(X, p["max_len"], gene_median)
+    else:
+        gene_median = np.ones(n_genes)
+        input_ids, offsets = rank_value_encode(X, p["max_len"])
+    lengths = np.diff(offsets)
+    if (lengths == 0).any():
+        raise DataError(
+            f"dataset {dataset!r}: {int((lengths == 0).sum())} cells have no expressed gene "
+            "in prepared data"
+        )
+    log.info(
+        "dataset %s: %d cells, %d tokens, length min %d / median %d / max %d (max_len %d)",
+        dataset,
+        len(lengths),
+        len(input_ids),
+        lengths.min(),
+        np.median(lengths),
+        lengths.max(),
+        p["max_len"],
+    )
+    return {
+        "input_ids": input_ids,
+        "offsets": offsets,
+        "split": split.astype(str),
+        "obs_names": np.asarray(adata.obs_names, dtype=str),
+        "gene_names": np.asarray(adata.var_names, dtype=str),
+        "gene_median": gene_median.astype(np.float32),
+        "vocab_size": np.int64(n_genes + N_SPECIAL),
+        "max_len": np.int64(p["max_len"]),
+        "pad_id": np.int64(PAD_ID),
+        "mask_id": np.int64(MASK_ID),
+        "cls_id": np.int64(CLS_ID),
+    }
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    import anndata as ad
+
+    params = parse_json_arg(args.params_json, "tokenize: --params-json")
+    arrays = tokenize(ad.read_h5ad(args.input), args.dataset, params)
+    write_npz(args.output, **arrays)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tokenize", help="rank-value encode prepared cells: tokens.npz")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--params-json", default="{}", help="the config's tokenize section as JSON")
+    p.add_argument("--input", required=True, help="prepared.h5ad")
+    p.add_argument("--output", required=True, help="tokens.npz")
+    p.set_defaults(func=run_tokenize)
