@@ -1,0 +1,22 @@
+# QC, normalisation, gene vocabulary and the seeded train/val/test split shared by both attention kinds.
+
+
+rule prepare:
+    input:
+        raw=rules.download.output.raw,
+    output:
+        prepared="results/{dataset}/prepared.h5ad",
+    params:
+        entry=dataset_entry_json,
+        prepare=section_json("prepare"),
+    log:
+        "results/logs/prepare/{dataset}.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "prepare {wildcards.dataset}"
+    threads: 1
+    shell:
+        "python -m sigmoid_sc.cli prepare --dataset {wildcards.dataset:q} --entry-json {params.entry:q}"
+        " --params-json {params.prepare:q} --input {input.raw:q} --output {output.prepared:q}"
+        " > {log:q} 2>&1"
