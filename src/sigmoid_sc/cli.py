@@ -18,7 +18,8 @@ STAGE_MODULES = (
     "sigmoid_sc.prepare",  # prepare
     "sigmoid_sc.tokenize",  # tokenize
     "sigmoid_sc.train",  # train
-    "sigmoid_sc.embed",  # embed, pca
+    "sigmoid_sc.embed",  # embed
+    "sigmoid_sc.baseline",  # pca
     "sigmoid_sc.evaluate",  # evaluate
     "sigmoid_sc.aggregate",  # aggregate
     "sigmoid_sc.plots",  # figures
