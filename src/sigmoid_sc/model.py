@@ -1,0 +1,149 @@
+"""A bidirectional pre-LN transformer encoder over packed single-cell tokens.
+
+Tokens of all cells in a batch are concatenated (``input_ids [T]``) and ``cu_seqlens``
+(int32 ``[B + 1]``) marks where each cell starts, as in FlashAttention's varlen API, so no
+compute is spent on padding. A cell's tokens are its expressed genes in rank-value order; the
+position embedding is the rank within the cell (0 = the highest-expressed gene).
+
+The softmax and sigmoid models differ in exactly one place: the ``kind`` string that
+:class:`SelfAttention` passes to :func:`sigmoid_sc.attention.attention_varlen` (which also adds
+sigmoid's per-cell bias ``-log(n_i)``). Parameters, their order and their initialisation do
+not depend on the kind, so the same seed gives the same initial weights for both.
+
+The masked-gene head is tied to the token embedding (GPT-2 / BERT style): the logit of gene
+``g`` is the dot product of the final hidden state with ``g``'s input embedding. Tying halves
+the parameters that scale with the vocabulary and is what the reference models of the field do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import ATTENTION_KINDS, attention_varlen
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int = 128
+    dropout: float = 0.0
+    vocab_size: int = 0  # token ids are 0 .. vocab_size - 1 (specials included), from tokens.npz
+    max_len: int = 256  # the longest cell in tokens (rank positions 0 .. max_len - 1)
+    attention: str = "sigmoid"  # "softmax" | "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+
+def cell_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The cell each packed token belongs to: int64 ``[total]``."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cells = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    return torch.repeat_interleave(cells, lengths, output_size=total)  # output_size: no GPU sync
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.attention = config.attention  # the only difference between the two models
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.proj.residual_out = True  # scaled init, see Encoder._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x: ``[T, d_model]`` packed tokens -> ``[T, d_model]``; attention stays within a cell."""
+        total, d_model = x.shape
+        q, k, v = self.qkv(x).view(total, 3, self.n_heads, d_model // self.n_heads).unbind(1)
+        y = attention_varlen(self.attention, q, k, v, cu_seqlens, max_seqlen)  # [T, H, D]
+        return self.dropout(self.proj(y.reshape(total, d_model)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+        self.proj.residual_out = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_len, config.d_model)  # rank within the cell
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are
+        # scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_out", False):
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """Hidden states of packed tokens.
+
+        input_ids: int ``[T]``; cu_seqlens: int32 ``[B + 1]`` with ``cu_seqlens[-1] == T``;
+        max_seqlen: the longest cell (an int, so the GPU never has to be asked).
+        Returns float ``[T, d_model]`` after the final layer norm.
+        """
+        total = input_ids.shape[0]
+        starts = cu_seqlens[:-1].long()[cell_index(cu_seqlens, total)]
+        rank = torch.arange(total, device=input_ids.device) - starts
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(rank))
+        for block in self.blocks:
+            x = block(x, cu_seqlens, max_seqlen)
+        return self.ln_f(x)
+
+    def gene_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., d_model]`` -> ``[..., vocab_size]``, the head tied to the token embedding."""
+        return hidden @ self.tok_emb.weight.t()
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Mean of each cell's token states: ``[T, d]`` -> ``[B, d]`` cell embeddings (float32)."""
+    total, d_model = hidden.shape
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float32)
+    sums = hidden.new_zeros((lengths.numel(), d_model), dtype=torch.float32)
+    sums.index_add_(0, cell_index(cu_seqlens, total), hidden.float())
+    return sums / lengths.clamp_min(1.0)[:, None]
