@@ -1,0 +1,816 @@
+"""Triton sigmoid attention: forward and backward on packed (varlen) or padded tokens.
+
+Computes, for each sequence ``i`` and head ``h`` independently,
+
+    o = sigmoid(q k^T * scale + b_i) v
+
+with ``b_i = -log(n_i)`` by default (``n_i`` = the sequence's length), no causal mask, and no
+attention across sequences. Sigmoid needs no row statistics (no running max, no row sum), so
+the forward pass is a plain two-matmul loop over key blocks and the backward pass recomputes
+``P = sigmoid(S)`` tile by tile from ``q`` and ``k`` alone: nothing but the output is saved.
+
+Layouts. Both layouts reach one set of kernels as a ``[rows, H, D]`` token matrix plus two int32
+arrays ``seq_start[B]`` and ``seq_len[B]``: packed tokens (FlashAttention's varlen API) have
+``seq_start = cu_seqlens[:-1]``; the padded ``[B, N, H, D]`` layout is viewed as ``[B*N, H, D]``
+with ``seq_start[i] = i*N`` and ``seq_len = lengths``. Padded rows are never read and their
+outputs (and gradients) are zero.
+
+Precision: q, k, v in fp16, bf16 or fp32; both matmuls accumulate in fp32; ``P`` is rounded to
+the input dtype before ``P v`` (as in every flash-style kernel). fp32 inputs use IEEE fp32 dots
+on the GPU (no tf32).
+
+Entry points: :func:`sigmoid_attention_varlen`, :func:`sigmoid_attention_padded` (both
+differentiable through the ``torch.library`` op ``sigmoid_sc::sigmoid_attn_fwd`` with a
+registered backward, so ``torch.compile`` traces them without a graph break). On a CPU tensor
+the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` (tests); otherwise the
+op falls back to a PyTorch implementation of the same formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import default_scale
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+# How P = sigmoid(z) is evaluated inside the kernels (z already in log2 units, z = logit*log2 e).
+#   0: 1 / (1 + exp2(-z)) -- exp2 and a division (two special-function-unit ops per element)
+#   1: 0.5 * tanh.approx(z * ln2 / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1
+#   2: exp2 on the SFU, the reciprocal by two Newton steps on the FMA pipe (rel. error < 3e-4)
+# Mode 1 is GPU-only (inline PTX); under the interpreter it falls back to mode 0.
+SIG_EXACT, SIG_TANH, SIG_NEWTON = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid_log2(z, SIG_MODE: tl.constexpr):
+    """sigmoid(x) for ``z = x * log2(e)``, elementwise, fp32 in and out."""
+    if SIG_MODE == 1:
+        # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;",
+            "=r,r",
+            [z * 0.34657359027997264],  # ln2 / 2
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+        p = 0.5 * t + 0.5
+    elif SIG_MODE == 2:
+        # clamp so 1 + 2^-z stays finite; the reciprocal starts from the exponent-flip guess
+        # (relative error < 12.5%) and two Newton steps y <- y (2 - d y) bring it under 3e-4,
+        # below bf16's rounding of P, without a second special-function op per element
+        d = 1.0 + tl.exp2(-tl.maximum(z, -120.0))
+        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        y = y * (2.0 - d * y)
+        p = y * (2.0 - d * y)
+    else:
+        p = 1.0 / (1.0 + tl.exp2(-z))
+    return p
+
+
+@triton.jit
+def _load_rows(base, rows, stride_t, offs_d, n, MASKED: tl.constexpr):
+    """Rows ``rows`` of a ``[*, D]`` tile at ``base``; rows >= n read as zeros when MASKED."""
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=(rows < n)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_block(
+    acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
+):
+    """One key block: ``acc += sigmoid(q k^T * scale + b) v``.
+
+    Key rows past the sequence were loaded as zeros, so their P (= sigmoid(b)) meets a zero
+    row of v and adds nothing: no column mask is needed.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
+    p = _sigmoid_log2(s * qk_scale_log2 + bias_log2, SIG_MODE)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out,
+    SeqStart, SeqLen, SeqOrder, Bias,
+    qk_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_rows, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``; one program = one query block of one head.
+
+    Sequences are visited longest first (``SeqOrder``) so the long programs start early and
+    the short ones fill the tail of the launch.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(SeqOrder + tl.program_id(2))
+    n = tl.load(SeqLen + b)
+    if pid_m * BLOCK_M < n:
+        start = tl.load(SeqStart + b)
+        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
+        k_base = K + start.to(tl.int64) * stride_kt + h * stride_kh
+        v_base = V + start.to(tl.int64) * stride_vt + h * stride_vh
+        q = _load_rows(q_base, offs_m, stride_qt, offs_d, n, True)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        if USE_TMA:
+            # whole-tensor descriptors: a block may run into the next sequence's rows, which
+            # is why only full blocks (wholly inside this sequence) are read through them
+            k_desc = tl.make_tensor_descriptor(
+                K + h * stride_kh, shape=[total_rows, HEAD_DIM], strides=[stride_kt, 1],
+                block_shape=[BLOCK_N, HEAD_DIM],
+            )  # fmt: skip
+            v_desc = tl.make_tensor_descriptor(
+                V + h * stride_vh, shape=[total_rows, HEAD_DIM], strides=[stride_vt, 1],
+                block_shape=[BLOCK_N, HEAD_DIM],
+            )  # fmt: skip
+            for start_n in range(0, n_full, BLOCK_N):
+                k = k_desc.load([start + start_n, 0])
+                v = v_desc.load([start + start_n, 0])
+                acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+        else:
+            for start_n in range(0, n_full, BLOCK_N):
+                k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
+                v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
+                acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+        if n_full < n:
+            k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
+            v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
+            acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+        o_ptrs = (
+            Out
+            + (start + offs_m).to(tl.int64)[:, None] * stride_ot
+            + h * stride_oh
+            + offs_d[None, :]
+        )
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < n)[:, None])
+
+
+@triton.jit
+def _bwd_kv_block(
+    dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_log2, bias_log2, scale,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):  # fmt: skip
+    """One query block against this program's key block (everything transposed: keys x queries).
+
+    Query rows past the sequence are zeros in q and do, so their columns of dP^T and dS^T are
+    zero and add nothing to dk, dv or dq.
+    """
+    s_t = tl.dot(k, tl.trans(q), input_precision=IN_PREC)  # [BLOCK_N, BLOCK_M]
+    p_t = _sigmoid_log2(s_t * qk_scale_log2 + bias_log2, SIG_MODE)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=IN_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=IN_PREC)
+    # d sigmoid(x) / dx = p (1 - p); the factor `scale` of dS is applied once at the end
+    ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=IN_PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=IN_PREC) * scale
+        tl.atomic_add(DQ_ptrs, dq, mask=dq_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DQ, DK, DV,
+    SeqStart, SeqLen, SeqOrder, Bias,
+    qk_scale_log2, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(max_seqlen, BLOCK_N), H, B)``; one program = one key block of one head.
+
+    Loops over the sequence's query blocks accumulating dk, dv in fp32 registers. With
+    ATOMIC_DQ the same tiles also give dq (``dS K``), added into an fp32 buffer with atomics;
+    otherwise :func:`_attn_bwd_dq` recomputes them.
+    """
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(SeqOrder + tl.program_id(2))
+    n = tl.load(SeqLen + b)
+    if pid_n * BLOCK_N < n:
+        start = tl.load(SeqStart + b).to(tl.int64)
+        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + start * stride_qt + h * stride_qh
+        do_base = DO + start * stride_dot + h * stride_doh
+        dq_base = DQ + start * stride_dqt + h * stride_dqh
+        k = _load_rows(K + start * stride_kt + h * stride_kh, offs_n, stride_kt, offs_d, n, True)
+        v = _load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, offs_d, n, True)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        m_full = (n // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            rows = start_m + offs_m
+            q = _load_rows(q_base, rows, stride_qt, offs_d, n, False)
+            do = _load_rows(do_base, rows, stride_dot, offs_d, n, False)
+            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+            dk, dv = _bwd_kv_block(
+                dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_log2, bias_log2, scale,
+                SIG_MODE, IN_PREC, ATOMIC_DQ,
+            )  # fmt: skip
+        if m_full < n:
+            rows = m_full + offs_m
+            q = _load_rows(q_base, rows, stride_qt, offs_d, n, True)
+            do = _load_rows(do_base, rows, stride_dot, offs_d, n, True)
+            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+            dk, dv = _bwd_kv_block(
+                dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_log2, bias_log2,
+                scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
+            )  # fmt: skip
+        row_mask = (offs_n < n)[:, None]
+        dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
+        dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=row_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _bwd_q_block(
+    dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
+):
+    """One key block for this program's query block: ``dq += (P (1-P) * dO v^T) k``."""
+    s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
+    p = _sigmoid_log2(s * qk_scale_log2 + bias_log2, SIG_MODE)
+    dp = tl.dot(do, tl.trans(v), input_precision=IN_PREC)
+    ds = (p * (1.0 - p) * dp).to(k.dtype)
+    return tl.dot(ds, k, dq, input_precision=IN_PREC)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ,
+    SeqStart, SeqLen, SeqOrder, Bias,
+    qk_scale_log2, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``: dq of one query block, looping over keys.
+
+    Key rows past the sequence read as zeros in k and v: their dP column is zero.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(SeqOrder + tl.program_id(2))
+    n = tl.load(SeqLen + b)
+    if pid_m * BLOCK_M < n:
+        start = tl.load(SeqStart + b).to(tl.int64)
+        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_base = K + start * stride_kt + h * stride_kh
+        v_base = V + start * stride_vt + h * stride_vh
+        q = _load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, offs_d, n, True)
+        do = _load_rows(
+            DO + start * stride_dot + h * stride_doh, offs_m, stride_dot, offs_d, n, True
+        )
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
+            v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
+            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+        if n_full < n:
+            k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
+            v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
+            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+        dq_ptrs = DQ + (start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < n)[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+# Small per-head-dim lists so autotuning costs seconds, not minutes, per (head dim, length
+# bucket). Entries: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_FWD_CONFIGS = {
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
+}
+# backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block
+_BWD_CONFIGS = {
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2)],
+    64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+    32: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+}
+_DQ_CONFIGS = {
+    128: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (64, 64, 4, 3)],
+}
+# Under the interpreter: one small config, several blocks per test sequence.
+_INTERP_CONFIG = (32, 16, 4, 1)
+
+# Kernel options chosen from the H200 measurements (bench/NOTES.md); overridable for the bench.
+DEFAULT_OPTIONS = {"sig_mode": SIG_EXACT, "use_tma": False, "atomic_dq": True}
+
+
+def _configs(table, head_dim):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in table[head_dim]
+    ]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kind: str, head_dim: int):
+    """The autotuned kernel of ``kind`` for ``head_dim``, built once (keyed on the length bucket)."""
+    key = (kind, head_dim)
+    if key not in _TUNED:
+        if kind == "fwd":
+            fn = triton.autotune(
+                _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "total_rows"]
+            )(_attn_fwd)
+        elif kind == "dkdv":
+            # dq accumulates with atomics: every timed trial must start from zeros
+            fn = triton.autotune(
+                _configs(_BWD_CONFIGS, head_dim), key=["seqlen_bucket"], reset_to_zero=["DQ"]
+            )(_attn_bwd_dkdv)
+        else:
+            fn = triton.autotune(_configs(_DQ_CONFIGS, head_dim), key=["seqlen_bucket"])(
+                _attn_bwd_dq
+            )
+        _TUNED[key] = fn
+    return _TUNED[key]
+
+
+def _seqlen_bucket(max_seqlen: int) -> int:
+    return 1 << max(6, math.ceil(math.log2(max(max_seqlen, 1))))
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator():
+    """Device-side tensor descriptors need scratch memory from a Triton allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, device="cuda", dtype=torch.int8)
+
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET = True
+
+
+def _explicit(cfg):
+    bm, bn, w, s = cfg
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+
+
+# --------------------------------------------------------------------------------------------
+# Launch wrappers ([rows, H, D] tokens + seq_start/seq_len/seq_order int32 + bias fp32 [B])
+# --------------------------------------------------------------------------------------------
+
+
+def _sig_mode(opts: dict, interp: bool) -> int:
+    # the interpreter cannot run inline PTX (mode 1); modes 0 and 2 are plain Triton
+    mode = int(opts["sig_mode"])
+    return SIG_EXACT if interp and mode == SIG_TANH else mode
+
+
+def _new(like: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
+    """A contiguous tensor of ``like``'s shape: zeros when padded rows must read as zero."""
+    make = torch.zeros if zero else torch.empty
+    return make(like.shape, dtype=dtype, device=like.device)
+
+
+def _in_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill,
+               config=None, **options):  # fmt: skip
+    """Run the forward kernel; ``config`` = (BLOCK_M, BLOCK_N, warps, stages) skips autotuning."""
+    opts = {**DEFAULT_OPTIONS, **options}
+    rows, n_heads, head_dim = q.shape
+    o = _new(q, q.dtype, zero_fill)
+    batch = seq_len.shape[0]
+    interp = _interpreting()
+    use_tma = bool(opts["use_tma"]) and not interp
+    if use_tma:
+        _ensure_tma_allocator()
+    args = (
+        q, k, v, o, seq_start, seq_len, seq_order, bias, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), rows, _seqlen_bucket(max_seqlen),
+    )  # fmt: skip
+    meta = {
+        "HEAD_DIM": head_dim,
+        "SIG_MODE": _sig_mode(opts, interp),
+        "IN_PREC": _in_prec(q.dtype),
+        "USE_TMA": use_tma,
+    }
+    if interp or config is not None:
+        cfg = _explicit(_INTERP_CONFIG if interp else config)
+        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, batch)
+        _attn_fwd[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_heads, batch)  # noqa: E731
+        _tuned("fwd", head_dim)[grid](*args, **meta)
+    return o
+
+
+def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill,
+               config=None, dq_config=None, **options):  # fmt: skip
+    """Run the backward kernels; returns ``(dq, dk, dv)`` in the inputs' dtype."""
+    opts = {**DEFAULT_OPTIONS, **options}
+    rows, n_heads, head_dim = q.shape
+    batch = seq_len.shape[0]
+    interp = _interpreting()
+    atomic = bool(opts["atomic_dq"])
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    dk, dv = _new(k, k.dtype, zero_fill), _new(v, v.dtype, zero_fill)
+    # with atomics dq is summed in fp32 over key blocks, then rounded once
+    dq = _new(q, torch.float32, True) if atomic else _new(q, q.dtype, zero_fill)
+    sig_mode = _sig_mode(opts, interp)
+    bucket = _seqlen_bucket(max_seqlen)
+    common = (seq_start, seq_len, seq_order, bias, scale * LOG2E, scale)
+    kv_args = (
+        q, k, v, do, dq, dk, dv, *common,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), bucket,
+    )  # fmt: skip
+    meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
+    if interp or config is not None:
+        cfg = _explicit(_INTERP_CONFIG if interp else config)
+        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_heads, batch)
+        _attn_bwd_dkdv[grid](*kv_args, **meta, ATOMIC_DQ=atomic, **cfg)
+    else:
+        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_heads, batch)  # noqa: E731
+        _tuned("dkdv", head_dim)[grid](*kv_args, **meta, ATOMIC_DQ=atomic)
+    if atomic:
+        dq = dq.to(q.dtype)
+    else:
+        q_args = (
+            q, k, v, do, dq, *common,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), bucket,
+        )  # fmt: skip
+        if interp or dq_config is not None:
+            cfg = _explicit(_INTERP_CONFIG if interp else dq_config)
+            grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, batch)
+            _attn_bwd_dq[grid](*q_args, **meta, **cfg)
+        else:
+            grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_heads, batch)  # noqa: E731
+            _tuned("dq", head_dim)[grid](*q_args, **meta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch implementation of the same op (CPU without the interpreter; the op's CPU kernel)
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_fwd(q, k, v, seq_start, seq_len, bias, scale):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    o = _new(q, q.dtype, True)
+    for b, (s0, n) in enumerate(zip(seq_start.tolist(), seq_len.tolist())):
+        qi, ki, vi = (t[s0 : s0 + n].to(compute).transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        p = torch.sigmoid(qi @ ki.transpose(-1, -2) * scale + bias[b].to(compute))
+        o[s0 : s0 + n] = (p @ vi).transpose(0, 1).to(q.dtype)
+    return o
+
+
+def _torch_bwd(do, q, k, v, seq_start, seq_len, bias, scale):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = (_new(t, t.dtype, True) for t in (q, k, v))
+    for b, (s0, n) in enumerate(zip(seq_start.tolist(), seq_len.tolist())):
+        sl = slice(s0, s0 + n)
+        qi, ki, vi, doi = (t[sl].to(compute).transpose(0, 1) for t in (q, k, v, do))
+        p = torch.sigmoid(qi @ ki.transpose(-1, -2) * scale + bias[b].to(compute))  # [H, n, n]
+        dv[sl] = (p.transpose(-1, -2) @ doi).transpose(0, 1).to(v.dtype)
+        ds = p * (1 - p) * (doi @ vi.transpose(-1, -2)) * scale
+        dq[sl] = (ds @ ki).transpose(0, 1).to(q.dtype)
+        dk[sl] = (ds.transpose(-1, -2) @ qi).transpose(0, 1).to(k.dtype)
+    return dq, dk, dv
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or _interpreting()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom op with autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sigmoid_sc::sigmoid_attn_fwd", mutates_args=())
+def sigmoid_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_len: torch.Tensor,
+    seq_order: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    max_seqlen: int,
+    zero_fill: bool,
+) -> torch.Tensor:
+    """Sigmoid attention on ``[rows, H, D]`` tokens; see the module docstring for the layout."""
+    if _use_triton(q):
+        return launch_fwd(
+            q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill
+        )
+    return _torch_fwd(q, k, v, seq_start, seq_len, bias, scale)
+
+
+@sigmoid_attn_fwd.register_fake
+def _(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sigmoid_sc::sigmoid_attn_bwd", mutates_args=())
+def sigmoid_attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_len: torch.Tensor,
+    seq_order: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    max_seqlen: int,
+    zero_fill: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`sigmoid_attn_fwd` for the output gradient ``do``."""
+    if _use_triton(q):
+        return launch_bwd(
+            do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill
+        )
+    return _torch_bwd(do, q, k, v, seq_start, seq_len, bias, scale)
+
+
+@sigmoid_attn_bwd.register_fake
+def _(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill = inputs
+    ctx.save_for_backward(q, k, v, seq_start, seq_len, seq_order, bias)
+    ctx.scale, ctx.max_seqlen, ctx.zero_fill = scale, max_seqlen, zero_fill
+
+
+def _backward(ctx, do):
+    q, k, v, seq_start, seq_len, seq_order, bias = ctx.saved_tensors
+    dq, dk, dv = sigmoid_attn_bwd(
+        do, q, k, v, seq_start, seq_len, seq_order, bias, ctx.scale, ctx.max_seqlen, ctx.zero_fill
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+sigmoid_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API with input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(
+                f"sigmoid attention: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if t.dim() != ndim:
+            raise ValueError(
+                f"sigmoid attention ({layout}): {name} must have {ndim} dims, got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"sigmoid attention: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32"
+            )
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"sigmoid attention: q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"sigmoid attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"sigmoid attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"sigmoid attention: head dim {q.shape[-1]} is not supported; use one of {SUPPORTED_HEAD_DIMS}"
+        )
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """Unit stride along the head dim is all the kernels need; copy only when it is missing."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bias_tensor(bias, seq_len: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return -torch.log(seq_len.to(torch.float32))
+    if isinstance(bias, torch.Tensor):
+        if bias.numel() not in (1, seq_len.numel()):
+            raise ValueError(
+                f"sigmoid attention: bias tensor must hold 1 or B={seq_len.numel()} values, got {bias.numel()}"
+            )
+        return (
+            bias.to(device=seq_len.device, dtype=torch.float32)
+            .reshape(-1)
+            .expand(seq_len.numel())
+            .contiguous()
+        )
+    if isinstance(bias, (int, float)):
+        return torch.full(
+            (seq_len.numel(),), float(bias), dtype=torch.float32, device=seq_len.device
+        )
+    raise ValueError(
+        f"sigmoid attention: bias must be None, a float or a tensor, got {type(bias).__name__}"
+    )
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(
+            f"sigmoid attention: scale must be a float or None, got {type(scale).__name__}"
+        )
+    s = default_scale(head_dim, scale)
+    if not math.isfinite(s):
+        raise ValueError(f"sigmoid attention: scale must be finite, got {scale}")
+    return s
+
+
+def _checking_values() -> bool:
+    # value checks read small int tensors on the host; a compiled graph skips them (no break)
+    return not torch.compiler.is_compiling()
+
+
+def sigmoid_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    bias: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid attention on packed tokens.
+
+    Args:
+        q, k, v: ``[total_tokens, H, D]``, fp16/bf16/fp32, D in (32, 64, 128); tokens of all
+            sequences concatenated.
+        cu_seqlens: int32 ``[B + 1]``, 0 first, strictly increasing, ``total_tokens`` last;
+            sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
+        max_seqlen: the longest sequence's length (at least; sizes the grid).
+        scale: logit scale, default ``1/sqrt(D)``.
+        bias: None -> ``-log(n_i)`` per sequence; a float -> that constant; a ``[B]`` tensor.
+
+    Returns ``[total_tokens, H, D]`` in q's dtype, differentiable in q, k and v.
+    """
+    _check_qkv(q, k, v, 3, "varlen")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"sigmoid attention: cu_seqlens must be an int32 tensor, got "
+            f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"sigmoid attention: cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(
+            f"sigmoid attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}"
+        )
+    max_seqlen = int(max_seqlen)
+    if _checking_values():
+        cu = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        if cu[0] != 0 or cu[-1] != q.shape[0]:
+            raise ValueError(
+                f"sigmoid attention: cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, got {cu[0]}..{cu[-1]}"
+            )
+        if min(lengths) <= 0:
+            raise ValueError(
+                "sigmoid attention: cu_seqlens must be strictly increasing (every sequence at least one token)"
+            )
+        if max_seqlen < max(lengths):
+            raise ValueError(
+                f"sigmoid attention: max_seqlen={max_seqlen} is below the longest sequence ({max(lengths)})"
+            )
+    s = _check_scale(scale, q.shape[-1])
+    seq_start = cu_seqlens[:-1].contiguous()
+    seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous()
+    seq_order = torch.argsort(seq_len, descending=True, stable=True).to(torch.int32)
+    b = _bias_tensor(bias, seq_len)
+    return sigmoid_attn_fwd(
+        _rows_view(q),
+        _rows_view(k),
+        _rows_view(v),
+        seq_start,
+        seq_len,
+        seq_order,
+        b,
+        s,
+        max_seqlen,
+        False,
+    )
+
+
+def sigmoid_attention_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    bias: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid attention on a padded batch.
+
+    Args:
+        q, k, v: ``[B, N, H, D]``; sequence ``i`` holds its tokens in rows ``0:lengths[i]``.
+        lengths: integer ``[B]``, each in ``1..N``.
+        scale, bias: as in :func:`sigmoid_attention_varlen`.
+
+    Returns ``[B, N, H, D]``, zero at padded positions; padded inputs are never read.
+    """
+    _check_qkv(q, k, v, 4, "padded")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError("sigmoid attention: lengths must be an int32 or int64 tensor")
+    batch, n_max, n_heads, head_dim = q.shape
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"sigmoid attention: lengths must have shape ({batch},), got {tuple(lengths.shape)}"
+        )
+    if lengths.device != q.device:
+        raise ValueError(f"sigmoid attention: lengths is on {lengths.device}, q on {q.device}")
+    if _checking_values():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > n_max:
+            raise ValueError(f"sigmoid attention: lengths must lie in 1..N={n_max}, got {lo}..{hi}")
+    s = _check_scale(scale, head_dim)
+    seq_len = lengths.to(torch.int32).contiguous()
+    seq_start = torch.arange(batch, device=q.device, dtype=torch.int32) * n_max
+    seq_order = torch.argsort(seq_len, descending=True, stable=True).to(torch.int32)
+    b = _bias_tensor(bias, seq_len)
+    rows = [t.reshape(batch * n_max, n_heads, head_dim) for t in (q, k, v)]
+    out = sigmoid_attn_fwd(
+        *(_rows_view(t) for t in rows), seq_start, seq_len, seq_order, b, s, n_max, True
+    )
+    return out.view(batch, n_max, n_heads, head_dim)
+
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "launch_bwd",
+    "launch_fwd",
+    "sigmoid_attention_padded",
+    "sigmoid_attention_varlen",
+    "sigmoid_attn_bwd",
+    "sigmoid_attn_fwd",
+]

@@ -1,0 +1,279 @@
+"""The Triton sigmoid-attention kernel against a float64 PyTorch reference.
+
+On a machine without CUDA the kernels run under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), in fp32: the interpreter's bf16 ``tl.dot`` is wrong, so half-precision
+inputs are checked on the op's PyTorch path here and on the GPU by bench/kernel.py. Shapes are
+small (the interpreter is slow), but awkward: lengths 1, 17, 64, 100, 129 in one batch cover
+single-token sequences, partial blocks and several full blocks (the interpreter's blocks are
+32 x 16). Inputs are fresh random draws every run; the seed is in the failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from sigmoid_sc.attention import attention_varlen
+from sigmoid_sc.attention import triton_sigmoid as ts
+from sigmoid_sc.attention.reference import (
+    pad_packed,
+    sigmoid_attention_padded_reference,
+    sigmoid_attention_varlen_reference,
+)
+
+LENGTHS = [1, 17, 64, 100, 129]
+HEADS = 2
+# fp32 kernels (IEEE dots on the interpreter) vs float64: rounding only
+FP32_TOL = 1e-5
+
+
+def _fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def _packed_inputs(lengths, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    lengths = [lengths[i] for i in order]  # mixed order: long and short neighbours
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+    q, k, v, do = (
+        torch.randn(total, HEADS, head_dim, generator=gen, dtype=torch.float64) for _ in range(4)
+    )
+    return cu, max(lengths), [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def _reference_with_grads(q, k, v, do, cu, max_seqlen, **kw):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = sigmoid_attention_varlen_reference(q64, k64, v64, cu, max_seqlen, **kw)
+    grads = torch.autograd.grad(out, (q64, k64, v64), do.double())
+    return out.detach(), grads
+
+
+def _kernel_with_grads(q, k, v, do, cu, max_seqlen, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = ts.sigmoid_attention_varlen(q, k, v, cu, max_seqlen, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_forward_and_gradients_match_float64(head_dim):
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs(LENGTHS, head_dim, torch.float32, seed)
+    out, grads = _kernel_with_grads(q, k, v, do, cu, max_seqlen)
+    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    errors = {"o": _rel(out, ref)} | {n: _rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}
+    assert all(e < FP32_TOL for e in errors.values()), f"seed {seed}: relative errors {errors}"
+
+
+def test_padded_layout_equals_packed_and_never_reads_padding():
+    seed = _fresh_seed()
+    head_dim = 64
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs(LENGTHS, head_dim, torch.float32, seed)
+    lengths = cu[1:] - cu[:-1]
+    n_max = max_seqlen + 7  # padding beyond the longest sequence, too
+    packed_out, packed_grads = _kernel_with_grads(q, k, v, do, cu, max_seqlen)
+
+    valid = torch.arange(n_max)[None, :] < lengths[:, None].long()
+    qp, kp, vp, dop = (pad_packed(t, cu, n_max) for t in (q, k, v, do))
+    for t in (qp, kp, vp):
+        t[~valid] = float("nan")  # a kernel that reads padding returns NaN
+    qp, kp, vp = (t.requires_grad_() for t in (qp, kp, vp))
+    out = ts.sigmoid_attention_padded(qp, kp, vp, lengths)
+    grads = torch.autograd.grad(out, (qp, kp, vp), dop)
+
+    assert out.shape == qp.shape
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), f"seed {seed}"
+    assert torch.allclose(out[valid], packed_out, rtol=0, atol=1e-6), f"seed {seed}"
+    for g, pg in zip(grads, packed_grads):
+        assert torch.equal(g[~valid], torch.zeros_like(g[~valid])), f"seed {seed}"
+        assert torch.allclose(g[valid], pg, rtol=0, atol=1e-5), f"seed {seed}"
+
+
+def test_constant_bias_tensor_bias_and_scale():
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([5, 33, 18], 32, torch.float32, seed)
+    for kw in (
+        {"bias": -2.5, "scale": 0.3},
+        {"bias": torch.tensor([0.5, -1.0, -4.0])},
+        {"scale": 1.0},
+    ):
+        out, grads = _kernel_with_grads(q, k, v, do, cu, max_seqlen, **kw)
+        ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen, **kw)
+        errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+        assert max(errors) < FP32_TOL, f"seed {seed}, {kw}: {errors}"
+    # the default bias really is -log(n_i): a different constant changes the answer
+    default = ts.sigmoid_attention_varlen(q, k, v, cu, max_seqlen)
+    zero_bias = ts.sigmoid_attention_varlen(q, k, v, cu, max_seqlen, bias=0.0)
+    assert _rel(default, zero_bias.double()) > 0.1
+
+
+@pytest.mark.parametrize("options", [{"atomic_dq": False}, {"sig_mode": ts.SIG_NEWTON}])
+def test_backward_variants(options):
+    """The two-kernel dq path and the Newton-reciprocal sigmoid give the same gradients."""
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23], 32, torch.float32, seed)
+    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    order = torch.argsort(seq_len, descending=True).to(torch.int32)
+    bias = -torch.log(seq_len.float())
+    scale = 32**-0.5
+    out = ts.launch_fwd(
+        q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
+    )
+    grads = ts.launch_bwd(
+        do, q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
+    )
+    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    tol = 1e-3 if options.get("sig_mode") == ts.SIG_NEWTON else FP32_TOL  # Newton rcp: ~3e-4
+    errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert max(errors) < tol, f"seed {seed}, {options}: {errors}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_the_op_pytorch_path(dtype, monkeypatch):
+    """fp16/bf16 in, same dtype out, fp32 math: the op's CPU kernel (no interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([3, 50, 20], 64, dtype, seed)
+    out, grads = _kernel_with_grads(q, k, v, do, cu, max_seqlen)
+    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert max(errors) < 1e-2, f"seed {seed}: {errors}"
+
+
+def _good():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = (torch.randn(8, 2, 32) for _ in range(3))
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: {**a, "q": a["q"].double()}, "dtype"),
+        (lambda a: {**a, "k": a["k"].half()}, "dtype"),
+        (lambda a: {**a, "q": a["q"][:, :, :16].contiguous(), "k": a["k"][:, :, :16].contiguous(),
+                    "v": a["v"][:, :, :16].contiguous()}, "head dim"),
+        (lambda a: {**a, "q": a["q"][:7]}, "shape"),
+        (lambda a: {**a, "q": a["q"][None]}, "dims"),
+        (lambda a: {**a, "q": a["q"].to("meta")}, "device"),
+        (lambda a: {**a, "cu_seqlens": a["cu_seqlens"].long()}, "int32"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)}, "increasing"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 3, 3, 8], dtype=torch.int32)}, "increasing"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32)}, "total_tokens"),
+        (lambda a: {**a, "max_seqlen": 4}, "max_seqlen"),
+        (lambda a: {**a, "bias": "x"}, "bias"),
+    ],
+)  # fmt: skip
+def test_bad_varlen_input_raises_value_error(mutate, message):
+    q, k, v, cu = _good()
+    args = mutate({"q": q, "k": k, "v": v, "cu_seqlens": cu, "max_seqlen": 5})
+    with pytest.raises(ValueError, match=message):
+        ts.sigmoid_attention_varlen(**args)
+
+
+def test_bad_padded_input_raises_value_error():
+    q, k, v = (torch.randn(2, 6, 2, 64) for _ in range(3))
+    with pytest.raises(ValueError, match="1..N"):
+        ts.sigmoid_attention_padded(q, k, v, torch.tensor([6, 7]))
+    with pytest.raises(ValueError, match="1..N"):
+        ts.sigmoid_attention_padded(q, k, v, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        ts.sigmoid_attention_padded(q, k, v, torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="shape"):
+        ts.sigmoid_attention_padded(q, k, v, torch.tensor([2, 3, 4]))
+    with pytest.raises(ValueError, match="head dim"):
+        ts.sigmoid_attention_padded(
+            *(torch.randn(2, 6, 2, 48) for _ in range(3)), torch.tensor([2, 3])
+        )
+
+
+def test_custom_op_passes_opcheck():
+    cu, max_seqlen, (q, k, v, _) = _packed_inputs([3, 20], 32, torch.float32, _fresh_seed())
+    seq_len = (cu[1:] - cu[:-1]).contiguous()
+    args = (
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu[:-1].contiguous(), seq_len,
+        torch.argsort(seq_len, descending=True).to(torch.int32), -torch.log(seq_len.float()),
+        32**-0.5, max_seqlen, False,
+    )  # fmt: skip
+    torch.library.opcheck(
+        ts.sigmoid_attn_fwd,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_torch_compile_traces_without_graph_break():
+    torch._dynamo.reset()
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([9, 30], 32, torch.float32, seed)
+    proj = torch.nn.Linear(32, 32, dtype=torch.float32)
+
+    def block(x, cu_seqlens):
+        y = ts.sigmoid_attention_varlen(proj(x), x, x, cu_seqlens, max_seqlen)
+        return (y * y).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # fails on any break
+    x = q.clone().requires_grad_()
+    loss = compiled(x, cu)
+    (grad,) = torch.autograd.grad(loss, x)
+    x_eager = q.clone().requires_grad_()
+    loss_eager = block(x_eager, cu)
+    (grad_eager,) = torch.autograd.grad(loss_eager, x_eager)
+    assert torch.allclose(loss, loss_eager, rtol=1e-5), f"seed {seed}"
+    assert torch.allclose(grad, grad_eager, rtol=1e-4, atol=1e-6), f"seed {seed}"
+    explanation = torch._dynamo.explain(block)(q, cu)
+    assert explanation.graph_break_count == 0
+
+
+def test_model_entry_point_dispatch(monkeypatch):
+    """attention_varlen: the kernel (forced) and the CPU reference agree; auto picks reference."""
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, _) = _packed_inputs(LENGTHS, 64, torch.float32, seed)
+    monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "triton")
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    kernel = attention_varlen("sigmoid", q, k, v, cu, max_seqlen)
+    monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "reference")
+    reference = attention_varlen("sigmoid", q, k, v, cu, max_seqlen)
+    assert torch.allclose(kernel, reference, rtol=0, atol=1e-5), f"seed {seed}"
+    monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "auto")
+    from sigmoid_sc.attention import sigmoid_backend
+
+    assert sigmoid_backend(torch.device("cpu")) == "reference"
+    assert sigmoid_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SIGMOID_SC_ATTENTION_BACKEND"):
+        attention_varlen("sigmoid", q, k, v, cu, max_seqlen)
+
+
+def test_softmax_nested_path_matches_reference(monkeypatch):
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, _) = _packed_inputs([1, 17, 40], 32, torch.float32, seed)
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "njt")
+    nested = attention_varlen("softmax", q, k, v, cu, max_seqlen)
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "reference")
+    reference = attention_varlen("softmax", q, k, v, cu, max_seqlen)
+    assert torch.allclose(nested, reference, rtol=0, atol=1e-5), f"seed {seed}"
+
+
+def test_padded_reference_consistent_with_varlen_reference():
+    """Sanity of the ground truth itself: its two layouts agree."""
+    cu, max_seqlen, (q, k, v, _) = _packed_inputs([4, 11], 32, torch.float64, _fresh_seed())
+    lengths = cu[1:] - cu[:-1]
+    padded = sigmoid_attention_padded_reference(
+        *(pad_packed(t, cu, max_seqlen) for t in (q, k, v)), lengths
+    )
+    packed = sigmoid_attention_varlen_reference(q, k, v, cu, max_seqlen)
+    valid = torch.arange(max_seqlen)[None, :] < lengths[:, None].long()
+    assert torch.allclose(padded[valid], packed)
