@@ -1,0 +1,341 @@
+"""The ``evaluate`` stage: scib-metrics and UMAP coordinates of every embedding of one dataset.
+
+All embeddings of a dataset (each model x seed, and the PCA baseline) are scored in one process,
+so JAX (scib-metrics) and numba (UMAP, pynndescent) compile once; their compilation caches are
+also persisted on disk (``NUMBA_CACHE_DIR``, ``JAX_COMPILATION_CACHE_DIR``; default
+``.cache/numba`` and ``.cache/jax`` under the working directory unless already set) so the next
+process starts warm.
+
+Metrics (columns of ``metrics.csv``; higher is better for all of them):
+
+=====================  ======  ==========================================================
+column                 range   meaning
+=====================  ======  ==========================================================
+``asw_label``          [0, 1]  cell-type separation: silhouette of cell-type labels,
+                               ``(ASW + 1) / 2`` (scib ``silhouette_label``, euclidean)
+``nmi_kmeans``         [0, 1]  NMI of k-means clusters (k = number of cell types) vs labels
+``ari_kmeans``         ~[0, 1] ARI of the same (0 = chance; can dip slightly below 0)
+``nmi_leiden``         [0, 1]  NMI of Leiden clusters on the kNN graph vs labels, best of
+                               10 resolutions (0.2 ... 2.0)
+``ari_leiden``         ~[0, 1] ARI at that resolution
+``clisi``              [0, 1]  cell-type LISI, rescaled: 1 = neighbourhoods of one type
+``isolated_labels``    [0, 1]  rescaled ASW of the labels present in the fewest batches
+                               (without ``batch_key`` all cells form one batch, so every
+                               label counts and this is the label-averaged ASW)
+``asw_batch``          [0, 1]  batch mixing within each cell type: ``1 - |ASW of batch|``
+``ilisi``              [0, 1]  batch LISI, rescaled: 1 = neighbourhoods mix all batches
+``graph_connectivity`` [0, 1]  fraction of each type's cells in its largest kNN component
+=====================  ======  ==========================================================
+
+The batch metrics appear only when the entry has ``batch_key``. Each row also carries
+``dataset, method, seed, val_loss, n_cells`` (``val_loss`` as stored in the embedding: the
+model's validation loss, NaN for PCA). Neighbours are exact euclidean kNN (self included):
+``n_neighbors`` (config, default 15) for Leiden and graph connectivity, 90 for the LISI metrics
+(perplexity 30, as scib-metrics' Benchmarker), both capped at ``n_cells - 1``.
+
+``umap.csv``: ``dataset, method, seed, obs_name, umap1, umap2, label`` (+ ``batch``): a UMAP of
+each embedding (umap-learn, ``random_state=0``, the same ``n_neighbors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, DataError
+from .io import write_csv
+from .prepare import check_params
+from .sources import parse_json_arg
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"n_neighbors": 15}
+
+#: neighbours for LISI: scib-metrics' Benchmarker uses 90 (perplexity 90 / 3 = 30, as Harmony)
+LISI_NEIGHBORS = 90
+SEED = 0
+
+LABEL_METRICS = (
+    "asw_label",
+    "nmi_kmeans",
+    "ari_kmeans",
+    "nmi_leiden",
+    "ari_leiden",
+    "clisi",
+    "isolated_labels",
+)
+BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
+
+
+def setup_compile_caches(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Point numba's and JAX's on-disk compilation caches at ``root`` (default ``./.cache``).
+
+    Variables the user already set win. Call before scib-metrics/umap compile anything; if numba
+    was already imported its config is reloaded so the cache folder still applies.
+    Returns the folders used.
+    """
+    root = Path(root) if root is not None else Path.cwd() / ".cache"
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(root / "numba"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax"))
+    folders = {
+        "numba": os.environ["NUMBA_CACHE_DIR"],
+        "jax": os.environ["JAX_COMPILATION_CACHE_DIR"],
+    }
+    for folder in folders.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    if "numba" in sys.modules:
+        from numba.core import config as numba_config
+
+        numba_config.reload_config()
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folders["jax"])
+    # the default keeps only programs that took >= 1 s to compile; scib's many small ones add up
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folders
+
+
+def _codes(values) -> np.ndarray:
+    """Integer codes ``{0..k-1}`` of a label or batch column (scib wants numeric labels)."""
+    return np.asarray(pd.Categorical(np.asarray(values, dtype=str)).codes, dtype=np.int32)
+
+
+def exact_neighbors(X: np.ndarray, k: int):
+    """Exact euclidean kNN of the rows of ``X`` [n_cells, d], self first: a NeighborsResults."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
+    return NeighborsResults(indices=indices, distances=distances.astype(np.float32))
+
+
+def score_embedding(
+    X: np.ndarray,
+    labels,
+    batches=None,
+    n_neighbors: int = 15,
+) -> dict[str, float]:
+    """scib metrics of one embedding ``X`` [n_cells, d] against cell-type ``labels`` [n_cells].
+
+    ``batches`` [n_cells] (optional) adds the batch metrics. Ranges: see the module docstring.
+    """
+    import scib_metrics
+
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n_cells = X.shape[0]
+    label_codes = _codes(labels)
+    n_labels = len(np.unique(label_codes))
+    if n_labels < 2:
+        raise DataError(f"only one cell type among the {n_cells} scored cells: nothing to separate")
+    k_graph = min(n_neighbors, n_cells - 1)
+    k_lisi = min(max(LISI_NEIGHBORS, n_neighbors), n_cells - 1)
+    neighbors = exact_neighbors(X, k_lisi)
+    graph = neighbors.subset_neighbors(k_graph)
+
+    scores: dict[str, float] = {}
+    scores["asw_label"] = scib_metrics.silhouette_label(X, label_codes, rescale=True)
+    kmeans = scib_metrics.nmi_ari_cluster_labels_kmeans(X, label_codes)
+    scores["nmi_kmeans"], scores["ari_kmeans"] = kmeans["nmi"], kmeans["ari"]
+    leiden = scib_metrics.nmi_ari_cluster_labels_leiden(
+        graph, label_codes, optimize_resolution=True, seed=SEED
+    )
+    scores["nmi_leiden"], scores["ari_leiden"] = leiden["nmi"], leiden["ari"]
+    scores["clisi"] = scib_metrics.clisi_knn(neighbors, label_codes)
+    batch_codes = _codes(batches) if batches is not None else np.zeros(n_cells, dtype=np.int32)
+    scores["isolated_labels"] = scib_metrics.isolated_labels(
+        X, label_codes, batch_codes, rescale=True
+    )
+    if batches is not None:
+        if len(np.unique(batch_codes)) < 2:
+            log.warning("only one batch among the scored cells: batch metrics are NaN")
+            scores.update(dict.fromkeys(BATCH_METRICS, float("nan")))
+        else:
+            mixed = any(
+                1 < len(np.unique(batch_codes[label_codes == t])) < (label_codes == t).sum()
+                for t in np.unique(label_codes)
+            )
+            scores["asw_batch"] = (
+                scib_metrics.silhouette_batch(X, label_codes, batch_codes, rescale=True)
+                if mixed
+                else float("nan")  # no cell type spans two batches: nothing to mix
+            )
+            scores["ilisi"] = scib_metrics.ilisi_knn(neighbors, batch_codes)
+            scores["graph_connectivity"] = scib_metrics.graph_connectivity(graph, label_codes)
+    return {k: float(v) for k, v in scores.items()}
+
+
+def umap_coordinates(X: np.ndarray, n_neighbors: int = 15) -> np.ndarray:
+    """2-D UMAP of ``X`` [n_cells, d] (umap-learn, seeded): float32 ``[n_cells, 2]``."""
+    import umap
+
+    n_cells = X.shape[0]
+    reducer = umap.UMAP(
+        n_neighbors=max(2, min(n_neighbors, n_cells - 1)),
+        n_components=2,
+        random_state=SEED,
+        init="spectral" if n_cells > 10 else "random",
+    )
+    return reducer.fit_transform(np.asarray(X, dtype=np.float32)).astype(np.float32)
+
+
+def _scalar(arrays, key: str, default):
+    if key not in arrays.files:
+        return default
+    value = arrays[key]
+    return value.item() if value.shape == () else value
+
+
+def load_embedding(path: str | os.PathLike, dataset: str) -> dict:
+    """Read an embedding npz (``X_emb``, ``obs_names``, ``method``, ``seed``, ``val_loss``)."""
+    path = str(path)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"dataset {dataset!r}: cannot read embedding {path!r}: {exc}") from exc
+    for key in ("X_emb", "obs_names"):
+        if key not in arrays.files:
+            raise DataError(f"dataset {dataset!r}: embedding {path!r} has no {key!r}")
+    X = np.asarray(arrays["X_emb"], dtype=np.float32)
+    obs_names = np.asarray(arrays["obs_names"], dtype=str)
+    if X.ndim != 2 or X.shape[0] != len(obs_names):
+        raise DataError(
+            f"dataset {dataset!r}: embedding {path!r}: X_emb has shape {X.shape} but "
+            f"{len(obs_names)} obs_names"
+        )
+    if not np.isfinite(X).all():
+        raise DataError(
+            f"dataset {dataset!r}: embedding {path!r} has {int((~np.isfinite(X)).sum())} "
+            "non-finite values (a diverged model?)"
+        )
+    method = str(_scalar(arrays, "method", Path(path).stem))
+    seed = int(_scalar(arrays, "seed", -1))
+    val_loss = float(_scalar(arrays, "val_loss", np.nan))
+    return {"X": X, "obs_names": obs_names, "method": method, "seed": seed, "val_loss": val_loss}
+
+
+def evaluate(
+    dataset: str,
+    obs: pd.DataFrame,
+    embedding_paths: list[str],
+    entry: dict,
+    params: dict | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every embedding against the prepared cells' ``obs`` (labels, batches by obs_names).
+
+    Returns ``(metrics, umap)`` frames, the contents of ``metrics.csv`` and ``umap.csv``.
+    """
+    p = check_params(params, DEFAULTS, "evaluate")
+    if not isinstance(p["n_neighbors"], int) or p["n_neighbors"] < 2:
+        raise ConfigError(
+            f"evaluate: n_neighbors must be an integer >= 2, got {p['n_neighbors']!r}"
+        )
+    label_key = entry.get("label_key")
+    if not label_key:
+        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
+    batch_key = entry.get("batch_key") or None
+    for key, what in ((label_key, "label_key"), (batch_key, "batch_key")):
+        if key is not None and key not in obs.columns:
+            raise DataError(
+                f"dataset {dataset!r}: {what} {key!r} is not a column of the prepared obs "
+                f"(available: {', '.join(map(str, obs.columns))})"
+            )
+    if not embedding_paths:
+        raise ConfigError(f"dataset {dataset!r}: no embeddings to evaluate")
+
+    metric_rows, umap_frames = [], []
+    for path in embedding_paths:
+        emb = load_embedding(path, dataset)
+        missing = ~np.isin(emb["obs_names"], obs.index)
+        if missing.any():
+            raise DataError(
+                f"dataset {dataset!r}: embedding {str(path)!r} has {int(missing.sum())} cells not "
+                f"in the prepared data, e.g. {', '.join(emb['obs_names'][missing][:5])}"
+            )
+        cells = obs.loc[emb["obs_names"]]
+        labels = cells[label_key].astype(str).to_numpy()
+        batches = cells[batch_key].astype(str).to_numpy() if batch_key else None
+        log.info(
+            "dataset %s: scoring %s seed %d (%d cells x %d dims)",
+            dataset,
+            emb["method"],
+            emb["seed"],
+            *emb["X"].shape,
+        )
+        scores = score_embedding(emb["X"], labels, batches, n_neighbors=p["n_neighbors"])
+        metric_rows.append(
+            {
+                "dataset": dataset,
+                "method": emb["method"],
+                "seed": emb["seed"],
+                "val_loss": emb["val_loss"],
+                "n_cells": emb["X"].shape[0],
+                **scores,
+            }
+        )
+        coords = umap_coordinates(emb["X"], n_neighbors=p["n_neighbors"])
+        frame = pd.DataFrame(
+            {
+                "dataset": dataset,
+                "method": emb["method"],
+                "seed": emb["seed"],
+                "obs_name": emb["obs_names"],
+                "umap1": coords[:, 0],
+                "umap2": coords[:, 1],
+                "label": labels,
+            }
+        )
+        if batches is not None:
+            frame["batch"] = batches
+        umap_frames.append(frame)
+    columns = ["dataset", "method", "seed", "val_loss", "n_cells", *LABEL_METRICS]
+    if batch_key:
+        columns += list(BATCH_METRICS)
+    metrics = pd.DataFrame(metric_rows, columns=columns)
+    return metrics, pd.concat(umap_frames, ignore_index=True)
+
+
+def _read_obs(path: str, dataset: str) -> pd.DataFrame:
+    """obs of prepared.h5ad without loading X."""
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except (OSError, KeyError) as exc:
+        raise DataError(f"dataset {dataset!r}: cannot read {path!r}: {exc}") from exc
+    try:
+        return adata.obs.copy()
+    finally:
+        adata.file.close()
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
+    params = parse_json_arg(args.params_json, "evaluate: --params-json")
+    folders = setup_compile_caches()
+    log.info("compilation caches: %s", folders)
+    obs = _read_obs(args.prepared, args.dataset)
+    metrics, umap_frame = evaluate(args.dataset, obs, args.embeddings, entry, params)
+    # both files are computed before either is written: a failure leaves neither
+    write_csv(args.metrics, metrics)
+    write_csv(args.umap, umap_frame)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="scib metrics and UMAP of every embedding: metrics.csv, umap.csv"
+    )
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--prepared", required=True, help="prepared.h5ad (labels, batches)")
+    p.add_argument("--entry-json", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--params-json", default="{}", help="the config's evaluate section as JSON")
+    p.add_argument("--embeddings", nargs="+", required=True, help="embedding .npz files")
+    p.add_argument("--metrics", required=True, help="output metrics.csv")
+    p.add_argument("--umap", required=True, help="output umap.csv")
+    p.set_defaults(func=run_evaluate)
