@@ -1,0 +1,316 @@
+"""Training: loss falls, deterministic batches, resume after preemption, config errors, embed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest_tokens import make_tokens  # noqa: E402
+
+from sigmoid_sc import train as train_mod  # noqa: E402
+from sigmoid_sc.embed import embed  # noqa: E402
+from sigmoid_sc.errors import ConfigError  # noqa: E402
+from sigmoid_sc.train import (  # noqa: E402
+    TrainConfig,
+    batch_cells,
+    choose_masked,
+    load_tokens,
+    lr_factor,
+    train,
+)
+
+MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
+TRAIN = {
+    "steps": 12,
+    "batch_size": 16,
+    "lr": 3.0e-3,
+    "warmup_steps": 3,
+    "eval_every": 5,
+    "checkpoint_every": 4,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and spares a loaded 2-core CI box oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokens_path(tmp_path_factory):
+    return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
+
+
+def run(tokens_path, out_dir, attention="sigmoid", seed=0, model=None, train_params=None, **kw):
+    return train(
+        "toy",
+        tokens_path,
+        attention,
+        seed,
+        MODEL if model is None else model,
+        TRAIN if train_params is None else train_params,
+        "cpu",
+        out_dir,
+        **kw,
+    )
+
+
+def final_state(out_dir):
+    record = torch.load(Path(out_dir) / "model.pt", weights_only=True)
+    return record["model"]
+
+
+def assert_same_run(dir_a, dir_b):
+    """Bitwise-equal weights; equal history except the wall-clock column."""
+    a, b = final_state(dir_a), final_state(dir_b)
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    hist_a = pd.read_csv(Path(dir_a) / "history.csv").drop(columns="elapsed_s")
+    hist_b = pd.read_csv(Path(dir_b) / "history.csv").drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(hist_a, hist_b, check_exact=True)
+
+
+# --- batches, masks, schedule ------------------------------------------------------------
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    cells = np.arange(100, 150)
+    first = [batch_cells(cells, 16, seed=3, step=t) for t in range(9)]
+    again = [batch_cells(cells, 16, seed=3, step=t) for t in reversed(range(9))][::-1]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    epoch0 = np.concatenate(first[:3])  # 50 // 16 = 3 full batches per epoch
+    assert len(set(epoch0.tolist())) == 48 and set(epoch0.tolist()) <= set(cells.tolist())
+    assert not np.array_equal(first[0], first[3])  # a new permutation each epoch
+    assert not np.array_equal(first[0], batch_cells(cells, 16, seed=4, step=0))
+
+
+def test_masking_at_least_one_per_cell_and_near_mask_prob():
+    cu = np.array([0, 1, 3, 203, 1203], dtype=np.int32)
+    masked = choose_masked(cu, 0.15, np.random.default_rng(0))
+    per_cell = np.add.reduceat(masked, cu[:-1])
+    assert (per_cell >= 1).all()
+    assert masked[0]  # a one-token cell is always masked
+    assert 0.12 < masked[203:].mean() < 0.18
+
+
+def test_lr_warmup_then_cosine_to_ten_percent():
+    cfg = TrainConfig(steps=100, warmup_steps=10)
+    factors = [lr_factor(t, cfg) for t in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def test_training_loss_falls_on_structured_data(tokens_path, tmp_path):
+    params = {**TRAIN, "steps": 80, "eval_every": 20, "checkpoint_every": 1000}
+    run(tokens_path, tmp_path, train_params=params)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history.columns) == ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
+    val = history[history.split == "val"]
+    assert val.step.tolist() == [0, 20, 40, 60, 80]
+    vocab = load_tokens(tokens_path, "toy").vocab_size
+    assert val.loss.iloc[0] == pytest.approx(np.log(vocab), abs=0.1)  # untrained: uniform
+    assert val.loss.iloc[-1] < val.loss.iloc[0] - 0.5
+    train_rows = history[history.split == "train"]
+    assert train_rows.step.tolist() == list(range(1, 81))
+    assert train_rows.loss.tail(10).mean() < train_rows.loss.head(10).mean() - 0.5
+    assert (np.diff(train_rows.tokens) > 0).all()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_softmax_and_sigmoid_see_the_same_batches(tokens_path, tmp_path, monkeypatch):
+    seen = {}
+    original = train_mod.masked_gene_loss
+
+    def spy(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction="mean"):
+        if model.training:  # training steps only, not the validation passes
+            key = (model.config.attention, len(seen))
+            seen.setdefault(key[0], []).append((input_ids.clone(), cu_seqlens.clone(), masked))
+        return original(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction)
+
+    monkeypatch.setattr(train_mod, "masked_gene_loss", spy)
+    params = {**TRAIN, "steps": 4}
+    for attention in ("softmax", "sigmoid"):
+        run(tokens_path, tmp_path / attention, attention=attention, train_params=params)
+    assert len(seen["softmax"]) == len(seen["sigmoid"]) == 4
+    for a, b in zip(seen["softmax"], seen["sigmoid"]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    first_seed0 = seen.pop("sigmoid")[0]
+    run(tokens_path, tmp_path / "seed1", seed=1, train_params=params)
+    assert not torch.equal(seen["sigmoid"][0][0], first_seed0[0])  # another seed, other batches
+
+
+def test_same_seed_same_init_inside_train(tokens_path, tmp_path, monkeypatch):
+    """The model train builds is identical for both kinds (seeded before construction)."""
+    built = {}
+    encoder = train_mod.Encoder
+
+    def record(cfg):
+        model = encoder(cfg)
+        built[cfg.attention] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(train_mod, "Encoder", record)
+    for attention in ("softmax", "sigmoid"):
+        run(
+            tokens_path,
+            tmp_path / attention,
+            attention=attention,
+            train_params={**TRAIN, "steps": 1},
+        )
+    for name, value in built["softmax"].items():
+        assert torch.equal(value, built["sigmoid"][name]), name
+
+
+# --- preemption and resume -----------------------------------------------------------------
+
+RESUME_MODEL = {**MODEL, "dropout": 0.1}  # dropout: the torch RNG state must be restored too
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tokens_path, tmp_path):
+    run(tokens_path, tmp_path / "full", model=RESUME_MODEL)
+
+    def preempt(step):
+        if step == 6:  # between checkpoints (every 4): the signal handler must save step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        run(tokens_path, tmp_path / "cut", model=RESUME_MODEL, on_step=preempt)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6  # nothing lost
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+    run(tokens_path, tmp_path / "cut", model=RESUME_MODEL)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_resume_after_crash_from_last_periodic_checkpoint(tokens_path, tmp_path):
+    run(tokens_path, tmp_path / "full", model=RESUME_MODEL)
+
+    def crash(step):
+        if step == 7:
+            raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(tokens_path, tmp_path / "cut", model=RESUME_MODEL, on_step=crash)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4  # the last multiple of checkpoint_every
+    run(tokens_path, tmp_path / "cut", model=RESUME_MODEL)
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_checkpoint_of_another_config_is_refused(tokens_path, tmp_path):
+    def crash(step):
+        if step == 5:
+            raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError):
+        run(tokens_path, tmp_path, on_step=crash)
+    assert (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        run(tokens_path, tmp_path, train_params={**TRAIN, "lr": 1e-2})
+    with pytest.raises(ConfigError, match="attention"):
+        run(tokens_path, tmp_path, attention="softmax")
+
+
+def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
+    """The real thing: a `sigmoid-sc train` process killed with SIGTERM, then rerun."""
+    params = {**TRAIN, "steps": 250, "eval_every": 10, "checkpoint_every": 1000}
+    import json
+
+    def cli(out_dir):
+        return [
+            sys.executable, "-m", "sigmoid_sc.cli", "train", "--dataset", "toy",
+            "--tokens", str(tokens_path), "--attention", "softmax", "--seed", "2",
+            "--model-json", json.dumps(MODEL), "--train-json", json.dumps(params),
+            "--device", "cpu", "--out-dir", str(out_dir),
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cli(cut), env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training is under way (a logged eval past step 0)
+        if "step 10/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, stderr
+    state = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert 10 <= state["step"] < 250
+    assert not (cut / "model.pt").exists()
+
+    start = time.perf_counter()
+    done = subprocess.run(cli(cut), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {cut / 'checkpoint.pt'} at step {state['step']}" in done.stderr
+    full = subprocess.run(cli(tmp_path / "full"), env=env, capture_output=True, timeout=300)
+    assert full.returncode == 0
+    assert time.perf_counter() - start < 300
+    assert_same_run(tmp_path / "full", cut)
+
+
+# --- config errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("train", "learning_rate"), ("model", "n_layer"), ("model", "attention")],
+)
+def test_unknown_config_key_is_named(tokens_path, tmp_path, section, key):
+    model = {**MODEL, key: 1} if section == "model" else MODEL
+    params = {**TRAIN, key: 1} if section == "train" else TRAIN
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}\b"):
+        run(tokens_path, tmp_path, model=model, train_params=params)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_config_values_are_named(tokens_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        run(tokens_path, tmp_path, train_params={**TRAIN, "steps": "many"})
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        run(tokens_path, tmp_path, train_params={**TRAIN, "precision": "fp8"})
+    with pytest.raises(ConfigError, match=r"n_heads"):
+        run(tokens_path, tmp_path, model={**MODEL, "n_heads": 5})
+
+
+# --- embed ---------------------------------------------------------------------------------
+
+
+def test_embed_writes_test_cells_and_recomputes_val_loss(tokens_path, tmp_path):
+    run(tokens_path, tmp_path / "run", attention="softmax", seed=1)
+    out = tmp_path / "emb.npz"
+    embed("toy", tokens_path, tmp_path / "run" / "model.pt", "cpu", out)
+    tokens = load_tokens(tokens_path, "toy")
+    test_cells = tokens.cells("test")
+    with np.load(out, allow_pickle=False) as npz:
+        assert npz["X_emb"].shape == (test_cells.size, MODEL["d_model"])
+        assert npz["X_emb"].dtype == np.float32 and np.isfinite(npz["X_emb"]).all()
+        np.testing.assert_array_equal(npz["obs_names"], tokens.obs_names[test_cells])
+        assert str(npz["method"]) == "softmax" and int(npz["seed"]) == 1
+        assert str(npz["split"]) == "test"
+        val_loss = float(npz["val_loss"])
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert val_loss == pytest.approx(history[history.split == "val"].loss.iloc[-1], abs=1e-5)
