@@ -6,7 +6,7 @@ Sources (``entry["source"]``):
   ``use_raw: true`` takes ``.raw`` (all genes, unscaled) as ``X``.
 - ``synthetic``: :func:`synthetic_counts`, seeded negative-binomial counts with known cell types
   and batches.
-- ``path``: a local file (h5ad; 10x h5 / mtx through :mod:`sigmoid_sc.readers`).
+- ``path``: a local file, read by :mod:`sigmoid_sc.readers` (h5ad, 10x h5, mtx, text).
 - ``url``: http/https with ``sha256``, delegated to :func:`sigmoid_sc.download.fetch_url_dataset`.
 
 ``normalized: true`` in an entry says ``X`` holds log-normalised values rather than counts. The
@@ -159,7 +159,10 @@ def _from_scanpy(dataset: str, entry: dict):
 
 
 def _from_path(dataset: str, entry: dict):
-    import anndata as ad
+    """A local file: any format :func:`sigmoid_sc.readers.read_dataset` reads (h5ad, 10x h5,
+    10x mtx, hdf5, text; bare or in a tar.gz), with the entry's ``format`` and ``reader`` options.
+    """
+    from . import readers
 
     path = entry.get("path")
     if not path:
@@ -167,20 +170,10 @@ def _from_path(dataset: str, entry: dict):
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"dataset {dataset!r}: file {str(path)!r} does not exist")
-    if path.suffix == ".h5ad" and not entry.get("format"):
-        try:
-            return ad.read_h5ad(path)
-        except Exception as exc:  # h5py/anndata raise many kinds for a bad file
-            raise DataError(
-                f"dataset {dataset!r}: cannot read {str(path)!r} as h5ad: {exc}"
-            ) from exc
-    try:
-        from . import readers
-    except ModuleNotFoundError as exc:
-        raise DataError(
-            f"dataset {dataset!r}: {str(path)!r} is not .h5ad and no reader module is installed"
-        ) from exc
-    return readers.read_dataset(path, entry.get("format"), dataset=dataset)
+    options = dict(entry.get("reader") or {})
+    if entry.get("use_raw") and "use_raw" not in options:
+        options["use_raw"] = True  # the entry-level switch, as for scanpy sources
+    return readers.read_dataset(path, entry.get("format"), dataset=dataset, options=options)
 
 
 def _from_url(dataset: str, entry: dict, cache_dir, lockfile, require_checksum: bool):
