@@ -26,10 +26,32 @@ STAGE_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: sub-command -> the module that registers it; lets a stage import only its own module
+COMMAND_MODULES = {
+    "download": "sigmoid_sc.sources",
+    "prepare": "sigmoid_sc.prepare",
+    "tokenize": "sigmoid_sc.tokenize",
+    "train": "sigmoid_sc.train",
+    "embed": "sigmoid_sc.embed",
+    "pca": "sigmoid_sc.baseline",
+    "evaluate": "sigmoid_sc.evaluate",
+    "aggregate": "sigmoid_sc.aggregate",
+    "figures": "sigmoid_sc.plots",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every stage, or, given a known ``command``, of that stage alone.
+
+    Importing one stage module only keeps torch out of the stages that do not train (a few
+    seconds per workflow job).
+    """
     parser = argparse.ArgumentParser(prog="sigmoid-sc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGE_MODULES:
+    modules = STAGE_MODULES
+    if command in COMMAND_MODULES:
+        modules = (COMMAND_MODULES[command],)
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -41,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:
