@@ -458,13 +458,18 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
     assert recorded["sha256"] == _sha(server.good)
 
     # a tampered lock entry: the cached copy no longer matches, the download neither -> failure
-    tampered = lockfile.read_text().replace(recorded["sha256"], "0" * 64)
-    lockfile.write_text(tampered)
+    lockfile.write_text(lockfile.read_text().replace(recorded["sha256"], "f" * 64))
     (tmp_path / "results/locked/raw.h5ad").unlink()
     proc = _run_snakemake(tmp_path, config, target)
     assert proc.returncode != 0
     assert not (tmp_path / "results/locked/raw.h5ad").exists()
-    assert "sha256 mismatch" in _log(tmp_path, "locked") and "lock file" in _log(tmp_path, "locked")
+    log = _log(tmp_path, "locked")
+    assert "sha256 mismatch" in log and "f" * 64 in log and "lock file" in log, log[-2000:]
+    # a damaged entry is an error too, not "unknown, record it again"
+    lockfile.write_text(lockfile.read_text().replace("f" * 64, "0" * 64))  # YAML reads an int
+    proc = _run_snakemake(tmp_path, config, target)
+    assert proc.returncode != 0 and "is damaged" in _log(tmp_path, "locked")
+    assert not (tmp_path / "results/locked/raw.h5ad").exists()
 
     # require_checksum refuses a dataset whose checksum is known nowhere
     config = _write_config(tmp_path, {"unknown": _url_entry(server, "/good.h5ad")},
@@ -478,19 +483,15 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
 
 
 @needs_workflow
-def test_paper_config_dry_run_lists_six_branches(tmp_path):
-    proc = subprocess.run(
-        [str(SNAKEMAKE), "-n", "--configfile", "configs/paper.yaml", "--nocolor", "--quiet", "rules"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+def test_paper_config_dry_run_lists_six_branches():
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
     assert len(paper["datasets"]) == 6
     proc = subprocess.run(
         [str(SNAKEMAKE), "-n", "--configfile", "configs/paper.yaml", "--nocolor"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     out = proc.stdout + proc.stderr
     for name in paper["datasets"]:
         assert f"results/{name}/raw.h5ad" in out, name
+        assert f"results/{name}/metrics.csv" in out, name

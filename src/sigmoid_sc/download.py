@@ -128,7 +128,7 @@ def _remote_file(dataset: str, part: str, spec: dict[str, Any]) -> RemoteFile:
             f"known: {', '.join(sorted(FORMAT_SUFFIX))}"
         )
     sha = spec.get("sha256")
-    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+    if sha is not None and not _is_sha256(sha):
         raise ConfigError(f"dataset {dataset!r}: sha256 of file {part!r} is not 64 hex digits")
     size = spec.get("size")
     if size is not None and (not isinstance(size, int) or size < 0):
@@ -180,6 +180,10 @@ LOCK_HEADER = """\
 """
 
 
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
 def lockfile_for(configfile: str | os.PathLike) -> Path:
     """The lock file that belongs to a config file: ``paper.yaml`` -> ``paper.lock.yaml``."""
     path = Path(configfile)
@@ -221,7 +225,18 @@ class LockFile:
         return files
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self.read().get(key)
+        """The entry of ``key``, checked: a damaged entry must not pass as "unknown"."""
+        entry = self.read().get(key)
+        if entry is None:
+            return None
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not _is_sha256(sha) or not isinstance(entry.get("size"), int):
+            raise DownloadError(
+                f"lock file {str(self.path)!r}: entry {key!r} is damaged (needs a 64-hex-digit "
+                f"sha256 and an integer size, got {entry!r}); restore it from version control, "
+                "or delete it to record the file again"
+            )
+        return {**entry, "sha256": sha.lower()}
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:

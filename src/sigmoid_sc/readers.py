@@ -591,16 +591,17 @@ def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
     )
 
 
-def join_labels(adata, table: pd.DataFrame, dataset: str = "?", on: str = "barcode",
+def join_labels(adata, table: pd.DataFrame, dataset: str = "?", key_column: str = "barcode",
                 drop_unlabelled: bool = True, min_fraction: float = 0.5):
-    """Add the columns of ``table`` to ``adata.obs``, matching ``obs[on]`` to its index.
+    """Add the columns of ``table`` to ``adata.obs``, matching ``obs[key_column]`` to its index.
 
     Barcodes may repeat (two 10x runs share a whitelist): the k-th occurrence of a barcode in
     the table goes to the k-th cell carrying it, in the order of ``adata`` (files in entry
     order). Cells with no label are dropped (``drop_unlabelled``); fewer than ``min_fraction``
     of cells labelled means the keys do not match (a suffix like ``-1``?) and is an error.
     """
-    keys = adata.obs[on].astype(str).to_numpy() if on in adata.obs else adata.obs_names.to_numpy(str)
+    keys = (adata.obs[key_column].astype(str).to_numpy() if key_column in adata.obs
+            else adata.obs_names.to_numpy(str))
     # occurrence number of each key, on both sides
     cell_rank = pd.Series(keys).groupby(keys).cumcount().to_numpy()
     table_keys = table.index.to_numpy(str)
