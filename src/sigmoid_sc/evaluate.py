@@ -43,6 +43,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,11 @@ def umap_coordinates(X: np.ndarray, n_neighbors: int = 15) -> np.ndarray:
         random_state=SEED,
         init="spectral" if n_cells > 10 else "random",
     )
-    return reducer.fit_transform(np.asarray(X, dtype=np.float32)).astype(np.float32)
+    with warnings.catch_warnings():
+        # seeded UMAP is single-threaded by design; its warning saying so is noise in every log
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        coords = reducer.fit_transform(np.asarray(X, dtype=np.float32))
+    return coords.astype(np.float32)
 
 
 def _scalar(arrays, key: str, default):
