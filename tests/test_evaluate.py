@@ -139,8 +139,6 @@ def test_pca_and_evaluate_cli(tmp_path):
     metrics_path.unlink()
     umap_path.unlink()
     args = cli.build_parser().parse_args([*base, "--embeddings", str(pca_path), str(stray)])
-    with pytest.raises(
-        DataError, match=r"'syn'.*1 cells not in the prepared data|not in the prepared"
-    ):
+    with pytest.raises(DataError, match=r"'syn'.*cells not in the prepared data"):
         args.func(args)
     assert not metrics_path.exists() and not umap_path.exists()
