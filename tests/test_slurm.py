@@ -1,0 +1,228 @@
+"""The whole DAG of a tiny config, sent through ``--profile profiles/slurm`` to a real SLURM.
+
+Checks that every job of the DAG ran as a SLURM job (its SLURM job id in Snakemake's log, its
+record in slurmctld, its log under .snakemake/slurm_logs/), that the train and embed jobs and no
+others asked SLURM for a GPU, and that the tables hold the expected rows and sane values.
+
+Needs a single-node SLURM with a (fake) GPU: ``bash .ci/setup-slurm.sh`` (as root) starts one,
+and the fixture does so itself when none answers; see tests/conftest_slurm.py for who stops
+it. Skipped without SLURM, except under CI=true, where that fails. Takes about 3-4 minutes on
+2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
+    REPO,
+    JobWatcher,
+    make_test_profile,
+    slurm_cluster,
+    slurm_env,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+CONFIG = REPO / "tests" / "configs" / "slurm_tiny.yaml"
+GPU_RULES = {"train", "embed"}  # the profile gives these `gpu: 1`
+RUN_TIMEOUT_S = 900
+SUBMITTED = re.compile(
+    r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M
+)
+
+
+def snakemake(workdir: Path, *args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Snakemake on the project's Snakefile in ``workdir``; output (merged) in the result.
+
+    On timeout the whole process group is killed, so no Snakemake outlives the test (its
+    SLURM jobs are cancelled by the caller).
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(CONFIG),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"snakemake did not finish within {timeout} s:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def expected_jobs(workdir: Path, env: dict) -> Counter:
+    """Jobs per rule of the DAG, from a dry run of the same config (``all`` excluded)."""
+    out = snakemake(workdir, "--dry-run", "--quiet", "rules", "--cores", "1", env=env, timeout=120)
+    assert out.returncode == 0, out.stdout
+    counts = Counter()
+    table = out.stdout.split("Job stats:", 1)[1]
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in {"all", "total", "job"}:
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811
+    """Run the tiny DAG through the SLURM profile once; yield what the checks need."""
+    workdir = tmp_path_factory.mktemp("slurm_dag")
+    profile = make_test_profile(tmp_path_factory.mktemp("profile") / "slurm")
+    env = slurm_env(slurm_cluster)
+    expected = expected_jobs(workdir, env)
+    with JobWatcher() as watcher:
+        run = snakemake(
+            workdir, "--profile", str(profile), "--verbose", env=env, timeout=RUN_TIMEOUT_S
+        )
+    submitted = SUBMITTED.findall(run.stdout)
+    if run.returncode != 0:
+        # leave nothing queued behind a failed run
+        ids = [slurm_id for _, slurm_id, _ in submitted]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+    assert run.returncode == 0, f"snakemake --profile profiles/slurm failed:\n{run.stdout[-8000:]}"
+    yield {
+        "workdir": workdir,
+        "log": run.stdout,
+        "expected": expected,
+        "submitted": submitted,
+        "jobs": watcher.jobs,
+        "partition": slurm_cluster.partition,
+    }
+
+
+def rule_of(logfile: str) -> str:
+    """The rule of a job from its SLURM log path (.snakemake/slurm_logs/rule_<rule>/...)."""
+    match = re.search(r"slurm_logs/rule_([A-Za-z0-9_]+?)/", logfile)
+    assert match, f"unexpected SLURM log path {logfile}"
+    return match.group(1)
+
+
+def test_every_job_ran_as_a_slurm_job(slurm_run):
+    expected, submitted, jobs = slurm_run["expected"], slurm_run["submitted"], slurm_run["jobs"]
+    assert expected["train"] == 2 and expected["embed"] == 2, expected  # 2 attentions x 1 seed
+    # every job of the DAG (except the target `all`) was submitted once, and only those
+    ran = Counter(rule_of(logfile) for _, _, logfile in submitted)
+    assert ran == expected, f"submitted {dict(ran)}, DAG has {dict(expected)}"
+    slurm_ids = [slurm_id for _, slurm_id, _ in submitted]
+    assert len(set(slurm_ids)) == len(slurm_ids), "a SLURM job id was reported twice"
+    for _, slurm_id, logfile in submitted:
+        rule = rule_of(logfile)
+        record = jobs.get(slurm_id)
+        assert record is not None, f"SLURM never knew job {slurm_id} ({rule})"
+        assert record["JobState"] == "COMPLETED", f"job {slurm_id} ({rule}): {record['JobState']}"
+        # the plugin tags each job with its rule; slurmctld echoes it back
+        assert record.get("Comment", "").startswith(f"rule_{rule}"), record.get("Comment")
+        # the partition came from $SIGMOID_SC_SLURM_PARTITION through default-resources
+        assert record.get("Partition") == slurm_run["partition"], record.get("Partition")
+        # SLURM's own log of the job, kept by slurm-keep-successful-logs
+        log_path = Path(logfile.replace("%j", slurm_id))
+        assert log_path.is_file(), f"no SLURM log {log_path} for job {slurm_id} ({rule})"
+        assert log_path.stat().st_size > 0
+
+
+def test_gpu_rules_asked_for_a_gpu(slurm_run):
+    for _, slurm_id, logfile in slurm_run["submitted"]:
+        rule = rule_of(logfile)
+        record = slurm_run["jobs"][slurm_id]
+        requested = record.get("TresPerJob", "") + record.get("TresPerNode", "")
+        if rule in GPU_RULES:
+            assert "gpu:1" in requested, f"{rule} job {slurm_id} requested {requested!r}"
+        else:
+            assert "gpu" not in requested, f"CPU rule {rule} job {slurm_id} asked for {requested!r}"
+    # and sbatch was called with the plugin's GPU flag for exactly those rules
+    calls = re.findall(r"sbatch call: (sbatch .*?--comment (\S+).*)$", slurm_run["log"], re.M)
+    assert calls, "no sbatch call in the verbose log"
+    for call, comment in calls:
+        rule = comment.removeprefix("rule_").split("_wildcards_")[0]
+        assert ("--gpus=1" in call) == (rule in GPU_RULES), call[:300]
+
+
+def test_outputs_are_right(slurm_run):
+    workdir = slurm_run["workdir"]
+    config = yaml.safe_load(CONFIG.read_text())
+    (dataset,) = config["datasets"]
+    table = pd.read_csv(workdir / "results" / "tables" / "representation.csv")
+    expected_rows = {
+        (dataset, kind, seed) for kind in config["attentions"] for seed in config["seeds"]
+    }
+    expected_rows.add((dataset, "pca", -1))
+    assert set(zip(table["dataset"], table["method"], table["seed"])) == expected_rows
+    assert len(table) == len(expected_rows)
+    for metric in [
+        "asw_label",
+        "nmi_kmeans",
+        "ari_kmeans",
+        "nmi_leiden",
+        "clisi",
+        "isolated_labels",
+        "asw_batch",
+        "ilisi",
+        "graph_connectivity",
+    ]:
+        values = table[metric].to_numpy(float)
+        assert np.isfinite(values).all(), (metric, values)
+        lower = -1.0 if metric.startswith("ari") else 0.0
+        assert ((values >= lower) & (values <= 1.0)).all(), (metric, values)
+    models = table[table["method"] != "pca"]
+    assert np.isfinite(models["val_loss"]).all() and (models["val_loss"] > 0).all()
+    assert table.loc[table["method"] == "pca", "val_loss"].isna().all()
+
+    # every row scores the same test cells, as many as the embeddings hold
+    n_test = int(table["n_cells"].iloc[0])
+    assert set(table["n_cells"]) == {n_test} and n_test > 0
+    for kind in config["attentions"]:
+        with np.load(workdir / "results" / dataset / "embed" / f"{kind}_seed0.npz") as npz:
+            assert npz["X_emb"].shape == (n_test, config["model"]["d_model"])
+            assert str(npz["method"]) == kind
+    # each training run did every step
+    for kind in config["attentions"]:
+        history = pd.read_csv(
+            workdir / "results" / dataset / "train" / f"{kind}_seed0" / "history.csv"
+        )
+        assert history.loc[history["split"] == "train", "step"].max() == config["train"]["steps"]
+        val = history.loc[history["split"] == "val", "loss"]
+        assert len(val) >= 2 and all(math.isfinite(v) for v in val)
+        assert not (
+            workdir / "results" / dataset / "train" / f"{kind}_seed0" / "checkpoint.pt"
+        ).exists()
+
+    summary = pd.read_csv(workdir / "results" / "tables" / "representation_summary.csv")
+    asw = summary[(summary["dataset"] == dataset) & (summary["metric"] == "asw_label")]
+    assert len(asw) == 1
+    row = table.set_index("method")["asw_label"]
+    assert asw["softmax_mean"].iloc[0] == pytest.approx(row["softmax"])
+    assert asw["sigmoid_mean"].iloc[0] == pytest.approx(row["sigmoid"])
+    for figure in ["metrics", f"umap_{dataset}", f"loss_{dataset}"]:
+        for ext in ["png", "pdf"]:
+            path = workdir / "results" / "figures" / f"{figure}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
