@@ -68,6 +68,48 @@ def dataset_histories(wildcards):
     )
 
 
+# --- download (written by the downloads engineer; the rule is in download.smk) ---
+
+# the download section (the schema's defaults fill a missing section only at its top level)
+DOWNLOAD = config.get("download") or {}
+
+
+def download_lockfile():
+    """The lock file: download.lockfile if set, else `<config stem>.lock.yaml` beside it."""
+    if DOWNLOAD.get("lockfile"):
+        return DOWNLOAD["lockfile"]
+    if workflow.configfiles:
+        config_path = str(workflow.configfiles[-1])
+        stem = os.path.splitext(os.path.basename(config_path))[0]
+        return os.path.join(os.path.dirname(config_path), f"{stem}.lock.yaml")
+    return "config.lock.yaml"
+
+
+def download_entry(wildcards):
+    """The dataset's entry, completed for the CLI.
+
+    url: the download section's retries and timeout_s as defaults the entry may override;
+    path: a relative path is resolved against data_dir when the config sets one.
+    """
+    entry = dict(config["datasets"][wildcards.dataset])
+    if entry["source"] == "url":
+        for key in ("retries", "timeout_s"):
+            if DOWNLOAD.get(key) is not None:
+                entry.setdefault(key, DOWNLOAD[key])
+    elif entry["source"] == "path" and config.get("data_dir"):
+        entry["path"] = os.path.join(config["data_dir"], entry["path"])
+    return entry
+
+
+def download_local_input(wildcards):
+    """A path entry's file, so Snakemake reruns the branch when the file changes."""
+    entry = download_entry(wildcards)
+    return [entry["path"]] if entry["source"] == "path" else []
+
+
+# --- targets ---
+
+
 def all_metrics():
     return expand("results/{dataset}/metrics.csv", dataset=DATASETS)
 
