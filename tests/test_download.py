@@ -145,6 +145,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(200, good)
         elif path == "/labels.tsv":
             self._send(200, srv.labels)
+        elif path.startswith("/files/") and path[7:] in srv.files:  # files a test puts there
+            self._send(200, srv.files[path[7:]])
         else:
             self._send(404, b"no such path", content_type="text/plain")
 
@@ -156,6 +158,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.good, self.other, self.labels = good, other, labels
         self.requests: list[tuple[str, str | None]] = []
+        self.files: dict[str, bytes] = {}
         self.lock = threading.Lock()
 
     @property
@@ -342,6 +345,96 @@ def test_fetch_url_dataset_with_labels_join(server, tmp_path):
     assert adata.obs.loc["cell_5", "fine_type"] == "T1"
     locked = yaml.safe_load((tmp_path / "c.lock.yaml").read_text())["files"]
     assert set(locked) == {"pbmc/data", "pbmc/labels"}
+
+
+def _tenx_tar(tmp: Path, name: str, cells: list[str], counts: np.ndarray) -> bytes:
+    """A Cell Ranger 2 filtered_gene_bc_matrices tar.gz (genes x cells matrix.mtx)."""
+    import io
+    import tarfile
+
+    import scipy.io
+
+    folder = tmp / name / "filtered_gene_bc_matrices" / "GRCh38"
+    folder.mkdir(parents=True)
+    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(counts.T.astype(np.int64)), field="integer")
+    (folder / "genes.tsv").write_text("".join(f"ENSG{j:05d}\tG{j}\n" for j in range(counts.shape[1])))
+    (folder / "barcodes.tsv").write_text("".join(c + "\n" for c in cells))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(folder.parent, arcname="filtered_gene_bc_matrices")
+    return buf.getvalue()
+
+
+def test_fetch_url_dataset_pbmc_shape(server, tmp_path):
+    """Two 10x runs sharing a barcode + scvi-tools' label pickle, as configs/paper.yaml's pbmc12k."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    cells8k = ["AAAC-1", "AAAG-1", "CCCT-1", "GGGA-1"]
+    cells4k = ["AAAC-1", "TTTA-1", "TTTC-1"]  # AAAC-1 in both runs
+    server.files["pbmc8k.tar.gz"] = _tenx_tar(tmp_path, "8k", cells8k, rng.poisson(2, (4, 6)))
+    server.files["pbmc4k.tar.gz"] = _tenx_tar(tmp_path, "4k", cells4k, rng.poisson(2, (3, 6)))
+    meta = {
+        # TTTC-1 has no label: dropped; the -11 barcode has no cell: ignored
+        "barcodes": pd.DataFrame(index=pd.Index(cells8k + ["AAAC-1", "TTTA-1", "XXXX-11"])),
+        "clusters": np.array([0, 1, 2, 0, 1, 2, 0]),
+        "list_clusters": np.array(["T", "B", "NK"]),
+    }
+    server.files["meta.pickle"] = pickle.dumps(meta, protocol=2)
+    base = server.base + "/files/"
+    entry = {
+        "source": "url",
+        "files": [
+            {"name": "pbmc8k", "batch": "pbmc8k", "url": base + "pbmc8k.tar.gz", "format": "10x_mtx",
+             "reader": {"var_names": "gene_ids"}},
+            {"name": "pbmc4k", "batch": "pbmc4k", "url": [server.base + "/ndownloader/files/9", base + "pbmc4k.tar.gz"],
+             "format": "10x_mtx", "reader": {"var_names": "gene_ids"}},
+        ],
+        "obs": {"url": base + "meta.pickle", "format": "scvi_pbmc_pickle", "reader": {"column": "cell_type"},
+                "join": {"key_column": "barcode", "min_fraction": 0.8}},
+        "label_key": "cell_type",
+        "batch_key": "batch",
+        **FAST,
+    }
+    adata = dl.fetch_url_dataset("pbmc12k", entry, tmp_path / "cache", tmp_path / "p.lock.yaml", False)
+    assert list(adata.obs_names) == ["pbmc8k_AAAC-1", "pbmc8k_AAAG-1", "pbmc8k_CCCT-1", "pbmc8k_GGGA-1",
+                                     "pbmc4k_AAAC-1", "pbmc4k_TTTA-1"]
+    assert list(adata.obs["cell_type"]) == ["T", "B", "NK", "T", "B", "NK"]
+    assert list(adata.obs["batch"]) == ["pbmc8k"] * 4 + ["pbmc4k"] * 2
+    assert list(adata.var_names) == [f"ENSG{j:05d}" for j in range(6)]
+    locked = yaml.safe_load((tmp_path / "p.lock.yaml").read_text())["files"]
+    assert set(locked) == {"pbmc12k/pbmc8k", "pbmc12k/pbmc4k", "pbmc12k/labels"}
+
+
+@pytest.mark.parametrize(
+    "fmt, payload, message",
+    [
+        ("10x_mtx", b"%%MatrixMarket matrix coordinate integer general\n1 1 1\n1 1 3\n", None),
+        ("10x_mtx", b"1 1 1\n1 1 3\n", "MatrixMarket"),
+        ("text", __import__("gzip").compress(b"a\tb\n1\t2\n")[:-6], "gzip stream is corrupt"),
+        ("scvi_pbmc_pickle", __import__("pickle").dumps({"a": 1}, protocol=2)[:-1], "not a complete pickle"),
+        ("h5ad", b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "HDF5 file does not open"),
+        ("text", b"", "empty"),
+    ],
+)
+def test_check_format(tmp_path, fmt, payload, message):
+    path = tmp_path / "f"
+    path.write_bytes(payload)
+    if message is None:
+        dl.check_format(path, fmt)
+    else:
+        with pytest.raises(ValueError, match=message):
+            dl.check_format(path, fmt)
+
+
+def test_check_format_truncated_tar(tmp_path):
+    good = _tenx_tar(tmp_path, "x", ["A-1", "B-1"], np.ones((2, 3)))
+    path = tmp_path / "t.tar.gz"
+    path.write_bytes(good)
+    dl.check_format(path, "10x_mtx")
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        dl.check_format(path, "10x_mtx")
 
 
 # ------------------------------------------------------------------------------------------

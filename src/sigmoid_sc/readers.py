@@ -26,6 +26,7 @@ barcode column) and ``scvi_pbmc_pickle`` (the metadata pickle scvi-tools ships f
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import csv
 import fnmatch
@@ -511,9 +512,12 @@ class _SafeUnpickler(_CompatUnpickler):
     """
 
     def find_class(self, module: str, name: str):
+        # Python 2 names (__builtin__, copy_reg) as pickle itself maps them, then pandas' renames
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         module, name = _class_locations_map.get((module, name), (module, name))
-        if module == "copy_reg":
-            module = "copyreg"
         if not _pickle_allowed(module, name):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickle")
         try:
