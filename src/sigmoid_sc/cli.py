@@ -23,6 +23,9 @@ STAGE_MODULES = (
     "sigmoid_sc.evaluate",  # evaluate
     "sigmoid_sc.aggregate",  # aggregate
     "sigmoid_sc.plots",  # figures
+    "sigmoid_sc.stress",  # stress-test (experiments)
+    "sigmoid_sc.jacobian",  # jacobian (experiments)
+    "sigmoid_sc.experiments_plots",  # kernel-benchmark, experiment-figures (experiments)
 )
 
 
@@ -37,6 +40,10 @@ COMMAND_MODULES = {
     "evaluate": "sigmoid_sc.evaluate",
     "aggregate": "sigmoid_sc.aggregate",
     "figures": "sigmoid_sc.plots",
+    "stress-test": "sigmoid_sc.stress",
+    "jacobian": "sigmoid_sc.jacobian",
+    "kernel-benchmark": "sigmoid_sc.experiments_plots",
+    "experiment-figures": "sigmoid_sc.experiments_plots",
 }
 
 
