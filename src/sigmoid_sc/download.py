@@ -368,7 +368,8 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
         mode = "ab" if have else "wb"
         with open(part_path, mode) as fh, _progress(label, total, have) as bar:
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                # the bytes as sent: never transparently decoded, so size and sha256 are the file's
+                for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     if not chunk:
                         continue
                     if received == 0 and have == 0 and _looks_like_html(chunk):
@@ -549,6 +550,25 @@ def _session():
     return session
 
 
+def expected_sha256(rf: RemoteFile, lock: LockFile | None) -> tuple[str | None, str]:
+    """The sha256 ``rf`` must have and where it comes from: the config first, then the lock."""
+    if rf.sha256:
+        return rf.sha256, "sha256 in the config"
+    locked = lock.get(rf.key) if lock is not None else None
+    if locked:
+        return locked["sha256"], f"lock file {lock.path}"
+    return None, ""
+
+
+def refuse_unknown_checksum(rf: RemoteFile, lock: LockFile | None) -> None:
+    where = f"nor in lock file {str(lock.path)!r}" if lock is not None else "and no lock file is used"
+    raise DownloadError(
+        f"dataset {rf.dataset!r}: file {rf.part!r} ({rf.urls[0]}) has no known sha256 -- "
+        f"not in the config {where}; download.require_checksum refuses it. Add 'sha256:' to "
+        "the entry, or run once without require_checksum to record it in the lock file."
+    )
+
+
 def fetch_file(
     rf: RemoteFile,
     cache_dir: str | os.PathLike,
@@ -569,19 +589,9 @@ def fetch_file(
     """
     stats = stats if stats is not None else _Stats()
     locked = lock.get(rf.key) if lock is not None else None
-    if rf.sha256:
-        expected_sha, sha_origin = rf.sha256, "sha256 in the config"
-    elif locked and locked.get("sha256"):
-        expected_sha, sha_origin = str(locked["sha256"]).lower(), f"lock file {lock.path}"
-    else:
-        expected_sha, sha_origin = None, ""
+    expected_sha, sha_origin = expected_sha256(rf, lock)
     if expected_sha is None and require_checksum:
-        where = f"nor in lock file {str(lock.path)!r}" if lock is not None else "and no lock file is used"
-        raise DownloadError(
-            f"dataset {rf.dataset!r}: file {rf.part!r} ({rf.urls[0]}) has no known sha256 -- "
-            f"not in the config {where}; download.require_checksum refuses it. Add 'sha256:' to "
-            "the entry, or run once without require_checksum to record it in the lock file."
-        )
+        refuse_unknown_checksum(rf, lock)
     if rf.size is not None:
         expected_size, size_origin = rf.size, "size in the config"
     elif locked and locked.get("size") is not None and expected_sha == locked.get("sha256"):
@@ -664,11 +674,11 @@ def fetch_url_dataset(
         "timeout_s": float(entry.get("timeout_s", DEFAULT_TIMEOUT_S)),
         "backoff_s": float(entry.get("backoff_s", DEFAULT_BACKOFF_S)),
     }
-    # refuse unknown checksums before any byte moves
+    # refuse unknown checksums before any byte of any file moves
     if require_checksum:
         for rf in data_files + ([labels_file] if labels_file else []):
-            if not rf.sha256 and not (lock and (lock.get(rf.key) or {}).get("sha256")):
-                fetch_file(rf, cache_dir, lock, require_checksum=True, **knobs)  # raises
+            if expected_sha256(rf, lock)[0] is None:
+                refuse_unknown_checksum(rf, lock)
     label_key = entry.get("label_key")
     batch_key = entry.get("batch_key") or None
 
@@ -696,8 +706,4 @@ def fetch_url_dataset(
                 f"dataset {name!r}: {what} {key!r} is not a column of the downloaded data; "
                 f"columns: {', '.join(map(str, adata.obs.columns)) or '(none)'}"
             )
-    adata.uns["download"] = {
-        "files": [rf.key for rf in data_files + ([labels_file] if labels_file else [])],
-        "urls": [rf.urls[0] for rf in data_files + ([labels_file] if labels_file else [])],
-    }
     return adata
