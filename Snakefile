@@ -25,6 +25,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/experiments.smk"
 
 
 # Every table and figure of the run; `snakemake --report results/report.html` afterwards.

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -329,13 +330,14 @@ def run_kernel_benchmark(args: argparse.Namespace) -> None:
     keep = Path(args.keep_dir) if args.keep_dir else None
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = keep or Path(scratch)
-        command = [sys.executable, str(script), "--out", str(out_dir), *args.bench_args]
+        bench_args = shlex.split(args.bench_args)
+        command = [sys.executable, str(script), "--out", str(out_dir), *bench_args]
         print("kernel-benchmark: " + " ".join(command), file=sys.stderr, flush=True)
         status = subprocess.run(command, check=False).returncode
         if status != 0:
             raise DataError(f"{script} exited with status {status} (its output is in the log)")
         csv_path = newest_kernel_csv(out_dir)
-        render_kernel(csv_path, *outputs, source=f"bench/kernel.py {' '.join(args.bench_args)}")
+        render_kernel(csv_path, *outputs, source=f"bench/kernel.py {args.bench_args}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +367,11 @@ def register(subparsers) -> None:
         "--fallback-csv (a committed GPU result) or writes a note saying it was skipped.",
     )
     p.add_argument("--bench-script", default="bench/kernel.py")
-    p.add_argument("--bench-args", nargs="*", default=["--no-sweep"], help="passed through")
+    p.add_argument(
+        "--bench-args",
+        default="--no-sweep",
+        help="options for bench/kernel.py, one string (--bench-args='--no-sweep --quick')",
+    )
     p.add_argument("--fallback-csv", default=None, help="a committed bench/kernel.py CSV")
     p.add_argument("--keep-dir", default=None, help="keep bench/kernel.py's raw outputs here")
     p.add_argument("--force", action="store_true", help="run even without CUDA (it will fail)")

@@ -142,4 +142,90 @@ def final_targets():
             dataset=DATASETS,
             ext=["png", "pdf"],
         )
+        + experiment_targets()
     )
+
+
+# --- the paper's experiments (workflow/rules/experiments.smk) --------------------------------
+
+EXPERIMENT_OUTPUTS = {
+    "stress_test": [
+        "results/figures/stress_test.png",
+        "results/figures/stress_test.pdf",
+        "results/tables/stress_test.csv",
+        "results/tables/stress_test_summary.json",
+    ],
+    "jacobian": [
+        "results/figures/jacobian.png",
+        "results/figures/jacobian.pdf",
+        "results/tables/jacobian.csv",
+    ],
+    "kernel_benchmark": [
+        "results/figures/kernel_tflops.png",
+        "results/figures/kernel_tflops.pdf",
+        "results/tables/kernel.csv",
+        "results/tables/kernel.md",
+    ],
+    "training_speed": [
+        "results/tables/training_speed.csv",
+        "results/tables/training_speed.md",
+    ],
+}
+
+
+def experiment(name):
+    """The experiments.<name> config section ({} when absent)."""
+    return (config.get("experiments") or {}).get(name) or {}
+
+
+def experiment_targets():
+    """Outputs of the experiments whose `enabled` is true."""
+    return [
+        path
+        for name, paths in EXPERIMENT_OUTPUTS.items()
+        if experiment(name).get("enabled", False)
+        for path in paths
+    ]
+
+
+def jacobian_run():
+    """(dataset, seed) whose trained softmax and sigmoid models the Jacobian analysis reads."""
+    section = experiment("jacobian")
+    dataset = section.get("dataset") or DATASETS[0]
+    seed = section.get("seed")
+    seed = SEEDS[0] if seed is None else int(seed)
+    if section.get("enabled", False):
+        if dataset not in DATASETS:
+            raise ValueError(
+                f"experiments.jacobian.dataset {dataset!r} is not a key of datasets ({', '.join(DATASETS)})"
+            )
+        if seed not in SEEDS:
+            raise ValueError(f"experiments.jacobian.seed {seed} is not one of seeds {SEEDS}")
+        if not {"softmax", "sigmoid"} <= set(ATTENTIONS):
+            raise ValueError("experiments.jacobian needs attentions to list softmax and sigmoid")
+    return dataset, seed
+
+
+def jacobian_model(attention):
+    dataset, seed = jacobian_run()
+    return f"results/{dataset}/train/{attention}_seed{seed}/model.pt"
+
+
+def training_speed_args():
+    """bench/train_speed.py's options from experiments.training_speed."""
+    s = experiment("training_speed")
+    if s.get("smoke", False):
+        return "--smoke"
+    words = [
+        f"--n-layers {s.get('n_layers', 12)}",
+        "--d-models " + " ".join(str(d) for d in s.get("d_models", [768, 1024])),
+        "--head-dims " + " ".join(str(d) for d in s.get("head_dims", [64, 128])),
+        f"--vocab-size {s.get('vocab_size', 25000)}",
+        f"--seq-len {s.get('seq_len', 8192)}",
+        f"--tokens {s.get('tokens', 16384)}",
+        "--workloads " + " ".join(s.get("workloads", ["fixed", "real"])),
+        f"--precision {s.get('precision', 'bf16')}",
+        f"--warmup {s.get('warmup', 5)}",
+        f"--repeats {s.get('repeats', 20)}",
+    ]
+    return " ".join(words)

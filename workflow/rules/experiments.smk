@@ -1,0 +1,154 @@
+# The paper's experiments beside the representation comparison: stability stress test (claim c),
+# Jacobian of trained models (claim d), kernel TFLOPS (claim e), training-step speed (claim b).
+# Each runs when its experiments.<name>.enabled is true (rule all: experiment_targets()).
+
+
+# Softmax vs sigmoid from the same init, long sequences, no gradient clipping: who diverges.
+rule stress_test:
+    output:
+        log="results/tables/stress_test.csv",
+        summary="results/tables/stress_test_summary.json",
+        png=report(
+            "results/figures/stress_test.png",
+            caption="../report/stress_test.rst",
+            category="Experiments",
+            subcategory="Stability",
+        ),
+        pdf="results/figures/stress_test.pdf",
+    params:
+        stress=json.dumps(experiment("stress_test"), sort_keys=True),
+        device=lookup(within=config, dpath="device"),
+    log:
+        "results/logs/experiments/stress_test.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "stress test: softmax vs sigmoid without gradient clipping"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " python -m sigmoid_sc.cli stress-test --params-json {params.stress:q} --device {params.device}"
+        " --log-csv {output.log:q} --summary {output.summary:q}"
+        " --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
+
+
+# dp/ds of attention in trained models: sigmoid's diagonal, bounded Jacobian vs softmax's dense one.
+rule jacobian:
+    input:
+        tokens=f"results/{jacobian_run()[0]}/tokens.npz",
+        softmax=jacobian_model("softmax"),
+        sigmoid=jacobian_model("sigmoid"),
+    output:
+        csv=report(
+            "results/tables/jacobian.csv",
+            caption="../report/jacobian.rst",
+            category="Experiments",
+            subcategory="Jacobian",
+        ),
+        png=report(
+            "results/figures/jacobian.png",
+            caption="../report/jacobian.rst",
+            category="Experiments",
+            subcategory="Jacobian",
+        ),
+        pdf="results/figures/jacobian.pdf",
+    params:
+        dataset=jacobian_run()[0],
+        jacobian=json.dumps(
+            {
+                k: v
+                for k, v in experiment("jacobian").items()
+                if k in ("split", "n_cells", "check_rows")
+            },
+            sort_keys=True,
+        ),
+        device=lookup(within=config, dpath="device"),
+    log:
+        "results/logs/experiments/jacobian.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "jacobian: attention dp/ds in the trained models of {params.dataset}"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " python -m sigmoid_sc.cli jacobian --dataset {params.dataset:q} --tokens {input.tokens:q}"
+        " --softmax-model {input.softmax:q} --sigmoid-model {input.sigmoid:q}"
+        " --params-json {params.jacobian:q} --device {params.device}"
+        " --csv {output.csv:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
+
+
+# Attention TFLOPS against sequence length (bench/kernel.py); skipped with a note without a GPU.
+rule kernel_benchmark:
+    input:
+        script="bench/kernel.py",
+    output:
+        png=report(
+            "results/figures/kernel_tflops.png",
+            caption="../report/kernel_tflops.rst",
+            category="Experiments",
+            subcategory="Kernel",
+        ),
+        pdf="results/figures/kernel_tflops.pdf",
+        csv=report(
+            "results/tables/kernel.csv",
+            caption="../report/kernel_tflops.rst",
+            category="Experiments",
+            subcategory="Kernel",
+        ),
+        md="results/tables/kernel.md",
+    params:
+        bench_args=" ".join(experiment("kernel_benchmark").get("bench_args", ["--no-sweep"])),
+        fallback=(
+            f"--fallback-csv {experiment('kernel_benchmark')['fallback_csv']}"
+            if experiment("kernel_benchmark").get("fallback_csv")
+            else ""
+        ),
+        raw_dir="results/experiments/kernel_benchmark",
+    log:
+        "results/logs/experiments/kernel_benchmark.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "kernel benchmark: TFLOPS of sigmoid and softmax attention kernels"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    shell:
+        "python -m sigmoid_sc.cli kernel-benchmark --bench-script {input.script:q}"
+        " --bench-args={params.bench_args:q} {params.fallback} --keep-dir {params.raw_dir:q}"
+        " --png {output.png:q} --pdf {output.pdf:q}"
+        " --table-csv {output.csv:q} --table-md {output.md:q} > {log:q} 2>&1"
+
+
+# Training-step time and tokens/s per attention implementation (bench/train_speed.py).
+rule training_speed:
+    input:
+        script="bench/train_speed.py",
+    output:
+        csv=report(
+            "results/tables/training_speed.csv",
+            caption="../report/training_speed.rst",
+            category="Experiments",
+            subcategory="Training speed",
+        ),
+        md="results/tables/training_speed.md",
+    params:
+        args=training_speed_args(),
+    log:
+        "results/logs/experiments/training_speed.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "training speed: one encoder step per attention implementation"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " python {input.script:q} {params.args}"
+        " --out-csv {output.csv:q} --out-md {output.md:q} > {log:q} 2>&1"
