@@ -221,7 +221,7 @@ def test_good_file_is_verified_and_cached(server, tmp_path):
         ("/login.h5ad", "HTML page"),
         ("/sneaky-html.h5ad", "HTML page"),
         ("/empty.h5ad", "empty body"),
-        ("/truncated.h5ad", "truncated"),
+        ("/truncated.h5ad", f"truncated body: the connection dropped after {DROP_AT} of"),
         ("/loop.h5ad", "redirects"),
     ],
 )
@@ -236,7 +236,7 @@ def test_bad_answers_fail_naming_dataset_address_and_cause(server, tmp_path, pat
 
 def test_truncated_body_is_retried_then_given_up(server, tmp_path):
     before = len(server.requests_for("/truncated.h5ad"))
-    with pytest.raises(DownloadError, match=r"gave up after 3 attempts"):
+    with pytest.raises(DownloadError, match=r"truncated body.*gave up after 3 attempts"):
         dl.fetch_file(_rf(server, "/truncated.h5ad"), tmp_path, **FAST)
     assert len(server.requests_for("/truncated.h5ad")) - before == 3
 
@@ -500,7 +500,7 @@ def test_download_rule_handles_every_failure(server, tmp_path):
         "notfound": "HTTP 404",
         "accepted": "HTTP 202",
         "html": "HTML page",
-        "truncated": "truncated",
+        "truncated": "truncated body",
         "wrongsum": "sha256 mismatch",
     }
     for name in datasets:
@@ -526,13 +526,20 @@ def test_download_rule_handles_every_failure(server, tmp_path):
 
 
 @needs_workflow
-def test_download_rule_mirror_fallback(server, tmp_path):
+def test_download_rule_mirror_fallback_and_data_dir(server, tmp_path):
     entry = _url_entry(server, "/ndownloader/files/42",
                        mirrors=[server.base + "/missing.h5ad", server.base + "/good.h5ad"])
-    config = _write_config(tmp_path, {"mirrored": entry})
-    proc = _run_snakemake(tmp_path, config, ["results/mirrored/raw.h5ad"])
+    # a path entry is read from data_dir (relative to the working directory)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "local.h5ad").write_bytes(server.other)
+    local = {"source": "path", "path": "local.h5ad", "label_key": "cell_type", "batch_key": "batch"}
+    config = _write_config(tmp_path, {"mirrored": entry, "local": local})
+    text = config.read_text()
+    config.write_text("data_dir: data\n" + text)
+    proc = _run_snakemake(tmp_path, config, ["results/mirrored/raw.h5ad", "results/local/raw.h5ad"])
     assert proc.returncode == 0, _log(tmp_path, "mirrored")[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "results/mirrored/raw.h5ad").exists()
+    assert ad.read_h5ad(tmp_path / "results/local/raw.h5ad").shape == (1500, 40)
     log = _log(tmp_path, "mirrored")
     assert "HTTP 202" in log and "HTTP 404" in log  # both bad addresses were tried first
     lock = yaml.safe_load((tmp_path / "test.lock.yaml").read_text())["files"]
@@ -541,38 +548,41 @@ def test_download_rule_mirror_fallback(server, tmp_path):
 
 @needs_workflow
 def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
-    config = _write_config(tmp_path, {"locked": _url_entry(server, "/good.h5ad")},
-                           download={"cache_dir": "cache"})
-    target = ["results/locked/raw.h5ad"]
-    proc = _run_snakemake(tmp_path, config, target)
+    datasets = {name: _url_entry(server, "/good.h5ad") for name in ("tampered", "damaged")}
+    config = _write_config(tmp_path, datasets, download={"cache_dir": "cache"})
+    proc = _run_snakemake(tmp_path, config, [f"results/{n}/raw.h5ad" for n in datasets])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lockfile = tmp_path / "test.lock.yaml"
-    recorded = yaml.safe_load(lockfile.read_text())["files"]["locked/data"]
-    assert recorded["sha256"] == _sha(server.good)
+    recorded = yaml.safe_load(lockfile.read_text())["files"]
+    assert {k: v["sha256"] for k, v in recorded.items()} == {
+        "damaged/data": _sha(server.good), "tampered/data": _sha(server.good)
+    }
 
-    # a tampered lock entry: the cached copy no longer matches, the download neither -> failure
-    lockfile.write_text(lockfile.read_text().replace(recorded["sha256"], "f" * 64))
-    (tmp_path / "results/locked/raw.h5ad").unlink()
-    proc = _run_snakemake(tmp_path, config, target)
-    assert proc.returncode != 0
-    assert not (tmp_path / "results/locked/raw.h5ad").exists()
-    log = _log(tmp_path, "locked")
-    assert "sha256 mismatch" in log and "f" * 64 in log and "lock file" in log, log[-2000:]
-    # a damaged entry is an error too, not "unknown, record it again"
-    lockfile.write_text(lockfile.read_text().replace("f" * 64, "0" * 64))  # YAML reads an int
-    proc = _run_snakemake(tmp_path, config, target)
-    assert proc.returncode != 0 and "is damaged" in _log(tmp_path, "locked")
-    assert not (tmp_path / "results/locked/raw.h5ad").exists()
-
-    # require_checksum refuses a dataset whose checksum is known nowhere
-    config = _write_config(tmp_path, {"unknown": _url_entry(server, "/good.h5ad")},
-                           download={"cache_dir": "cache", "require_checksum": True})
+    # tampered: another valid checksum, which neither the cached copy nor a new download has;
+    # damaged: YAML reads 000... as an int -- an error, not "unknown, record it again";
+    # unknown: a new dataset whose checksum is known nowhere, refused under require_checksum
+    lines = lockfile.read_text().splitlines()
+    at = {n: next(i for i, line in enumerate(lines) if line.startswith(f"  {n}/data:")) for n in datasets}
+    for name, fake in (("tampered", "f" * 64), ("damaged", "0" * 64)):
+        i = next(j for j in range(at[name], len(lines)) if "sha256:" in lines[j])
+        lines[i] = f"    sha256: {fake}"
+    lockfile.write_text("\n".join(lines) + "\n")
+    for name in datasets:
+        (tmp_path / f"results/{name}/raw.h5ad").unlink()
+    datasets["unknown"] = _url_entry(server, "/good.h5ad")
+    config = _write_config(tmp_path, datasets, download={"cache_dir": "cache", "require_checksum": True})
     before = len(server.requests_for("/good.h5ad"))
-    proc = _run_snakemake(tmp_path, config, ["results/unknown/raw.h5ad"])
+    proc = _run_snakemake(tmp_path, config, [f"results/{n}/raw.h5ad" for n in datasets])
     assert proc.returncode != 0
-    assert "no known sha256" in _log(tmp_path, "unknown")
-    assert not (tmp_path / "results/unknown/raw.h5ad").exists()
-    assert len(server.requests_for("/good.h5ad")) == before  # refused before any byte moved
+    for name in datasets:
+        assert not (tmp_path / f"results/{name}/raw.h5ad").exists(), name
+    log = _log(tmp_path, "tampered")
+    assert "sha256 mismatch" in log and "f" * 64 in log and "lock file" in log, log[-2000:]
+    assert "is damaged" in _log(tmp_path, "damaged"), _log(tmp_path, "damaged")[-2000:]
+    assert "no known sha256" in _log(tmp_path, "unknown"), _log(tmp_path, "unknown")[-2000:]
+    # only the tampered entry reached the server (its cached copy failed the new checksum);
+    # the damaged and the unknown ones were refused before any byte moved
+    assert len(server.requests_for("/good.h5ad")) - before == 1
 
 
 @needs_workflow

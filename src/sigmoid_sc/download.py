@@ -385,7 +385,7 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
             except Exception as exc:  # requests/urllib3 wrap a dropped connection many ways
                 fh.flush()
                 raise _Transient(
-                    f"connection dropped after {have + received} of "
+                    f"truncated body: the connection dropped after {have + received} of "
                     f"{total if total is not None else '?'} bytes ({type(exc).__name__})"
                 ) from exc
     if have + received == 0:

@@ -484,7 +484,7 @@ try:  # pandas' own unpickler maps classes renamed across pandas versions (pd.re
 except ImportError:  # pragma: no cover - a pandas without it
     _CompatUnpickler, _class_locations_map = pickle._Unpickler, {}
 
-_PICKLE_BUILTINS = {"slice", "range", "complex", "set", "frozenset", "bytearray", "dict", "list", "tuple"}
+_PICKLE_BUILTINS = {"object", "slice", "range", "complex", "set", "frozenset", "bytearray", "dict", "list", "tuple"}
 _PICKLE_NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
 
 
