@@ -85,7 +85,7 @@ rule jacobian:
 # Attention TFLOPS against sequence length (bench/kernel.py); skipped with a note without a GPU.
 rule kernel_benchmark:
     input:
-        script="bench/kernel.py",
+        script=os.path.join(workflow.basedir, "bench", "kernel.py"),
     output:
         png=report(
             "results/figures/kernel_tflops.png",
@@ -128,7 +128,7 @@ rule kernel_benchmark:
 # Training-step time and tokens/s per attention implementation (bench/train_speed.py).
 rule training_speed:
     input:
-        script="bench/train_speed.py",
+        script=os.path.join(workflow.basedir, "bench", "train_speed.py"),
     output:
         csv=report(
             "results/tables/training_speed.csv",
