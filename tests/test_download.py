@@ -250,7 +250,7 @@ def test_wrong_checksum_fails(server, tmp_path):
 
 def test_wrong_size_fails(server, tmp_path):
     rf = _rf(server, "/good.h5ad", size=len(server.good) + 1)
-    with pytest.raises(DownloadError, match=r"size \d+ bytes, expected"):
+    with pytest.raises(DownloadError, match=rf"announces {len(server.good)} bytes, expected"):
         dl.fetch_file(rf, tmp_path, **FAST)
 
 
@@ -299,7 +299,7 @@ def test_lock_records_then_enforces(server, tmp_path):
     assert entry == {"sha256": _sha(server.good), "size": len(server.good), "url": rf.urls[0]}
     # the same entry now pointing at a different file fails against the lock
     shutil.rmtree(tmp_path / "cache")
-    with pytest.raises(DownloadError, match=r"(sha256 mismatch|size \d+ bytes, expected \d+).*lock file"):
+    with pytest.raises(DownloadError, match=r"(sha256 mismatch|announces \d+ bytes, expected \d+).*lock file"):
         dl.fetch_file(_rf(server, "/other.h5ad", name="pbmc"), tmp_path / "cache", lock, **FAST)
 
 

@@ -300,7 +300,7 @@ class _Stats:
 
 
 def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float,
-                expected_size: int | None, stats: _Stats) -> None:
+                expected_size: int | None, size_origin: str, stats: _Stats) -> None:
     """One HTTP request; appends to ``part_path`` (resuming) or rewrites it."""
     import requests
 
@@ -364,6 +364,11 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
         if status == 200 and length == 0:
             raise _Permanent("HTTP 200 with an empty body (Content-Length: 0)")
         total = have + length if length is not None else expected_size
+        if expected_size is not None and total != expected_size:
+            # refuse before moving gigabytes: this address serves another file (or version)
+            raise _Permanent(
+                f"the server announces {total} bytes, expected {expected_size} ({size_origin})"
+            )
         received = 0
         mode = "ab" if have else "wb"
         with open(part_path, mode) as fh, _progress(label, total, have) as bar:
@@ -374,7 +379,7 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
                         continue
                     if received == 0 and have == 0 and _looks_like_html(chunk):
                         raise _Permanent(
-                            "the server sent an HTML page instead of the file "
+                            "the server sent an HTML page (or an XML error) instead of the file "
                             "(an error, login or cookie-consent page?)"
                         )
                     fh.write(chunk)
@@ -418,11 +423,11 @@ def _progress(label: str, total: int | None, initial: int):
 
 def _fetch_with_retries(session, url: str, part_path: Path, label: str, *, retries: int,
                         timeout_s: float, backoff_s: float, expected_size: int | None,
-                        stats: _Stats) -> None:
+                        size_origin: str, stats: _Stats) -> None:
     failures = 0
     while True:
         try:
-            _fetch_once(session, url, part_path, label, timeout_s, expected_size, stats)
+            _fetch_once(session, url, part_path, label, timeout_s, expected_size, size_origin, stats)
             return
         except _Transient as exc:
             failures += 1
@@ -620,7 +625,8 @@ def fetch_file(
             try:
                 _fetch_with_retries(
                     session, url, part_path, label, retries=retries, timeout_s=timeout_s,
-                    backoff_s=backoff_s, expected_size=expected_size, stats=stats,
+                    backoff_s=backoff_s, expected_size=expected_size, size_origin=size_origin,
+                    stats=stats,
                 )
                 sha, size = _verify(rf, part_path, expected_sha, sha_origin, expected_size, size_origin)
             except _Permanent as exc:
