@@ -1,0 +1,324 @@
+"""The workflow as Snakemake runs it: lint, config schema, the whole DAG on a tiny config, reruns.
+
+The end-to-end tests run the real DAG (every stage, both attention kinds, two seeds, two small
+synthetic datasets: tests/configs/tiny.yaml) in a temporary working directory, so nothing lands
+in the repository's results/. They take a few minutes on 2 cores (marked ``slow``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+TINY_CONFIG = yaml.safe_load(TINY.read_text())
+DATASETS = list(TINY_CONFIG["datasets"])
+SEEDS = TINY_CONFIG["seeds"]
+ATTENTIONS = TINY_CONFIG["attentions"]
+
+#: metrics whose range is [0, 1] (scib-metrics rescales them); ARI may dip below 0 by chance
+UNIT_INTERVAL = ("asw_label", "nmi_kmeans", "nmi_leiden", "clisi", "isolated_labels")
+ARI = ("ari_kmeans", "ari_leiden")
+BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = TINY, timeout: int = 1500):
+    """Run Snakemake on the repository's Snakefile in ``workdir``; return the finished process."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
+    command += ["--directory", str(workdir)]
+    if configfile is not None:
+        command += ["--configfile", str(configfile)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        command + list(args),
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output_of(process) -> str:
+    return process.stdout + process.stderr
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints before running (or dry-running) jobs."""
+    block = text.split("Job stats:", 1)[1]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def job_messages(text: str) -> list[str]:
+    """The ``message:`` of every job Snakemake schedules ('Job 12: train blobs_a: ...')."""
+    return re.findall(r"^Job \d+: (.+)$", text, flags=re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------
+# static checks
+
+
+def test_lint_is_clean(tmp_path):
+    process = snakemake(tmp_path, "--lint", configfile=None)
+    assert process.returncode == 0, output_of(process)
+    assert "Lints for" not in output_of(process)
+
+
+def test_embedded_default_dry_run_builds_every_job(tmp_path):
+    """config.yaml (no --configfile): every stage for both datasets, 3 seeds, both attentions."""
+    process = snakemake(tmp_path, "--dry-run", configfile=None)
+    assert process.returncode == 0, output_of(process)
+    counts = job_counts(output_of(process))
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    n_datasets = len(default["datasets"])
+    n_runs = n_datasets * len(default["seeds"]) * len(default["attentions"])
+    assert counts["train"] == n_runs and counts["embed"] == n_runs
+    for rule in ("download", "prepare", "tokenize", "pca", "evaluate", "figure_umap"):
+        assert counts[rule] == n_datasets, rule
+    assert counts["aggregate"] == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_command_line_config_replaces_the_default(tmp_path):
+    """--configfile tiny.yaml must not merge config.yaml's datasets into the run."""
+    process = snakemake(tmp_path, "--dry-run")
+    assert process.returncode == 0, output_of(process)
+    text = output_of(process)
+    assert "pbmc68k" not in text
+    assert job_counts(text)["train"] == len(DATASETS) * len(SEEDS) * len(ATTENTIONS)
+
+
+@pytest.mark.parametrize(
+    ("edit", "bad_key"),
+    [
+        (lambda c: c["prepare"].update(min_gene=20), "min_gene"),
+        (lambda c: c.update(sedes=[0]), "sedes"),
+        (lambda c: c["datasets"]["blobs_a"].update(labelkey="cell_type"), "labelkey"),
+        (lambda c: c["datasets"]["blobs_b"]["synthetic"].update(n_cell=10), "n_cell"),
+    ],
+    ids=["section", "top-level", "dataset-entry", "synthetic"],
+)
+def test_unknown_config_key_fails_before_any_job_naming_it(tmp_path, edit, bad_key):
+    config = yaml.safe_load(TINY.read_text())
+    edit(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    process = snakemake(tmp_path, "--cores", "1", configfile=bad)
+    assert process.returncode != 0
+    text = output_of(process)
+    assert "Error validating config" in text
+    assert f"'{bad_key}' was unexpected" in text
+    assert not (tmp_path / "results").exists(), "a job ran despite the bad config"
+
+
+def test_a_wrong_value_fails_naming_it(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["datasets"]["blobs_a"]["source"] = "ftp"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    process = snakemake(tmp_path, "--dry-run", configfile=bad)
+    assert process.returncode != 0
+    assert "'ftp' is not one of" in output_of(process)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole DAG, for real
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config's whole DAG, run by Snakemake on 2 cores, then its report."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    process = snakemake(workdir, "--cores", "2")
+    assert process.returncode == 0, output_of(process)[-6000:]
+    report = snakemake(workdir, "--report", "results/report.html")
+    assert report.returncode == 0, output_of(report)[-4000:]
+    return workdir, output_of(process)
+
+
+@pytest.mark.slow
+def test_every_job_ran_once(tiny_run):
+    _, text = tiny_run
+    counts = job_counts(text)
+    n_runs = len(DATASETS) * len(SEEDS) * len(ATTENTIONS)
+    assert counts["train"] == n_runs
+    assert counts["embed"] == n_runs
+    assert counts["evaluate"] == len(DATASETS)  # all embeddings of a dataset in one job
+    assert "steps (100%) done" in text
+
+
+@pytest.mark.slow
+def test_representation_table_has_every_dataset_method_seed(tiny_run):
+    workdir, _ = tiny_run
+    table = pd.read_csv(workdir / "results/tables/representation.csv")
+    expected = {(d, a, s) for d in DATASETS for a in ATTENTIONS for s in SEEDS}
+    expected |= {(d, "pca", -1) for d in DATASETS}
+    assert set(zip(table["dataset"], table["method"], table["seed"])) == expected
+    assert len(table) == len(expected)
+    for metric in UNIT_INTERVAL:
+        values = table[metric]
+        assert values.notna().all(), metric
+        assert ((values >= 0) & (values <= 1)).all(), (metric, values.tolist())
+    for metric in ARI:
+        assert ((table[metric] >= -1) & (table[metric] <= 1)).all(), metric
+    models = table[table["method"] != "pca"]
+    assert (models["val_loss"] > 0).all() and np.isfinite(models["val_loss"]).all()
+    assert table.loc[table["method"] == "pca", "val_loss"].isna().all()
+    assert (table["n_cells"] > 0).all()
+    # batch metrics only where the dataset has a batch_key
+    with_batch = [d for d in DATASETS if TINY_CONFIG["datasets"][d].get("batch_key")]
+    for metric in BATCH_METRICS:
+        assert metric in table.columns
+        rows = table[table["dataset"].isin(with_batch)]
+        assert ((rows[metric] >= 0) & (rows[metric] <= 1)).all(), metric
+    # every embedding of a dataset scores the same test cells
+    assert table.groupby("dataset")["n_cells"].nunique().eq(1).all()
+
+
+@pytest.mark.slow
+def test_summary_rows_and_relative_change_match_the_table(tiny_run):
+    workdir, _ = tiny_run
+    table = pd.read_csv(workdir / "results/tables/representation.csv")
+    summary = pd.read_csv(workdir / "results/tables/representation_summary.csv")
+    assert set(summary["dataset"]) == set(DATASETS) | {"overall"}
+    for metric in ("asw_label", "nmi_kmeans", "val_loss"):
+        rows = summary[summary["metric"] == metric]
+        assert len(rows) == len(DATASETS) + 1, metric
+    for r in summary[summary["metric"] == "asw_label"].itertuples():
+        chosen = table if r.dataset == "overall" else table[table["dataset"] == r.dataset]
+        soft = chosen.loc[chosen["method"] == "softmax", "asw_label"]
+        sig = chosen.loc[chosen["method"] == "sigmoid", "asw_label"]
+        assert r.softmax_mean == pytest.approx(soft.mean())
+        assert r.sigmoid_mean == pytest.approx(sig.mean())
+        assert r.softmax_sd == pytest.approx(soft.std(ddof=1))
+        assert r.relative_change == pytest.approx(
+            (r.sigmoid_mean - r.softmax_mean) / abs(r.softmax_mean)
+        )
+        assert r.n_pairs == len(SEEDS) * (len(DATASETS) if r.dataset == "overall" else 1)
+        assert r.paper_relative_change == pytest.approx(0.25)
+        pca = chosen.loc[chosen["method"] == "pca", "asw_label"]
+        assert r.pca == pytest.approx(pca.mean())
+    markdown = (workdir / "results/tables/representation_summary.md").read_text()
+    assert "+25%" in markdown and "| overall |" in markdown
+    tex = (workdir / "results/tables/representation_summary.tex").read_text()
+    assert "\\begin{tabular}" in tex and "overall" in tex
+
+
+@pytest.mark.slow
+def test_figures_and_report_exist(tiny_run):
+    workdir, _ = tiny_run
+    figures = workdir / "results/figures"
+    names = ["metrics"] + [f"{kind}_{d}" for kind in ("umap", "loss") for d in DATASETS]
+    for name in names:
+        png = figures / f"{name}.png"
+        pdf = figures / f"{name}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert png.stat().st_size > 10_000, png
+        assert pdf.read_bytes()[:5] == b"%PDF-", pdf
+    report = (workdir / "results/report.html").read_text(errors="replace")
+    assert len(report) > 50_000
+    for name in ("umap_blobs_a.png", "loss_blobs_b.png", "representation_summary.csv"):
+        assert name in report, name
+
+
+@pytest.mark.slow
+def test_complete_run_has_nothing_left_to_do(tiny_run):
+    workdir, _ = tiny_run
+    process = snakemake(workdir, "--dry-run")
+    assert process.returncode == 0, output_of(process)
+    assert "Nothing to be done" in output_of(process)
+
+
+# ---------------------------------------------------------------------------------------------
+# rerunning one dataset's branch
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the finished run (results and Snakemake's metadata, times kept)."""
+    workdir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, symlinks=True)
+    return copy
+
+
+def branch_files(workdir: Path, dataset: str) -> dict[str, float]:
+    root = workdir / "results" / dataset
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_forced_branch_target_schedules_only_that_dataset(run_copy):
+    """The documented `make branch` command: --forcerun prepare of one dataset, its metrics."""
+    chosen, other = DATASETS
+    process = snakemake(
+        run_copy,
+        "--dry-run",
+        "--forcerun",
+        f"results/{chosen}/prepared.h5ad",
+        "--",
+        f"results/{chosen}/metrics.csv",
+    )
+    assert process.returncode == 0, output_of(process)
+    text = output_of(process)
+    counts = job_counts(text)
+    runs = len(SEEDS) * len(ATTENTIONS)
+    assert counts == {
+        "prepare": 1,
+        "tokenize": 1,
+        "pca": 1,
+        "train": runs,
+        "embed": runs,
+        "evaluate": 1,
+        "total": 4 + 2 * runs,
+    }, counts
+    messages = job_messages(text)
+    assert len(messages) == counts["total"]
+    assert all(chosen in m and other not in m for m in messages), messages
+
+
+@pytest.mark.slow
+def test_rerun_after_a_change_runs_only_that_branch(run_copy):
+    """Remove one dataset's prepared data: its branch and the aggregates rerun, nothing else."""
+    chosen, other = DATASETS
+    untouched = branch_files(run_copy, other)
+    before = branch_files(run_copy, chosen)
+    (run_copy / "results" / chosen / "prepared.h5ad").unlink()
+
+    dry = snakemake(run_copy, "--dry-run")
+    assert dry.returncode == 0, output_of(dry)
+    messages = job_messages(output_of(dry))
+    assert any(chosen in m for m in messages), messages
+    assert not [m for m in messages if other in m], messages
+
+    process = snakemake(run_copy, "--cores", "2")
+    assert process.returncode == 0, output_of(process)[-6000:]
+    text = output_of(process)
+    runs = len(SEEDS) * len(ATTENTIONS)
+    counts = job_counts(text)
+    assert counts["train"] == runs and counts["evaluate"] == 1, counts
+    assert "download" not in counts  # raw data of the branch is still good
+    assert {m for m in job_messages(text) if other in m} == set()
+    assert branch_files(run_copy, other) == untouched, "the other dataset's branch was rewritten"
+    after = branch_files(run_copy, chosen)
+    assert after["metrics.csv"] > before["metrics.csv"]
+    assert after["raw.h5ad"] == before["raw.h5ad"]
+    table = pd.read_csv(run_copy / "results/tables/representation.csv")
+    assert set(table["dataset"]) == set(DATASETS)
