@@ -308,7 +308,8 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
     headers = {
         # the bytes as stored: a transparently decompressed body would not match size or sha256
         "Accept-Encoding": "identity",
-        "User-Agent": f"sigmoid-sc/{__version__} (python-requests; reproducible pipeline)",
+        # requests' own agent first: some hosts (exampledata.scverse.org) refuse unknown ones
+        "User-Agent": f"{requests.utils.default_user_agent()} sigmoid-sc/{__version__}",
     }
     if have:
         headers["Range"] = f"bytes={have}-"
