@@ -638,7 +638,14 @@ def fetch_file(
             os.replace(part_path, target)
             log.info("%s: downloaded %s (%d bytes, sha256 %s)", label, url, size, sha)
             if lock is not None and (locked is None or locked.get("sha256") != sha):
-                lock.record(rf.key, sha, size, url)
+                try:
+                    lock.record(rf.key, sha, size, url)
+                except OSError as exc:
+                    raise DownloadError(
+                        f"dataset {rf.dataset!r}: downloaded and verified {rf.part!r}, but cannot "
+                        f"record its sha256 in lock file {str(lock.path)!r} ({exc}); set "
+                        "download.lockfile to a writable path"
+                    ) from exc
                 log.info("%s: recorded sha256 %s in %s", label, sha, lock.path)
             return target
     finally:
