@@ -171,7 +171,6 @@ def make_test_profile(dest_dir: Path) -> Path:
         if "mem_mb" in resources:
             resources["mem_mb"] = min(int(resources["mem_mb"]), TEST_JOB_MEM_MB)
     profile["slurm-init-seconds-before-status-checks"] = TEST_STATUS_DELAY_S
-    profile["seconds-between-status-checks"] = TEST_STATUS_DELAY_S
     profile["latency-wait"] = 5
     dest_dir.mkdir(parents=True, exist_ok=True)
     (dest_dir / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
