@@ -585,6 +585,45 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
     assert len(server.requests_for("/good.h5ad")) - before == 1
 
 
+def test_bad_reader_option_fails_before_any_download(server, tmp_path):
+    from sigmoid_sc.errors import ConfigError
+
+    entry = {"source": "url", "url": server.base + "/good.h5ad", "format": "h5ad",
+             "reader": {"layers": "counts"}, "label_key": "cell_type", **FAST}
+    before = len(server.requests_for("/good.h5ad"))
+    with pytest.raises(ConfigError, match=r"unknown reader option\(s\) layers"):
+        dl.fetch_url_dataset("typo", entry, tmp_path, None, False)
+    assert len(server.requests_for("/good.h5ad")) == before
+
+
+def test_paper_config_entries_are_complete_offline():
+    """Every url entry of configs/paper.yaml plans and passes the reader-option checks, so a
+    typo fails here and not after a multi-gigabyte download on the GPU machine."""
+    from sigmoid_sc import readers
+
+    paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
+    assert len(paper["datasets"]) == 6
+    for name, entry in paper["datasets"].items():
+        assert entry["source"] == "url", name
+        for key in ("label_key", "organism", "citation", "licence"):
+            assert entry.get(key), (name, key)
+        data_files, labels_file = dl.plan_files(name, entry)
+        for rf in data_files:
+            readers.check_options(rf.format, rf.reader, name)
+            assert all(u.startswith("https://") or u.startswith("http://") for u in rf.urls)
+        if labels_file is not None:
+            readers.check_options(labels_file.format, labels_file.reader, name, labels=True)
+    # the figshare files carry the two other figshare addresses as mirrors
+    for name in ("pancreas", "immune_human", "lung_atlas"):
+        urls = dl.plan_files(name, paper["datasets"][name])[0][0].urls
+        file_id = urls[0].rsplit("/", 1)[1]
+        assert urls == [
+            f"https://figshare.com/ndownloader/files/{file_id}",
+            f"https://ndownloader.figshare.com/files/{file_id}",
+            f"https://api.figshare.com/v2/file/download/{file_id}",
+        ]
+
+
 @needs_workflow
 def test_paper_config_dry_run_lists_six_branches():
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())

@@ -688,7 +688,14 @@ def fetch_url_dataset(
         "timeout_s": float(entry.get("timeout_s", DEFAULT_TIMEOUT_S)),
         "backoff_s": float(entry.get("backoff_s", DEFAULT_BACKOFF_S)),
     }
-    # refuse unknown checksums before any byte of any file moves
+    # refuse bad reader options and unknown checksums before any byte of any file moves
+    for rf in data_files:
+        readers.check_options(rf.format, rf.reader, name)
+    if labels_file is not None:
+        readers.check_options(labels_file.format, labels_file.reader, name, labels=True)
+        unknown = set(labels_file.join) - {"key_column", "drop_unlabelled", "min_fraction"}
+        if unknown:
+            raise ConfigError(f"dataset {name!r}: unknown obs.join option(s) {', '.join(sorted(unknown))}")
     if require_checksum:
         for rf in data_files + ([labels_file] if labels_file else []):
             if expected_sha256(rf, lock)[0] is None:

@@ -412,6 +412,33 @@ _READER_OPTIONS = {
 }
 
 
+_LABEL_OPTIONS = {
+    "scvi_pbmc_pickle": {"column"},
+    "table": {"barcode_column", "columns", "sep"},
+    "csv": {"barcode_column", "columns", "sep"},
+    "tsv": {"barcode_column", "columns", "sep"},
+}
+_REQUIRED_OPTIONS = {"hdf5": ("matrix", "var_names", "obs_names")}
+
+
+def check_options(fmt: str, options: dict[str, Any] | None, dataset: str = "?",
+                  labels: bool = False) -> None:
+    """Refuse an unknown format or reader option before anything is downloaded."""
+    table = _LABEL_OPTIONS if labels else {f: _READER_OPTIONS["text" if f in TEXT_FORMATS else f]
+                                           for f in READ_FORMATS}
+    if fmt not in table:
+        raise ConfigError(
+            f"dataset {dataset!r}: unknown {'labels ' if labels else ''}format {fmt!r}; "
+            f"known: {', '.join(sorted(table))}"
+        )
+    options = dict(options or {})
+    options.pop("member", None)
+    _check_options(dataset, fmt, options, table[fmt])
+    for key in () if labels else _REQUIRED_OPTIONS.get(fmt, ()):
+        if key not in options:
+            raise ConfigError(f"dataset {dataset!r}: format {fmt} needs reader.{key}")
+
+
 def read_dataset(path: str | os.PathLike, fmt: str | None = None, dataset: str = "?",
                  options: dict[str, Any] | None = None):
     """Read one file, folder or tar(.gz) bundle of format ``fmt`` into a counts AnnData."""
@@ -431,7 +458,7 @@ def read_dataset(path: str | os.PathLike, fmt: str | None = None, dataset: str =
             inner = _find_member(root, member, fmt, dataset)
             return read_dataset(inner, fmt, dataset, options)
     kind = "text" if fmt in TEXT_FORMATS else fmt
-    _check_options(dataset, fmt, options, _READER_OPTIONS[kind])
+    check_options(fmt, options, dataset)
     if kind == "h5ad":
         return read_h5ad(path, dataset, **options)
     if kind == "10x_h5":
@@ -439,9 +466,6 @@ def read_dataset(path: str | os.PathLike, fmt: str | None = None, dataset: str =
     if kind == "10x_mtx":
         return read_10x_mtx(path, dataset, **options)
     if kind == "hdf5":
-        for key in ("matrix", "var_names", "obs_names"):
-            if key not in options:
-                raise ConfigError(f"dataset {dataset!r}: format hdf5 needs reader.{key}")
         return read_hdf5_arrays(path, dataset, **options)
     return read_text_matrix(path, dataset, fmt=fmt, **options)
 
@@ -552,7 +576,7 @@ def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
     path = Path(path)
     options = dict(options or {})
     if fmt == "scvi_pbmc_pickle":
-        _check_options(dataset, fmt, options, {"column"})
+        check_options(fmt, options, dataset, labels=True)
         meta = _load_pickle(path, dataset)
         try:
             barcodes = np.asarray(meta["barcodes"].index).ravel().astype(str)
@@ -571,7 +595,7 @@ def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
         return pd.DataFrame({options.get("column", "cell_type"): names[clusters]},
                             index=pd.Index(barcodes, name="barcode"))
     if fmt in ("table", "csv", "tsv"):
-        _check_options(dataset, fmt, options, {"barcode_column", "columns", "sep"})
+        check_options(fmt, options, dataset, labels=True)
         sep = options.get("sep") or ("," if fmt == "csv" else None)
         with _open_text(path) as fh:
             frame = pd.read_csv(fh, sep=sep, engine="python", dtype=str)
