@@ -515,8 +515,10 @@ def test_download_rule_handles_every_failure(server, tmp_path):
             assert raw.exists(), (name, _log(tmp_path, name)[-2000:], proc.stderr[-3000:])
             adata = ad.read_h5ad(raw)
             assert adata.shape == (1500, 40) and set(adata.obs["cell_type"]) == {"type_0", "type_1", "type_2"}
-    # the dropped connection was resumed with a Range request, not restarted
+    # the dropped connection was resumed with a Range request, not restarted, and the log says so
     assert f"bytes={DROP_AT}-" in server.requests_for("/drop.h5ad")
+    assert f"resuming {server.base}/drop.h5ad at byte {DROP_AT}" in _log(tmp_path, "dropped")
+    assert "recorded sha256" in _log(tmp_path, "good")
     # nothing partial anywhere under results/
     assert not [p for p in (tmp_path / "results").rglob("*.part")]
     # the lock beside the config records the files downloaded without a configured checksum
@@ -629,7 +631,7 @@ def test_paper_config_dry_run_lists_six_branches():
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
     assert len(paper["datasets"]) == 6
     proc = subprocess.run(
-        [str(SNAKEMAKE), "-n", "--configfile", "configs/paper.yaml", "--nocolor"],
+        [str(SNAKEMAKE), "-n", "--nolock", "--configfile", "configs/paper.yaml", "--nocolor"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
