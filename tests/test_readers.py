@@ -162,10 +162,10 @@ def test_text_tsv_genes_by_cells_short_header(tmp_path):
 
 
 def test_text_annotated_zeisel_layout(tmp_path):
-    # the Linnarsson lab's layout: annotation rows, cell ids in row 7, a spacer row, then genes
-    # with their gene-cluster number in column 1
+    # the Linnarsson lab's layout: annotation rows (column 0 empty, the name in column 1), cell
+    # ids in row 7, a spacer row, then genes with their gene-cluster number in column 1
     def row(name, values):
-        return "\t".join([name, ""] + list(values)) + "\n"
+        return "\t".join(["", name] + list(values)) + "\n"
 
     lines = [
         row("tissue", ["sscortex", "ca1hippocampus", "sscortex", "sscortex"]),
