@@ -1,0 +1,281 @@
+"""The experiments' workflow side: bench/train_speed.py --smoke, the kernel figure and tables,
+and the experiments rules in small Snakemake runs (dry-run of the embedded default, a tiny DAG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+HAS_CUDA = False
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    pass
+
+
+def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900):
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
+    command += ["--directory", str(workdir)]
+    if configfile is not None:
+        command += ["--configfile", str(configfile)]
+    return run([*command, *args], workdir, timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# bench/train_speed.py
+
+
+def test_train_speed_smoke_writes_its_table(tmp_path):
+    csv, md = tmp_path / "speed.csv", tmp_path / "speed.md"
+    process = run(
+        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--smoke",
+         "--out-csv", str(csv), "--out-md", str(md)],
+        tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    table = pd.read_csv(csv)
+    assert set(table["workload"].str.split().str[0]) == {"fixed", "real"}
+    assert set(table["head_dim"]) == {8, 16}
+    timed = table[table["step_ms_median"].notna()]
+    assert {"sigmoid_ours", "softmax_varlen", "softmax_sdpa_padded"} <= set(timed["impl"])
+    assert (timed["step_ms_median"] > 0).all()
+    assert np.allclose(timed["tokens_per_s"], timed["tokens"] / (timed["step_ms_median"] / 1000))
+    assert (timed["n_params"].astype(int) > 0).all()
+    # the fastest softmax of each setting has speed-up exactly 1; nothing softmax is faster
+    for _, part in timed.groupby(["workload", "head_dim"]):
+        softmax = part[part["attention"] == "softmax"]
+        assert softmax["speedup_vs_best_softmax"].max() == pytest.approx(1.0)
+    cuda_only = table[table["impl"] == "softmax_sdpa_cudnn"]
+    assert cuda_only["step_ms_median"].isna().all()
+    assert cuda_only["note"].str.contains("needs CUDA").all()
+    real = table[table["workload"].str.startswith("real")].iloc[0]
+    fixed = table[table["workload"].str.startswith("fixed")].iloc[0]
+    assert real["n_cells"] > fixed["n_cells"]  # real lengths: more, shorter cells
+    assert "| sigmoid_ours |" in md.read_text()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the skip path is for machines without CUDA")
+def test_train_speed_without_cuda_writes_a_table_saying_so(tmp_path):
+    csv, md = tmp_path / "speed.csv", tmp_path / "speed.md"
+    process = run(
+        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--out-csv", str(csv),
+         "--out-md", str(md)],
+        tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    table = pd.read_csv(csv)
+    assert table["status"].tolist() == ["skipped"] and "CUDA" in table["reason"][0]
+    assert "Skipped: no CUDA GPU" in md.read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# kernel figure and tables
+
+
+def kernel_rows() -> list[dict]:
+    rows = []
+    for hd in (64, 128):
+        for n in (1024, 4096, 16384):
+            for impl, tf in (("ours", 400), ("triton_sigmoid", 380), ("sdpa_cudnn", 450),
+                             ("sdpa_flash", 300)):  # fmt: skip
+                rows.append(dict(case=f"dense N={n}", hd=hd, impl=impl, fwd_tflops=tf + n / 1024,
+                                 bwd_tflops=tf * 0.8, fwdbwd_tflops=tf * 0.85, fwd_ms=1.0,
+                                 bwd_ms=2.0, fwdbwd_ms=3.0, note=""))  # fmt: skip
+        for impl in ("ours", "njt_flash", "flex_docmask"):
+            rows.append(dict(case="pbmc3k (median 820, max 2455)", hd=hd, impl=impl,
+                             fwd_tflops=200.0, bwd_tflops=150.0, fwdbwd_tflops=160.0, fwd_ms=1.0,
+                             bwd_ms=2.0, fwdbwd_ms=3.0, note=""))  # fmt: skip
+    rows.append(dict(case="dense N=16384", hd=64, impl="naive", fwd_tflops="", bwd_tflops="",
+                     fwdbwd_tflops="", fwd_ms="", bwd_ms="", fwdbwd_ms="", note="OOM"))  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def kernel_csv(tmp_path) -> Path:
+    """A CSV in bench/kernel.py's format, written by its own writer when the file is present."""
+    header = {"date": "2026-11-29 09:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11.0",
+              "triton": "3.6.0", "triton_sigmoid": "0.1.2", "cuda": "12.8"}  # fmt: skip
+    out = tmp_path / "bench"
+    script = ROOT / "bench" / "kernel.py"
+    if script.is_file():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_kernel", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.write_outputs(out, header, kernel_rows(), [], [])
+        return next(p for p in out.glob("*.csv") if not p.name.endswith("_sweep.csv"))
+    out.mkdir()
+    path = out / "2026-11-29_h200.csv"
+    with open(path, "w") as fh:
+        fh.write("# " + ", ".join(f"{k}={v}" for k, v in header.items()) + "\n")
+        pd.DataFrame(kernel_rows()).to_csv(fh, index=False)
+    return path
+
+
+def test_kernel_figure_and_tables_from_a_bench_csv(kernel_csv, tmp_path):
+    from sigmoid_sc.cli import main
+
+    out = {k: tmp_path / f"kernel.{k}" for k in ("png", "pdf", "csv", "md")}
+    status = main(
+        ["experiment-figures", "kernel", "--csv", str(kernel_csv), "--png", str(out["png"]),
+         "--pdf", str(out["pdf"]), "--table-csv", str(out["csv"]), "--table-md", str(out["md"])]
+    )  # fmt: skip
+    assert status == 0
+    table = pd.read_csv(out["csv"])
+    assert len(table) == len(kernel_rows())
+    assert (table["gpu"] == "NVIDIA H200").all() and (table["torch"].astype(str) == "2.11.0").all()
+    ours = table[
+        (table["impl"] == "ours") & (table["case"] == "dense N=4096") & (table["hd"] == 64)
+    ]
+    assert ours["fwd_tflops"].tolist() == [404.0]
+    md = out["md"].read_text()
+    assert "| dense N=4096 | 64 | ours | 404 | 320 | 340 |  |" in md
+    assert "| dense N=16384 | 64 | naive | - | - | - | OOM |" in md
+    assert "515" in md and "361" in md and "440" in md
+    assert out["png"].read_bytes()[:4] == b"\x89PNG" and out["pdf"].read_bytes()[:4] == b"%PDF"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the fallback path is for machines without CUDA")
+def test_kernel_benchmark_without_gpu_renders_the_fallback_or_says_skipped(kernel_csv, tmp_path):
+    from sigmoid_sc.cli import main
+
+    def outputs(stem):
+        return ["--png", str(tmp_path / f"{stem}.png"), "--pdf", str(tmp_path / f"{stem}.pdf"),
+                "--table-csv", str(tmp_path / f"{stem}.csv"),
+                "--table-md", str(tmp_path / f"{stem}.md")]  # fmt: skip
+
+    assert main(["kernel-benchmark", "--fallback-csv", str(kernel_csv), *outputs("fb")]) == 0
+    assert "not rerun here (no CUDA GPU" in (tmp_path / "fb.md").read_text()
+    assert len(pd.read_csv(tmp_path / "fb.csv")) == len(kernel_rows())
+    assert main(["kernel-benchmark", *outputs("skip")]) == 0
+    assert pd.read_csv(tmp_path / "skip.csv")["status"].tolist() == ["skipped"]
+    assert (tmp_path / "skip.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------------
+# the rules in Snakemake
+
+
+def test_embedded_default_schedules_the_cpu_experiments(tmp_path):
+    process = snakemake(tmp_path, "--dry-run", "--quiet", "rules")
+    assert process.returncode == 0, process.stderr + process.stdout
+    listing = process.stdout + process.stderr
+    for rule in ("stress_test", "jacobian"):
+        assert f"\n{rule} " in listing, listing
+    for rule in ("kernel_benchmark", "training_speed"):  # GPU experiments: off by default
+        assert f"\n{rule} " not in listing
+
+
+def test_a_bad_jacobian_dataset_is_named_before_any_job(tmp_path):
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["experiments"]["jacobian"]["dataset"] = "no_such_dataset"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    process = snakemake(tmp_path, "--dry-run", configfile=bad)
+    assert process.returncode != 0
+    assert "experiments.jacobian.dataset 'no_such_dataset'" in process.stderr + process.stdout
+    assert not (tmp_path / "results").exists()
+
+
+TINY_EXPERIMENTS = {
+    "seeds": [0],
+    "attentions": ["softmax", "sigmoid"],
+    "device": "cpu",
+    "datasets": {
+        "blobs": {
+            "source": "synthetic",
+            "label_key": "cell_type",
+            "synthetic": {
+                "n_cells": 160,
+                "n_genes": 60,
+                "n_cell_types": 3,
+                "n_batches": 1,
+                "seed": 1,
+            },  # fmt: skip
+        }
+    },
+    "prepare": {"min_genes": 5, "min_cells": 1, "val_fraction": 0.15, "test_fraction": 0.3},
+    "tokenize": {"max_len": 24},
+    "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32},
+    "train": {
+        "steps": 4,
+        "batch_size": 16,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+    },  # fmt: skip
+    "experiments": {
+        "stress_test": {
+            "enabled": True,
+            "n_layers": 1,
+            "d_model": 16,
+            "n_heads": 2,
+            "d_ff": 32,
+            "vocab_size": 100,
+            "seq_len": 32,
+            "max_steps": 6,
+            "early_steps": 2,
+            "warmup_steps": 2,
+            "precision": "fp32",
+            "logit_queries": 8,
+        },  # fmt: skip
+        "jacobian": {"enabled": True, "n_cells": 4, "check_rows": 1},
+        "kernel_benchmark": {"enabled": True},
+        "training_speed": {"enabled": True},
+    },
+}
+
+
+@pytest.mark.slow
+def test_tiny_dag_runs_every_experiment_rule(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(TINY_EXPERIMENTS))
+    targets = [
+        "results/figures/stress_test.png",
+        "results/figures/jacobian.png",
+        "results/tables/kernel.md",
+        "results/tables/training_speed.md",
+    ]
+    process = snakemake(tmp_path, "--cores", "2", *targets, configfile=config)
+    assert process.returncode == 0, process.stderr[-4000:]
+    results = tmp_path / "results"
+
+    log = pd.read_csv(results / "tables" / "stress_test.csv")
+    assert log.groupby("attention").size().to_dict() == {"sigmoid": 6, "softmax": 6}
+    assert np.isfinite(log[["loss", "grad_norm", "max_attn_logit"]].to_numpy()).all()
+    summary = json.loads((results / "tables" / "stress_test_summary.json").read_text())
+    assert {a["stop_reason"] for a in summary["arms"].values()} == {"max_steps"}
+    assert (results / "figures" / "stress_test.pdf").stat().st_size > 0
+
+    jacobian = pd.read_csv(results / "tables" / "jacobian.csv")
+    assert set(jacobian["attention"]) == {"softmax", "sigmoid"}
+    assert (jacobian["dataset"] == "blobs").all() and (jacobian["n_cells"] == 4).all()
+    sig = jacobian[jacobian["attention"] == "sigmoid"]
+    assert (sig["offdiag_l1_share_mean"] == 0).all() and (sig["row_max_dpds_max"] <= 0.25).all()
+
+    if not HAS_CUDA:  # the GPU experiments say they were skipped, and the run succeeds
+        assert "Skipped" in (results / "tables" / "kernel.md").read_text()
+        assert "Skipped" in (results / "tables" / "training_speed.md").read_text()
+        assert (results / "figures" / "kernel_tflops.png").stat().st_size > 0
+    for name in ("stress_test", "jacobian", "kernel_benchmark", "training_speed"):
+        assert (results / "logs" / "experiments" / f"{name}.log").is_file()
