@@ -413,6 +413,7 @@ def test_fetch_url_dataset_pbmc_shape(server, tmp_path):
         ("10x_mtx", b"1 1 1\n1 1 3\n", "MatrixMarket"),
         ("text", __import__("gzip").compress(b"a\tb\n1\t2\n")[:-6], "gzip stream is corrupt"),
         ("scvi_pbmc_pickle", __import__("pickle").dumps({"a": 1}, protocol=2)[:-1], "not a complete pickle"),
+        ("scvi_pbmc_pickle", __import__("pickle").dumps({"a": 1}, protocol=0), None),
         ("h5ad", b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "HDF5 file does not open"),
         ("text", b"", "empty"),
     ],

@@ -131,6 +131,23 @@ def test_10x_mtx_inside_tar_gz(tmp_path):
         readers.read_dataset(folder, "10x_mtx", "d")
 
 
+def test_h5ad_inside_tar_gz_with_member(tmp_path):
+    from sigmoid_sc.download import check_format
+
+    adata = ad.AnnData(sp.csr_matrix(COUNTS), obs=pd.DataFrame({"cell_type": LABELS}, index=CELLS),
+                       var=pd.DataFrame(index=GENES))
+    (tmp_path / "bundle").mkdir()
+    adata.write_h5ad(tmp_path / "bundle" / "counts.h5ad")
+    (tmp_path / "bundle" / "README.txt").write_text("two files: member picks one")
+    path = tmp_path / "bundle.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(tmp_path / "bundle", arcname="bundle")
+    check_format(path, "h5ad")  # a bundle passes the download check; its member is read below
+    _assert_counts(readers.read_dataset(path, "h5ad", "d", {"member": "*/counts.h5ad"}))
+    with pytest.raises(DataError, match="holds 2 files; set reader.member"):
+        readers.read_dataset(path, "h5ad", "d")
+
+
 def test_tar_member_escaping_its_folder_is_refused(tmp_path):
     bundle = tmp_path / "evil.tar.gz"
     with tarfile.open(bundle, "w:gz") as tf:

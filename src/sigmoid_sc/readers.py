@@ -115,8 +115,8 @@ def _unpacked(path: Path, dataset: str) -> Iterator[Path]:
         try:
             with tarfile.open(path, "r:*") as tf:
                 for member in tf.getmembers():
-                    # refuse absolute paths, "..", links and devices: a bundle must not write
-                    # outside its folder (the 'data' filter does the same on Python >= 3.12)
+                    # refuse absolute paths and "..", skip links and devices: a bundle must not
+                    # write outside its folder (tarfile's 'data' filter, where present, agrees)
                     target = (root / member.name).resolve()
                     if not str(target).startswith(str(root.resolve()) + os.sep) and target != root.resolve():
                         raise DataError(
@@ -129,6 +129,11 @@ def _unpacked(path: Path, dataset: str) -> Iterator[Path]:
         except tarfile.TarError as exc:
             raise DataError(f"dataset {dataset!r}: cannot unpack {path.name}: {exc}") from exc
         yield root
+
+
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
 def _tar_filter() -> dict[str, Any]:
@@ -453,7 +458,7 @@ def read_dataset(path: str | os.PathLike, fmt: str | None = None, dataset: str =
     member = options.pop("member", None)
     if not path.exists():
         raise DataError(f"dataset {dataset!r}: {str(path)!r} does not exist")
-    if path.is_file() and fmt not in ("h5ad", "10x_h5", "hdf5") and tarfile.is_tarfile(path):
+    if path.is_file() and not _is_hdf5(path) and tarfile.is_tarfile(path):
         with _unpacked(path, dataset) as root:
             inner = _find_member(root, member, fmt, dataset)
             return read_dataset(inner, fmt, dataset, options)
