@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / ".ci" / "setup-slurm.sh"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 DEFAULT_STATE_DIR = Path(os.environ.get("SIGMOID_SC_SLURM_STATE", "/run/sigmoid-sc-slurm"))
+BASH = shutil.which("bash") or "/bin/bash"
 SLURM_TOOLS = ("sinfo", "squeue", "sbatch", "scontrol", "scancel")
 READY_STATES = {"idle", "mix", "mixed", "alloc", "allocated"}
 
@@ -93,7 +94,9 @@ class _Cluster:
     def stop(self) -> None:
         for state_dir in self.state_dirs:
             env = {**os.environ, "SIGMOID_SC_SLURM_STATE": str(state_dir)}
-            _run(["bash", str(SETUP_SCRIPT), "stop"], timeout=120, env=env)
+            _run([BASH, str(SETUP_SCRIPT), "stop"], timeout=120, env=env)
+            if state_dir != DEFAULT_STATE_DIR:
+                shutil.rmtree(state_dir, ignore_errors=True)
         self.state_dirs.clear()
 
 
@@ -108,8 +111,11 @@ def _start_cluster() -> _Cluster:
         # end ends exactly these daemons
         state_dir = Path(tempfile.mkdtemp(prefix="sigmoid-sc-slurm-state-"))
         env = {**os.environ, "SIGMOID_SC_SLURM_STATE": str(state_dir)}
-        out = _run(["bash", str(SETUP_SCRIPT), "start"], timeout=900, env=env)
-        cluster.setup_log = out.stdout + out.stderr
+        try:
+            out = _run([BASH, str(SETUP_SCRIPT), "start"], timeout=900, env=env)
+            cluster.setup_log = out.stdout + out.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            cluster.setup_log = f"{exc}"
         cluster.state_dirs.append(state_dir)
         problem = slurm_problem()
         if problem is not None:

@@ -33,10 +33,9 @@ from conftest_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
     slurm_env,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1200)]
-
 CONFIG = REPO / "tests" / "configs" / "slurm_tiny.yaml"
-GPU_RULES = {"train", "embed"}  # the profile gives these `gpu: 1`
+GPU_RULES = {"train", "embed"}  # the profile gives these `gpu: 1` (of the tiny DAG's rules)
+PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 RUN_TIMEOUT_S = 900
 SUBMITTED = re.compile(
     r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M
@@ -127,6 +126,9 @@ def rule_of(logfile: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_every_job_ran_as_a_slurm_job(slurm_run):
     expected, submitted, jobs = slurm_run["expected"], slurm_run["submitted"], slurm_run["jobs"]
     assert expected["train"] == 2 and expected["embed"] == 2, expected  # 2 attentions x 1 seed
@@ -150,6 +152,9 @@ def test_every_job_ran_as_a_slurm_job(slurm_run):
         assert log_path.stat().st_size > 0
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_gpu_rules_asked_for_a_gpu(slurm_run):
     for _, slurm_id, logfile in slurm_run["submitted"]:
         rule = rule_of(logfile)
@@ -167,6 +172,9 @@ def test_gpu_rules_asked_for_a_gpu(slurm_run):
         assert ("--gpus=1" in call) == (rule in GPU_RULES), call[:300]
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_outputs_are_right(slurm_run):
     workdir = slurm_run["workdir"]
     config = yaml.safe_load(CONFIG.read_text())
@@ -226,3 +234,58 @@ def test_outputs_are_right(slurm_run):
         for ext in ["png", "pdf"]:
             path = workdir / "results" / "figures" / f"{figure}.{ext}"
             assert path.is_file() and path.stat().st_size > 1000, path
+
+
+# ----------------------------------------------------------------------------------------------
+# the profile itself (no SLURM needed)
+
+
+def workflow_rules() -> set[str]:
+    rules = set()
+    for smk in [REPO / "Snakefile", *(REPO / "workflow" / "rules").glob("*.smk")]:
+        rules |= set(re.findall(r"^rule (\w+):", smk.read_text(), re.M))
+    return rules
+
+
+def test_profile_names_only_rules_of_the_workflow():
+    # Snakemake ignores set-resources of an unknown rule: a typo would silently drop a GPU
+    profile = yaml.safe_load(PROFILE.read_text())
+    unknown = set(profile["set-resources"]) - workflow_rules()
+    assert not unknown, f"profiles/slurm sets resources of rules that do not exist: {unknown}"
+
+
+def test_profile_gpu_rules_and_status_command():
+    profile = yaml.safe_load(PROFILE.read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["slurm-status-command"] == "squeue"  # no slurmdbd: sacct would hang the run
+    for rule in ["train", "embed", "kernel_benchmark"]:
+        assert profile["set-resources"][rule]["gpu"] == 1, rule
+    defaults = profile["default-resources"]
+    assert defaults["slurm_partition"] == "$SIGMOID_SC_SLURM_PARTITION"
+    assert defaults["slurm_account"] == "$SIGMOID_SC_SLURM_ACCOUNT"
+    assert {"mem_mb", "runtime"} <= set(defaults)
+    # threads and scheduler resources live in rules and profiles, never in the workflow config
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert not {"threads", "resources", "set-resources", "set-threads"} & set(config)
+
+
+def test_profile_every_entry_is_commented():
+    lines = PROFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        # top-level keys and rule names under set-resources each follow a comment line
+        if re.match(r"^[a-z][\w-]*:", line) or re.match(r"^  \w+:$", line):
+            assert lines[i - 1].lstrip().startswith("#"), f"uncommented entry: {line!r}"
+
+
+def test_profile_parses_and_reads_the_environment(tmp_path):
+    """A dry run of the tiny DAG through the profile, with this Snakemake and plugin."""
+    env = {**os.environ, "SIGMOID_SC_SLURM_PARTITION": "gpu", "SIGMOID_SC_SLURM_ACCOUNT": "lab"}
+    out = snakemake(
+        tmp_path, "--profile", str(PROFILE.parent), "--dry-run", "--verbose", env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stdout[-5000:]
+    # the target rule's block shows the default resources, placeholders filled from the env
+    match = re.search(r"^rule all:\n(?:    .*\n)*?    resources: (.*)$", out.stdout, re.M)
+    assert match, out.stdout[-3000:]
+    fields = dict(re.findall(r"(\w+)=([^,]*)", match.group(1)))
+    assert fields["slurm_partition"] == "gpu" and fields["slurm_account"] == "lab", fields
