@@ -294,6 +294,8 @@ def test_bad_config_values_are_named(tokens_path, tmp_path):
         run(tokens_path, tmp_path, train_params={**TRAIN, "precision": "fp8"})
     with pytest.raises(ConfigError, match=r"n_heads"):
         run(tokens_path, tmp_path, model={**MODEL, "n_heads": 5})
+    with pytest.raises(ConfigError, match=r"seed"):
+        run(tokens_path, tmp_path, seed=-1)
 
 
 # --- embed ---------------------------------------------------------------------------------

@@ -335,6 +335,8 @@ def train(
     interrupt a run).
     """
     cfg = parse_train_config(train_params)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{dataset}: seed must be an integer >= 0, got {seed!r}")
     tokens = load_tokens(tokens_path, dataset)
     model_cfg = parse_model_config(model_params, attention, tokens.vocab_size, tokens.max_len)
     dev = resolve_device(device)
