@@ -121,7 +121,7 @@ def _attn_fwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``; one program = one query block of one head.
 
@@ -155,7 +155,8 @@ def _attn_fwd(
                 V + h * stride_vh, shape=[total_rows, HEAD_DIM], strides=[stride_vt, 1],
                 block_shape=[BLOCK_N, HEAD_DIM],
             )  # fmt: skip
-            for start_n in range(0, n_full, BLOCK_N):
+            # Hopper: WARP_SPEC lets Triton split TMA producer and MMA consumer warps
+            for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
                 k = k_desc.load([start + start_n, 0])
                 v = v_desc.load([start + start_n, 0])
                 acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
@@ -343,7 +344,7 @@ _DQ_CONFIGS = {
 _INTERP_CONFIG = (32, 16, 4, 1)
 
 # Kernel options chosen from the H200 measurements (bench/NOTES.md); overridable for the bench.
-DEFAULT_OPTIONS = {"sig_mode": SIG_EXACT, "use_tma": False, "atomic_dq": True}
+DEFAULT_OPTIONS = {"sig_mode": SIG_EXACT, "use_tma": False, "warp_spec": False, "atomic_dq": True}
 
 
 def _configs(table, head_dim):
@@ -443,6 +444,7 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         "SIG_MODE": _sig_mode(opts, interp),
         "IN_PREC": _in_prec(q.dtype),
         "USE_TMA": use_tma,
+        "WARP_SPEC": use_tma and bool(opts["warp_spec"]),
     }
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
@@ -698,6 +700,7 @@ def sigmoid_attention_varlen(
     max_seqlen: int,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sigmoid attention on packed tokens.
 
@@ -709,6 +712,8 @@ def sigmoid_attention_varlen(
         max_seqlen: the longest sequence's length (at least; sizes the grid).
         scale: logit scale, default ``1/sqrt(D)``.
         bias: None -> ``-log(n_i)`` per sequence; a float -> that constant; a ``[B]`` tensor.
+        validate: check ``cu_seqlens``' values (reads them on the host: one device sync on
+            CUDA). Shapes, dtypes and devices are always checked.
 
     Returns ``[total_tokens, H, D]`` in q's dtype, differentiable in q, k and v.
     """
@@ -727,7 +732,7 @@ def sigmoid_attention_varlen(
             f"sigmoid attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}"
         )
     max_seqlen = int(max_seqlen)
-    if _checking_values():
+    if validate and _checking_values():
         cu = cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
         if cu[0] != 0 or cu[-1] != q.shape[0]:
@@ -768,13 +773,14 @@ def sigmoid_attention_padded(
     lengths: torch.Tensor,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sigmoid attention on a padded batch.
 
     Args:
         q, k, v: ``[B, N, H, D]``; sequence ``i`` holds its tokens in rows ``0:lengths[i]``.
         lengths: integer ``[B]``, each in ``1..N``.
-        scale, bias: as in :func:`sigmoid_attention_varlen`.
+        scale, bias, validate: as in :func:`sigmoid_attention_varlen`.
 
     Returns ``[B, N, H, D]``, zero at padded positions; padded inputs are never read.
     """
@@ -788,7 +794,7 @@ def sigmoid_attention_padded(
         )
     if lengths.device != q.device:
         raise ValueError(f"sigmoid attention: lengths is on {lengths.device}, q on {q.device}")
-    if _checking_values():
+    if validate and _checking_values():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > n_max:
             raise ValueError(f"sigmoid attention: lengths must lie in 1..N={n_max}, got {lo}..{hi}")

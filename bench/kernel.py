@@ -1,0 +1,631 @@
+"""Sigmoid-attention kernel benchmark: ours vs the paper's package, SDPA softmax and naive torch.
+
+Run on a CUDA machine (the lent H200):
+
+    python bench/kernel.py --out DIR            # correctness + variant sweep + full table
+    python bench/kernel.py --out DIR --no-sweep # correctness + full table only
+
+Prints a table and writes ``DIR/kernel_<date>_<gpu>.csv`` and ``.md`` (date, GPU, torch and
+triton versions in the header). TFLOPS (bf16, non-causal): forward ``4 * H * D * sum(n_i^2)``,
+backward 2.5x forward, forward+backward 3.5x forward; only the real ``n_i^2`` count (padding
+is waste, not work). Dense rows: 16K total tokens, hidden 2048 (H = 2048 / D), N = 1K..16K.
+Variable-length rows: cells drawn (seeded) from the numbers of expressed genes per cell of
+pbmc3k and Baron (``bench/lengths_*.txt``, read from the h5ad files) until ~65K tokens.
+
+Implementations: ``ours`` (this package's Triton kernel; dense rows through the padded API
+with full lengths, varlen rows packed), ``triton_sigmoid`` (PyPI ``triton-sigmoid`` 0.1.2,
+the paper's kernel, imported only if installed: a comparison, never a dependency; varlen rows
+zero-padded to the longest cell), ``sdpa_flash/cudnn/efficient`` (softmax, dense), ``njt_*``
+(softmax SDPA on nested jagged tensors), ``flex_docmask`` (FlexAttention + document mask,
+block-mask construction included, as the model pays it), ``naive`` (PyTorch sigmoid
+attention, materialised N x N; N <= 4K only).
+
+``--warm-jobs J`` first compiles every Triton kernel in J subprocesses (all autotune configs;
+their timings are thrown away), so the timed pass reuses the on-disk cache: compile time, not
+GPU time, dominates a cold start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a checkout without installing the package
+
+from sigmoid_sc.attention import (  # noqa: E402
+    softmax_attention_varlen_flex,
+    softmax_attention_varlen_njt,
+)
+from sigmoid_sc.attention import triton_sigmoid as ts  # noqa: E402
+from sigmoid_sc.attention.reference import (  # noqa: E402
+    pad_packed,
+    sigmoid_attention_varlen_reference,
+)
+
+HIDDEN = 2048
+DENSE_TOKENS = 16384
+VARLEN_TOKENS = 65536
+DENSE_N = (1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128)
+NAIVE_MAX_N = 4096
+SWEEP_DENSE = "dense N=8192"
+CHECK_LENGTHS = [1, 17, 64, 100, 129, 777, 1000, 3000]
+DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (Triton interpreter)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------------------------
+
+
+def real_lengths(name: str, scale: int = 1) -> np.ndarray:
+    """Cells drawn without replacement (seed 0) from bench/lengths_<name>.txt until ~65K tokens."""
+    pool = np.loadtxt(ROOT / "bench" / f"lengths_{name}.txt", dtype=np.int64) * scale
+    rng = np.random.default_rng(0)
+    picked, total = [], 0
+    for i in rng.permutation(len(pool)):
+        if total >= VARLEN_TOKENS:
+            break
+        picked.append(int(pool[i]))
+        total += int(pool[i])
+    return np.array(picked)
+
+
+def workloads(quick: bool):
+    """(case, head_dim, lengths, dense) tuples of the table."""
+    out = []
+    for d in HEAD_DIMS:
+        for n in DENSE_N if not quick else DENSE_N[::3]:
+            out.append((f"dense N={n}", d, np.full(DENSE_TOKENS // n, n), True))
+        for name, label, scale in (
+            ("pbmc3k", "pbmc3k", 1),
+            ("baron", "Baron", 1),
+            ("baron", "Baron x4", 4),
+        ):
+            if quick and label != "pbmc3k":
+                continue
+            lengths = real_lengths(name, scale)
+            case = f"{label} (median {int(np.median(lengths))}, max {lengths.max()})"
+            out.append((case, d, lengths, False))
+    return out
+
+
+def flops_fwd(lengths, head_dim) -> float:
+    heads = HIDDEN // head_dim
+    return 4.0 * heads * head_dim * float(np.sum(np.asarray(lengths, dtype=np.float64) ** 2))
+
+
+class Inputs:
+    """Packed bf16 q, k, v, dO for one workload (+ padded views built on demand)."""
+
+    def __init__(self, lengths, head_dim, dtype=torch.bfloat16, device=None, seed=0, heads=None):
+        device = device or DEVICE
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.lengths = [int(n) for n in lengths]
+        self.heads = heads or HIDDEN // head_dim
+        self.head_dim = head_dim
+        total = sum(self.lengths)
+        self.cu = torch.tensor([0, *np.cumsum(self.lengths)], dtype=torch.int32, device=device)
+        self.max_seqlen = max(self.lengths)
+        shape = (total, self.heads, head_dim)
+        self.q, self.k, self.v, self.do = (
+            torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            for _ in range(4)
+        )
+        self.len_t = torch.tensor(self.lengths, dtype=torch.int32, device=device)
+
+    def padded(self, t):
+        return pad_packed(t, self.cu, self.max_seqlen)  # [B, N, H, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: each returns fwd(q, k, v) -> out on its own layout + the tensors to time on
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdpa_ctx(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, backend)])
+
+
+def impl_ours(inp: Inputs, dense: bool, **options):
+    def fwd(q, k, v):
+        if options:
+            return _ours_with_options(q, k, v, inp, options)
+        if dense:
+            return ts.sigmoid_attention_padded(q, k, v, inp.len_t, validate=False)
+        return ts.sigmoid_attention_varlen(q, k, v, inp.cu, inp.max_seqlen, validate=False)
+
+    if dense:
+        b, n = len(inp.lengths), inp.max_seqlen
+        tensors = [t.view(b, n, inp.heads, inp.head_dim) for t in (inp.q, inp.k, inp.v, inp.do)]
+    else:
+        tensors = [inp.q, inp.k, inp.v, inp.do]
+    return fwd, tensors
+
+
+class _OursOptions(torch.autograd.Function):
+    """The kernels with explicit options/configs (the variant sweep), outside the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq, options):
+        start, length, order, bias, scale, max_seqlen = seq
+        o = ts.launch_fwd(q, k, v, start, length, order, bias, scale, max_seqlen, False,
+                          config=options.get("config"), **options["opts"])  # fmt: skip
+        ctx.save_for_backward(q, k, v)
+        ctx.seq, ctx.options = seq, options
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        start, length, order, bias, scale, max_seqlen = ctx.seq
+        opts = ctx.options
+        dq, dk, dv = ts.launch_bwd(do, q, k, v, start, length, order, bias, scale, max_seqlen, False,
+                                   config=opts.get("bwd_config"), dq_config=opts.get("dq_config"),
+                                   **opts["opts"])  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def _ours_with_options(q, k, v, inp: Inputs, options):
+    start = inp.cu[:-1].contiguous()
+    order = torch.argsort(inp.len_t, descending=True).to(torch.int32)
+    bias = -torch.log(inp.len_t.float())
+    seq = (start, inp.len_t, order, bias, inp.head_dim**-0.5, inp.max_seqlen)
+    shape = q.shape
+    rows = [t.reshape(-1, inp.heads, inp.head_dim) for t in (q, k, v)]
+    return _OursOptions.apply(*rows, seq, options).view(shape)
+
+
+def impl_triton_sigmoid(inp: Inputs, dense: bool):
+    import triton_sigmoid
+
+    if dense:
+        b, n = len(inp.lengths), inp.max_seqlen
+        tensors = [t.view(b, n, inp.heads, inp.head_dim) for t in (inp.q, inp.k, inp.v, inp.do)]
+        return (lambda q, k, v: triton_sigmoid.sigmoid_attention(q, k, v)), tensors
+    tensors = [inp.padded(t) for t in (inp.q, inp.k, inp.v, inp.do)]
+    lens = inp.len_t
+
+    def fwd(q, k, v):
+        return triton_sigmoid.sigmoid_attention_padded(q, k, v, seq_lens_k=lens, seq_lens_q=lens)
+
+    return fwd, tensors
+
+
+def impl_sdpa(inp: Inputs, dense: bool, backend: str):
+    if not dense:
+        raise NotImplementedError
+    b, n = len(inp.lengths), inp.max_seqlen
+    # [B, N, H, D] storage seen as [B, H, N, D]: the layout a model's projections produce
+    tensors = [
+        t.view(b, n, inp.heads, inp.head_dim).transpose(1, 2) for t in (inp.q, inp.k, inp.v, inp.do)
+    ]
+
+    def fwd(q, k, v):
+        with _sdpa_ctx(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return fwd, tensors
+
+
+def impl_njt(inp: Inputs, dense: bool, backend: str):
+    def fwd(q, k, v):
+        with _sdpa_ctx(backend):
+            return softmax_attention_varlen_njt(q, k, v, inp.cu, inp.max_seqlen)
+
+    return fwd, [inp.q, inp.k, inp.v, inp.do]
+
+
+def impl_flex(inp: Inputs, dense: bool):
+    def fwd(q, k, v):
+        return softmax_attention_varlen_flex(q, k, v, inp.cu, inp.max_seqlen)
+
+    return fwd, [inp.q, inp.k, inp.v, inp.do]
+
+
+def impl_naive(inp: Inputs, dense: bool):
+    if not dense or inp.max_seqlen > NAIVE_MAX_N:
+        raise NotImplementedError
+    b, n = len(inp.lengths), inp.max_seqlen
+    tensors = [
+        t.view(b, n, inp.heads, inp.head_dim).transpose(1, 2) for t in (inp.q, inp.k, inp.v, inp.do)
+    ]
+    scale, bias = inp.head_dim**-0.5, -math.log(n)
+
+    def fwd(q, k, v):
+        return torch.sigmoid(q @ k.transpose(-1, -2) * scale + bias) @ v
+
+    return fwd, tensors
+
+
+IMPLS = {
+    "ours": lambda inp, dense: impl_ours(inp, dense),
+    "triton_sigmoid": impl_triton_sigmoid,
+    "sdpa_cudnn": lambda inp, dense: impl_sdpa(inp, dense, "CUDNN_ATTENTION"),
+    "sdpa_flash": lambda inp, dense: impl_sdpa(inp, dense, "FLASH_ATTENTION"),
+    "sdpa_efficient": lambda inp, dense: impl_sdpa(inp, dense, "EFFICIENT_ATTENTION"),
+    "njt_flash": lambda inp, dense: impl_njt(inp, dense, "FLASH_ATTENTION"),
+    "njt_efficient": lambda inp, dense: impl_njt(inp, dense, "EFFICIENT_ATTENTION"),
+    "flex_docmask": impl_flex,
+    "naive": impl_naive,
+}
+DENSE_IMPLS = ("ours", "triton_sigmoid", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "naive")
+VARLEN_IMPLS = ("ours", "triton_sigmoid", "njt_flash", "njt_efficient", "flex_docmask")
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def time_impl(fwd, tensors):
+    """Median ms of forward, backward (graph kept) and forward+backward."""
+    q, k, v, do = tensors
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        t_fwd = bench_ms(lambda: fwd(*leaves))
+    out = fwd(*leaves)
+    do = do.reshape(out.shape) if do.shape != out.shape else do
+    t_bwd = bench_ms(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+    out = None  # free the graph before timing forward+backward
+    t_all = bench_ms(lambda: torch.autograd.grad(fwd(*leaves), leaves, do))
+    return t_fwd, t_bwd, t_all
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness on the GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+CHECK_COMBOS = [
+    (dtype, ref_dtype, tol, d)
+    for dtype, ref_dtype, tol in (
+        (torch.bfloat16, torch.float32, 2e-2),
+        (torch.float16, torch.float32, 5e-3),
+        (torch.float32, torch.float64, 1e-4),
+    )
+    for d in (32, 64, 128)
+]
+
+
+def check_correctness(rows_out: list, combos=CHECK_COMBOS) -> bool:
+    """bf16/fp16 against an fp32 reference, fp32 against float64; padded == packed.
+
+    Lengths mix 1, 17, non-multiples of every block size and a few thousand tokens; 4 heads
+    keep the materialised reference small. Fresh inputs on each run (seed from the clock).
+    """
+    ok = True
+    lengths = CHECK_LENGTHS
+    for dtype, ref_dtype, tol, d in combos:
+        seed = int(time.time() * 1000) % 100000
+        inp = Inputs(lengths, d, dtype=dtype, seed=seed, heads=4)
+        leaves = [t.detach().requires_grad_() for t in (inp.q, inp.k, inp.v)]
+        out = ts.sigmoid_attention_varlen(*leaves, inp.cu, inp.max_seqlen)
+        grads = torch.autograd.grad(out, leaves, inp.do)
+        ref_leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (inp.q, inp.k, inp.v)]
+        ref = sigmoid_attention_varlen_reference(*ref_leaves, inp.cu, inp.max_seqlen)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, inp.do.to(ref_dtype))
+        errs = [rel(out, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
+        good = all(math.isfinite(e) and e < tol for e in errs)
+        # padded layout: the same numbers, zeros at padding
+        lens = inp.len_t
+        pq, pk, pv = (inp.padded(t).requires_grad_() for t in (inp.q, inp.k, inp.v))
+        pout = ts.sigmoid_attention_padded(pq, pk, pv, lens)
+        valid = torch.arange(inp.max_seqlen, device=DEVICE)[None, :] < lens[:, None]
+        pad_err = rel(pout[valid], out.detach())
+        pad_zero = bool((pout[~valid] == 0).all())
+        good &= pad_zero and pad_err < 1e-3
+        ok &= good
+        line = (f"check {str(dtype):15s} hd{d:<3d} vs {str(ref_dtype):13s} rel err o {errs[0]:.2e} "
+                f"dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} | padded-vs-packed {pad_err:.1e} "
+                f"zeros@pad {pad_zero} (seed {seed}) -> {'OK' if good else 'FAIL'}")  # fmt: skip
+        log(line)
+        rows_out.append(line)
+        del inp, out, grads, ref, ref_grads, pout
+        torch.cuda.empty_cache()
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# variant sweep (kernel options x launch configs), for bench/NOTES.md
+# ---------------------------------------------------------------------------------------------
+
+FWD_VARIANTS = {
+    "exact": {"sig_mode": ts.SIG_EXACT},
+    "tanh": {"sig_mode": ts.SIG_TANH},
+    "newton": {"sig_mode": ts.SIG_NEWTON},
+    "exact+tma": {"sig_mode": ts.SIG_EXACT, "use_tma": True},
+    "newton+tma": {"sig_mode": ts.SIG_NEWTON, "use_tma": True},
+    "exact+tma+ws": {"sig_mode": ts.SIG_EXACT, "use_tma": True, "warp_spec": True},
+}
+BWD_VARIANTS = {
+    "atomic-dq exact": {"sig_mode": ts.SIG_EXACT, "atomic_dq": True},
+    "atomic-dq newton": {"sig_mode": ts.SIG_NEWTON, "atomic_dq": True},
+    "two-kernel exact": {"sig_mode": ts.SIG_EXACT, "atomic_dq": False},
+}
+
+
+def sweep_jobs(cases):
+    """Flat list of (case index, stage, variant, config, dq config): sliceable across workers."""
+    jobs = []
+    for ci, (_, d, _, _) in enumerate(cases):
+        for name in FWD_VARIANTS:
+            for cfg in ts._FWD_CONFIGS[d]:
+                jobs.append((ci, "fwd", name, cfg, None))
+        for name, opts in BWD_VARIANTS.items():
+            for cfg in ts._BWD_CONFIGS[d][:3]:
+                for dq_cfg in ts._DQ_CONFIGS[d][:3] if not opts["atomic_dq"] else [None]:
+                    jobs.append((ci, "bwd", name, cfg, dq_cfg))
+    return jobs
+
+
+def sweep(results: list, cases, jobs):
+    """Time each kernel variant with an explicit launch config; errors vs an fp32 reference."""
+    cache = {}
+    for ci, stage, name, cfg, dq_cfg in jobs:
+        case, d, lengths, _ = cases[ci]
+        if ci not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            inp = Inputs(lengths, d)
+            ref_leaves = [t.detach().float().requires_grad_() for t in (inp.q, inp.k, inp.v)]
+            r = sigmoid_attention_varlen_reference(*ref_leaves, inp.cu, inp.max_seqlen)
+            rg = torch.autograd.grad(r, ref_leaves, inp.do.float())
+            cache[ci] = (inp, r.detach(), rg)
+            del ref_leaves
+        inp, ref, ref_grads = cache[ci]
+        f = flops_fwd(lengths, d)
+        if stage == "fwd":
+            options = {"opts": FWD_VARIANTS[name], "config": cfg}
+        else:
+            fwd_cfg = (128, 64, 8, 3) if d == 128 else (128, 64, 4, 3)
+            options = {
+                "opts": BWD_VARIANTS[name],
+                "config": fwd_cfg,
+                "bwd_config": cfg,
+                "dq_config": dq_cfg,
+            }
+        try:
+            fwd, tensors = impl_ours(inp, False, **options)
+            if stage == "fwd":
+                with torch.no_grad():
+                    err = rel(fwd(*tensors[:3]), ref)
+                    ms = bench_ms(lambda: fwd(*tensors[:3]))  # noqa: B023
+                tf = f / ms / 1e9
+            else:
+                leaves = [t.detach().requires_grad_() for t in tensors[:3]]
+                out = fwd(*leaves)
+                grads = torch.autograd.grad(out, leaves, tensors[3], retain_graph=True)
+                err = max(rel(g, x) for g, x in zip(grads, ref_grads))
+                ms = bench_ms(
+                    lambda: torch.autograd.grad(out, leaves, tensors[3], retain_graph=True)  # noqa: B023
+                )
+                tf = 2.5 * f / ms / 1e9
+            msg = f"{tf:7.1f} TFLOPS  err {err:.2e}"
+            results.append(dict(case=case, hd=d, stage=stage, variant=name, config=f"{cfg} dq {dq_cfg}",
+                                ms=ms, tflops=tf, err=err))  # fmt: skip
+        except Exception as e:  # a variant that fails to compile is a finding, not a crash
+            msg = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+        log(f"sweep {case:26s} hd{d} {stage} {name:16s} {cfg} dq {dq_cfg} {msg}")
+    cache.clear()
+    torch.cuda.empty_cache()
+
+
+def sweep_summary(sweep_rows):
+    best = {}
+    for r in sweep_rows:
+        key = (r["case"], r["hd"], r["stage"], r["variant"])
+        if key not in best or r["tflops"] > best[key]["tflops"]:
+            best[key] = r
+    lines = ["best config per variant:"]
+    for (case, hd, stage, variant), r in sorted(best.items()):
+        lines.append(
+            f"  {case:26s} hd{hd:<3d} {stage} {variant:16s} {r['tflops']:6.1f} TFLOPS err {r['err']:.1e} {r['config']}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# main table
+# ---------------------------------------------------------------------------------------------
+
+
+def run_table(cases, impls_filter=None, timed=True, on_case=None):
+    rows = []
+    for case, d, lengths, dense in cases:
+        inp = Inputs(lengths, d)
+        f = flops_fwd(lengths, d)
+        for name in DENSE_IMPLS if dense else VARLEN_IMPLS:
+            if impls_filter and name not in impls_filter:
+                continue
+            row = dict(case=case, hd=d, impl=name, fwd_tflops="", bwd_tflops="", fwdbwd_tflops="",
+                       fwd_ms="", bwd_ms="", fwdbwd_ms="", note="")  # fmt: skip
+            try:
+                fwd, tensors = IMPLS[name](inp, dense)
+                if not timed:  # compile-only pass
+                    leaves = [t.detach().requires_grad_() for t in tensors[:3]]
+                    out = fwd(*leaves)
+                    torch.autograd.grad(out, leaves, tensors[3].reshape(out.shape))
+                    continue
+                t_f, t_b, t_a = time_impl(fwd, tensors)
+                row.update(fwd_ms=t_f, bwd_ms=t_b, fwdbwd_ms=t_a, fwd_tflops=f / t_f / 1e9,
+                           bwd_tflops=2.5 * f / t_b / 1e9, fwdbwd_tflops=3.5 * f / t_a / 1e9)  # fmt: skip
+            except NotImplementedError:
+                continue
+            except torch.OutOfMemoryError:
+                row["note"] = "OOM"
+            except Exception as e:
+                row["note"] = (
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                )
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
+            finally:
+                torch.cuda.empty_cache()
+            if timed:
+                rows.append(row)
+                fmt = lambda x: f"{x:6.1f}" if isinstance(x, float) else f"{'-':>6s}"  # noqa: E731
+                log(f"{case:32s} hd{d:<3d} {name:15s} fwd {fmt(row['fwd_tflops'])} bwd {fmt(row['bwd_tflops'])} "
+                    f"fwd+bwd {fmt(row['fwdbwd_tflops'])} {row['note']}")  # fmt: skip
+        del inp
+        torch.cuda.empty_cache()
+        if on_case is not None:
+            on_case(rows)  # partial results survive a run cut short
+    return rows
+
+
+def env_header() -> dict:
+    import triton
+
+    try:
+        from importlib.metadata import version
+
+        ts_version = version("triton-sigmoid")
+    except Exception:
+        ts_version = "not installed"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "triton_sigmoid": ts_version,
+        "cuda": torch.version.cuda,
+    }
+
+
+def write_outputs(out_dir: Path, header: dict, rows: list, checks: list, sweep_rows: list):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{header['date'][:10]}_h200"
+    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
+        fh.write("# " + ", ".join(f"{k}={v}" for k, v in header.items()) + "\n")
+        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()) if rows else ["case"])
+        w.writeheader()
+        w.writerows(rows)
+    if sweep_rows:
+        with open(out_dir / f"{stem}_sweep.csv", "w", newline="") as fh:
+            fh.write("# " + ", ".join(f"{k}={v}" for k, v in header.items()) + "\n")
+            w = csv.DictWriter(fh, fieldnames=list(sweep_rows[0].keys()))
+            w.writeheader()
+            w.writerows(sweep_rows)
+    lines = [f"# Sigmoid-attention kernel benchmark, {header['date']}", "",
+             ", ".join(f"{k}: {v}" for k, v in header.items()), "",
+             "TFLOPS forward / backward / forward+backward (bf16, non-causal, hidden 2048; "
+             "FLOPs from sum n_i^2; backward = 2.5x forward).", "",
+             "| case | hd | impl | fwd | bwd | fwd+bwd | note |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        f = lambda x: f"{x:.0f}" if isinstance(x, float) else "-"  # noqa: E731
+        lines.append(f"| {r['case']} | {r['hd']} | {r['impl']} | {f(r['fwd_tflops'])} | {f(r['bwd_tflops'])} "
+                     f"| {f(r['fwdbwd_tflops'])} | {r['note']} |")  # fmt: skip
+    lines += [
+        "",
+        "GPU correctness (relative error vs a higher-precision reference):",
+        "",
+        "```",
+        *checks,
+        "```",
+        "",
+    ]
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
+
+
+def warm(jobs: int, passthrough: list):
+    """Compile every kernel (all autotune configs) in ``jobs`` subprocesses, untimed."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--warm-part", f"{i}/{jobs}", *passthrough],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        for i in range(jobs)
+    ]
+    for p in procs:
+        p.wait()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--quick", action="store_true", help="two dense sizes and pbmc3k only")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--impls", default="", help="comma list to restrict the table")
+    ap.add_argument("--warm-jobs", type=int, default=0)
+    ap.add_argument("--warm-part", default="")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernel.py needs a CUDA GPU")
+    impls_filter = [s for s in args.impls.split(",") if s]
+    cases = workloads(args.quick)
+    sweep_cases = [c for c in cases if c[0] == SWEEP_DENSE or c[0].startswith("pbmc3k")]
+    jobs = [] if args.no_sweep else sweep_jobs(sweep_cases)
+    if args.warm_part:  # child: compile a slice of every task, results thrown away
+        i, n = map(int, args.warm_part.split("/"))
+        check_correctness([], CHECK_COMBOS[i::n])
+        sweep([], sweep_cases, jobs[i::n])
+        if not args.no_table:
+            run_table(cases[i::n], impls_filter, timed=False)
+        return
+    header = env_header()
+    log("env:", header)
+    t_start = time.time()
+    if args.warm_jobs:
+        passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a in (
+            "--quick", "--no-sweep", "--no-table")] + ([f"--impls={args.impls}"] if args.impls else [])  # fmt: skip
+        warm(args.warm_jobs, passthrough)
+        log(f"warm compile pass: {time.time() - t_start:.0f} s")
+    checks: list = []
+    ok = check_correctness(checks)
+    log("GPU correctness:", "OK" if ok else "FAILED")
+    sweep_rows: list = []
+    if jobs:
+        t0 = time.time()
+        sweep(sweep_rows, sweep_cases, jobs)
+        summary = sweep_summary(sweep_rows)
+        log("\n".join(summary))
+        checks += summary
+        log(f"sweep: {time.time() - t0:.0f} s")
+    write_outputs(args.out, header, [], checks, sweep_rows)
+    rows = (
+        []
+        if args.no_table
+        else run_table(
+            cases,
+            impls_filter,
+            on_case=lambda rows: write_outputs(args.out, header, rows, checks, sweep_rows),
+        )
+    )
+    write_outputs(args.out, header, rows, checks, sweep_rows)
+    log(f"total {time.time() - t_start:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
