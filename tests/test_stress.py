@@ -243,3 +243,25 @@ def test_cli_refuses_an_unknown_key(tmp_path, capsys):
     assert status == 2
     assert "experiments.stress_test.learning_rate" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_learning_rate_sweep_runs_one_arm_per_kind_and_rate(tmp_path):
+    cfg = stress.parse_stress_config({**TINY, "lr": [1.0e-3, 1.0e4], "max_steps": 8})
+    rows, summary = stress.run_stress_test(cfg, CPU, log=quiet)
+    names = ["softmax lr=0.001", "sigmoid lr=0.001", "softmax lr=10000", "sigmoid lr=10000"]
+    assert list(summary["arms"]) == names
+    assert [a["peak_lr"] for a in summary["arms"].values()] == [1e-3, 1e-3, 1e4, 1e4]
+    assert not summary["arms"]["sigmoid lr=0.001"]["diverged"]
+    assert summary["arms"]["softmax lr=10000"]["diverged"]
+    log = pd.DataFrame(rows)
+    assert set(log["arm"]) == set(names) and (log["peak_lr"] > 0).all()
+    from sigmoid_sc.experiments_plots import plot_stress, save_figure
+
+    save_figure(plot_stress(log, summary), tmp_path / "f.png", tmp_path / "f.pdf")
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("lr", [[], [1e-3, "x"], [True], 0.0])
+def test_bad_learning_rates_are_refused(lr):
+    with pytest.raises(ConfigError, match="lr"):
+        stress.parse_stress_config({**TINY, "lr": lr})

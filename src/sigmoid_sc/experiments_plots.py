@@ -99,17 +99,23 @@ def plot_stress(log: pd.DataFrame, summary: dict | None = None):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     arms = (summary or {}).get("arms", {})
     factor = (summary or {}).get("config", {}).get("divergence_factor")
+    # one line per arm: colour = attention kind, line style = peak learning rate (a sweep)
+    arm_column = "arm" if "arm" in log.columns else "attention"
+    lrs = sorted(log["peak_lr"].unique()) if "peak_lr" in log.columns else []
+    styles = ("-", "--", ":", "-.")
     for ax, (column, label) in zip(axes[0], panels):
-        for attention, arm_log in log.groupby("attention", sort=False):
+        for name, arm_log in log.groupby(arm_column, sort=False):
+            attention = arm_log["attention"].iloc[0]
             colour = KIND_COLOURS.get(attention, "k")
-            arm = arms.get(attention, {})
+            style = styles[lrs.index(arm_log["peak_lr"].iloc[0]) % len(styles)] if lrs else "-"
+            arm = arms.get(name, {})
             values = arm_log[column].astype(float).where(lambda v: v > 0)  # log scale: > 0 only
             tag = (
                 f" (diverged, step {arm['divergence_step']})"
                 if arm.get("diverged")
                 else (" (stable)" if arm else "")
             )
-            ax.plot(arm_log["step"], values, color=colour, lw=1.2, label=f"{attention}{tag}")
+            ax.plot(arm_log["step"], values, color=colour, ls=style, lw=1.2, label=f"{name}{tag}")
             if arm.get("diverged"):
                 last = arm_log[arm_log["step"] == arm["divergence_step"]]
                 finite = np.isfinite(last[column].astype(float)) & (last[column] > 0)
@@ -118,7 +124,7 @@ def plot_stress(log: pd.DataFrame, summary: dict | None = None):
             if column == "grad_norm" and factor and arm.get("early_median_grad_norm"):
                 threshold = factor * arm["early_median_grad_norm"]
                 if math.isfinite(threshold):
-                    ax.axhline(threshold, color=colour, ls=":", lw=0.8)
+                    ax.axhline(threshold, color=colour, ls=":", lw=0.6, alpha=0.6)
         ax.set_yscale("log")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(label)

@@ -194,7 +194,10 @@ def analyse_model(model, attention: str, ids, cu, max_seqlen, device, check_rows
             bias = -float(np.log(n))
             if attention == "sigmoid":
                 stats, derivative = sigmoid_row_stats(logits, bias)
-                hist += torch.histc(derivative.double().cpu(), HIST_BINS, 0.0, SIGMOID_BOUND)
+                # on the device: only the histogram travels to the host
+                hist += (
+                    torch.histc(derivative.float(), HIST_BINS, 0.0, SIGMOID_BOUND).double().cpu()
+                )
                 for h in range(heads):
                     e = extra[(layer, h)]
                     e["max_derivative"] = max(e["max_derivative"], float(derivative[h].max()))

@@ -76,14 +76,14 @@ class StressConfig:
     rank_noise: float = 1.0  # sd of the noise added to a programme's gene preference
     mask_prob: float = 0.15
     # optimisation: no gradient clipping, by design
-    lr: float = 3.0e-3  # constant after warm-up; high on purpose
+    lr: float | list = 3.0e-3  # constant after warm-up; high on purpose; a list: one arm per lr
     warmup_steps: int = 50
     weight_decay: float = 0.01
     precision: str = "bf16"  # "bf16" (autocast, CUDA only) | "fp32"
     seed: int = 0
     # bounds and detection
     max_steps: int = 1000  # per arm
-    max_seconds: float = 600.0  # per arm, wall clock
+    max_seconds: float = 300.0  # per arm, wall clock
     early_steps: int = 20  # steps whose median gradient norm is the reference
     divergence_factor: float = 1.0e4
     logit_queries: int = 256  # query rows per sequence for the max logit; 0 = all (exact)
@@ -102,11 +102,15 @@ def parse_stress_config(params: dict) -> StressConfig:
                 f"unknown key experiments.stress_test.{key}; expected some of: {', '.join(fields)}"
             )
         kind = type(getattr(defaults, key))
-        accepted = (int, float) if kind is float else (kind,)
-        if kind is not bool and isinstance(value, bool) or not isinstance(value, accepted):
-            raise ConfigError(
-                f"experiments.stress_test.{key} must be {kind.__name__}, got {value!r}"
-            )
+        if key == "lr":  # a number, or a non-empty list of numbers (a sweep: one arm per lr)
+            values = value if isinstance(value, list) and value else [value]
+            ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        else:
+            accepted = (int, float) if kind is float else (kind,)
+            ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            expected = "a number or a list of numbers" if key == "lr" else kind.__name__
+            raise ConfigError(f"experiments.stress_test.{key} must be {expected}, got {value!r}")
     cfg = StressConfig(**params)
     for key in ("n_layers", "d_model", "n_heads", "d_ff", "seq_len", "batch_size",
                 "n_cell_types", "max_steps", "early_steps", "logit_every"):  # fmt: skip
@@ -132,7 +136,7 @@ def parse_stress_config(params: dict) -> StressConfig:
         raise ConfigError(
             f"experiments.stress_test.precision must be bf16 or fp32, got {cfg.precision!r}"
         )
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.warmup_steps < 0 or cfg.logit_queries < 0:
+    if min(cfg.lrs) <= 0 or cfg.weight_decay < 0 or cfg.warmup_steps < 0 or cfg.logit_queries < 0:
         raise ConfigError(
             "experiments.stress_test: lr must be > 0; weight_decay, warmup_steps, logit_queries >= 0"
         )
@@ -142,6 +146,19 @@ def parse_stress_config(params: dict) -> StressConfig:
             "mask_prob in (0, 1)"
         )
     return cfg
+
+
+def _lrs(self: StressConfig) -> list[float]:
+    """The peak learning rates of the run: ``lr`` as a list."""
+    return [float(v) for v in self.lr] if isinstance(self.lr, list) else [float(self.lr)]
+
+
+StressConfig.lrs = property(_lrs)
+
+
+def arm_name(cfg: StressConfig, attention: str, lr: float) -> str:
+    """``softmax`` for a single learning rate; ``softmax lr=0.003`` in a sweep."""
+    return attention if len(cfg.lrs) == 1 else f"{attention} lr={lr:g}"
 
 
 def model_config(cfg: StressConfig, attention: str) -> ModelConfig:
@@ -265,11 +282,14 @@ class MaxLogitProbe:
     def _hook(self, module, args) -> None:
         if not self.active:
             return
-        x = args[0]
+        with torch.autocast(args[0].device.type, enabled=False):  # fp32 logits, even under bf16
+            self._measure(module, args[0])
+
+    def _measure(self, module, x: torch.Tensor) -> None:
         total, d_model = x.shape
         heads = module.n_heads
-        qkv = module.qkv(x).view(total, 3, heads, d_model // heads)
-        q, k = qkv[:, 0].float(), qkv[:, 1].float()
+        qkv = module.qkv(x.float()).view(total, 3, heads, d_model // heads)
+        q, k = qkv[:, 0], qkv[:, 1]
         scale = default_scale(d_model // heads, None)
         cu = self._cu
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -326,6 +346,7 @@ def run_arm(
     device: torch.device,
     data: RankSequences | None = None,
     log=print,
+    lr: float | None = None,
 ) -> tuple[list[dict], dict]:
     """Train one arm until divergence, ``max_steps`` or ``max_seconds``.
 
@@ -334,6 +355,8 @@ def run_arm(
     and the arm's summary (n_params, steps, stop_reason, diverged, divergence_step, ...).
     """
     data = data or RankSequences(cfg)
+    peak_lr = cfg.lrs[0] if lr is None else float(lr)
+    arm = arm_name(cfg, attention, peak_lr)
     torch.manual_seed(cfg.seed)  # same initial weights for every attention kind
     model = Encoder(model_config(cfg, attention)).to(device)
     model.train()
@@ -344,7 +367,9 @@ def run_arm(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        groups, lr=peak_lr, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
 
     def autocast():
@@ -358,7 +383,7 @@ def run_arm(
     stop_reason, divergence = "max_steps", None
     tokens = 0
     t0 = time.perf_counter()
-    log(f"stress {attention}: {n_params:,} parameters on {device}, precision "
+    log(f"stress {arm}: {n_params:,} parameters on {device}, precision "
         f"{'bf16' if use_bf16 else 'fp32'}")  # fmt: skip
     try:
         for step in range(cfg.max_steps):
@@ -366,7 +391,7 @@ def run_arm(
                 stop_reason = "max_seconds"
                 break
             ids, cu, masked = data.batch(step)
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            lr = peak_lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak_lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             measure = step % cfg.logit_every == 0
@@ -389,7 +414,9 @@ def run_arm(
             tokens += int(ids.size)
             max_layer = int(np.nanargmax(layer_norms)) if np.isfinite(layer_norms).any() else 0
             row = {
+                "arm": arm,
                 "attention": attention,
+                "peak_lr": peak_lr,
                 "step": step,
                 "lr": lr,
                 "loss": loss_value,
@@ -405,18 +432,20 @@ def run_arm(
             reason = detector.check(loss_value, global_norm)
             if reason is not None:  # stop before the optimiser applies it
                 stop_reason, divergence = "diverged", {"step": step, "reason": reason}
-                log(f"stress {attention}: diverged at step {step}: {reason}")
+                log(f"stress {arm}: diverged at step {step}: {reason}")
                 break
             optimizer.step()
             if step % 10 == 0 or step == cfg.max_steps - 1:
-                log(f"stress {attention}: step {step} loss {loss_value:.4f} grad norm "
+                log(f"stress {arm}: step {step} loss {loss_value:.4f} grad norm "
                     f"{global_norm:.4g} max logit {max_logit:.3g} {row['elapsed_s']:.1f}s")  # fmt: skip
     finally:
         probe.remove()
     elapsed = time.perf_counter() - t0
     finite = [r for r in rows if math.isfinite(r["grad_norm"])]
     summary = {
+        "arm": arm,
         "attention": attention,
+        "peak_lr": peak_lr,
         "n_params": n_params,
         "steps": len(rows),
         "stop_reason": stop_reason,
@@ -429,7 +458,7 @@ def run_arm(
         "elapsed_s": elapsed,
         "step_ms_mean": 1000 * elapsed / max(1, len(rows)),
     }
-    log(f"stress {attention}: stopped ({stop_reason}) after {len(rows)} steps, {elapsed:.1f}s")
+    log(f"stress {arm}: stopped ({stop_reason}) after {len(rows)} steps, {elapsed:.1f}s")
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -440,10 +469,11 @@ def run_stress_test(cfg: StressConfig, device: torch.device, log=print) -> tuple
     """Every arm of ``cfg.attentions`` on the same data; (rows of all arms, summary)."""
     data = RankSequences(cfg)
     rows, arms = [], {}
-    for attention in cfg.attentions:
-        arm_rows, arm_summary = run_arm(cfg, attention, device, data, log)
-        rows += arm_rows
-        arms[attention] = arm_summary
+    for lr in cfg.lrs:
+        for attention in cfg.attentions:
+            arm_rows, arm_summary = run_arm(cfg, attention, device, data, log, lr=lr)
+            rows += arm_rows
+            arms[arm_summary["arm"]] = arm_summary
     summary = {
         "config": dataclasses.asdict(cfg),
         "n_params": next(iter(arms.values()))["n_params"],
@@ -487,9 +517,9 @@ def _run(args: argparse.Namespace) -> None:
     write_json(args.summary, summary)
     fig = plot_stress(frame, summary)
     save_figure(fig, args.png, args.pdf)
-    for attention, arm in summary["arms"].items():
+    for name, arm in summary["arms"].items():
         state = f"diverged at step {arm['divergence_step']}" if arm["diverged"] else "stable"
-        log(f"stress {attention}: {state}; {arm['steps']} steps ({arm['stop_reason']})")
+        log(f"stress {name}: {state}; {arm['steps']} steps ({arm['stop_reason']})")
 
 
 def register(subparsers) -> None:
