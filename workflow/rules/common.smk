@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 # Rules call the package's CLI as `python -m sigmoid_sc.cli` (= `sigmoid-sc`): with the Python
@@ -83,6 +84,17 @@ def download_lockfile():
         stem = os.path.splitext(os.path.basename(config_path))[0]
         return os.path.join(os.path.dirname(config_path), f"{stem}.lock.yaml")
     return "config.lock.yaml"
+
+
+def download_lockfile_option(wildcards):
+    """`--lockfile PATH` for url entries; nothing for the others.
+
+    The lock file's path follows the config file's, so it must not be a param of datasets that
+    never read it: a copied or moved config would otherwise rerun every branch.
+    """
+    if config["datasets"][wildcards.dataset]["source"] != "url":
+        return ""
+    return f"--lockfile {shlex.quote(str(download_lockfile()))}"
 
 
 def download_entry(wildcards):

@@ -18,7 +18,7 @@ rule download:
     params:
         entry=lambda wildcards: json.dumps(download_entry(wildcards), sort_keys=True),
         cache_dir=DOWNLOAD.get("cache_dir", "results/.cache/downloads"),
-        lockfile=download_lockfile(),
+        lockfile=download_lockfile_option,
         require_checksum=(
             "--require-checksum" if DOWNLOAD.get("require_checksum") else ""
         ),
@@ -32,5 +32,5 @@ rule download:
     shell:
         "python -m sigmoid_sc.cli download --dataset {wildcards.dataset:q}"
         " --entry-json {params.entry:q} --out {output.raw:q}"
-        " --cache-dir {params.cache_dir:q} --lockfile {params.lockfile:q}"
+        " --cache-dir {params.cache_dir:q} {params.lockfile}"
         " {params.require_checksum} > {log:q} 2>&1"
