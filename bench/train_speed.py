@@ -80,8 +80,25 @@ def _sdpa_backend(name: str):
     return sdpa_kernel([getattr(SDPBackend, name)])
 
 
+#: implementations that needed contiguous q, k, v copies (a backend refused the strided views)
+COPIED = set()
+
+
+def _sdpa(name: str, q, k, v, **kwargs):
+    """SDPA on the model's strided q/k/v views; if the backend refuses them, on copies (from
+    then on directly, so a refused first try is never timed)."""
+    if name not in COPIED:
+        try:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        except RuntimeError:
+            COPIED.add(name)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _padded_sdpa(backend: str | None, dense: bool):
     """SDPA on the padded batch; ``dense``: all lengths equal, a plain reshape and no mask."""
+    name = backend or "default"
 
     def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None):
         scale = default_scale(q.shape[-1], scale)
@@ -92,15 +109,13 @@ def _padded_sdpa(backend: str | None, dense: bool):
                 t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
             )
             with ctx:
-                out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+                out = _sdpa(name, qp, kp, vp, scale=scale)
             return out.transpose(1, 2).reshape(q.shape)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
         valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths.long()[:, None]
         with ctx:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=valid[:, None, None, :], scale=scale
-            )
+            out = _sdpa(name, qp, kp, vp, attn_mask=valid[:, None, None, :], scale=scale)
         return unpad(out.transpose(1, 2), lengths)
 
     return attend
@@ -289,6 +304,7 @@ def run(args) -> pd.DataFrame:
                         "tokens_per_s": float("nan"),
                         "note": "",
                     }
+                    COPIED.clear()
                     try:
                         kind, fn = attention_for(impl, dense, device)
                         config = ModelConfig(
@@ -313,6 +329,8 @@ def run(args) -> pd.DataFrame:
                             step_ms_p90=float(np.percentile(times, 90)),
                             tokens_per_s=row["tokens"] / (median / 1000),
                         )
+                        if COPIED:
+                            row["note"] = "q, k, v copied to contiguous (strided views refused)"
                     except NotApplicable as exc:
                         row["note"] = f"not applicable: {exc}"
                     except torch.OutOfMemoryError:

@@ -7,7 +7,8 @@ sigmoid attention stays stable. This module reruns that experiment:
 - model: the pipeline's own :class:`~sigmoid_sc.model.Encoder`. The default (10 layers, width
   1024, 16 heads of 64, MLP 4096, a 25,000-token vocabulary, 8,192 rank positions) has
   159,952,896 parameters; the exact count of every run is printed and recorded.
-- arms: one per attention kind, each from the same initial weights (``torch.manual_seed(seed)``
+- arms: one per attention kind (and per learning rate when ``lr`` is a list: a sweep), each
+  from the same initial weights (``torch.manual_seed(seed)``
   before the model is built; parameters do not depend on the kind) and the same batches and
   masks (functions of ``(seed, step)``). AdamW, linear warm-up to a constant learning rate,
   no gradient clipping; bf16 autocast on CUDA.
@@ -19,7 +20,7 @@ sigmoid attention stays stable. This module reruns that experiment:
 - per step: masked-gene loss, global gradient norm (L2 over all parameters), each layer's
   gradient norm and their maximum, and the maximum attention logit ``max |q.k| / sqrt(d)``
   (before sigmoid's bias). The logit is measured by a forward pre-hook on every attention
-  module that recomputes q and k from the module's own ``qkv`` weights: exact over every
+  module that recomputes q and k in fp32 from the module's own ``qkv`` weights: exact over every
   query row when ``logit_queries`` is 0, otherwise over ``logit_queries`` evenly strided
   query rows per sequence against all keys and heads (a lower bound of the exact maximum,
   at a small fraction of one attention forward).
@@ -89,6 +90,11 @@ class StressConfig:
     logit_queries: int = 256  # query rows per sequence for the max logit; 0 = all (exact)
     logit_every: int = 1  # measure the max logit every N steps (NaN in between)
 
+    @property
+    def lrs(self) -> list[float]:
+        """The peak learning rates of the run: ``lr`` as a list."""
+        return [float(v) for v in self.lr] if isinstance(self.lr, list) else [float(self.lr)]
+
 
 def parse_stress_config(params: dict) -> StressConfig:
     """Check the section's keys and values; ConfigError names the bad key."""
@@ -146,14 +152,6 @@ def parse_stress_config(params: dict) -> StressConfig:
             "mask_prob in (0, 1)"
         )
     return cfg
-
-
-def _lrs(self: StressConfig) -> list[float]:
-    """The peak learning rates of the run: ``lr`` as a list."""
-    return [float(v) for v in self.lr] if isinstance(self.lr, list) else [float(self.lr)]
-
-
-StressConfig.lrs = property(_lrs)
 
 
 def arm_name(cfg: StressConfig, attention: str, lr: float) -> str:
