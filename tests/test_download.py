@@ -128,17 +128,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(301, b"", extra={"Location": "/good.h5ad"})
         elif path == "/loop.h5ad":
             self._send(302, b"", extra={"Location": "/loop.h5ad"})
-        elif path == "/drop.h5ad":  # first answer dropped half-way, later ones resume
+        # stateful routes count requests per full path: each test uses its own /<route>/<name>
+        elif path.startswith("/drop/"):  # first answer dropped half-way, later ones resume
             if n_seen == 1:
                 self._drop(good, extra={"Accept-Ranges": "bytes"})
             else:
                 self._serve_ranged(good)
-        elif path == "/drop-norange.h5ad":  # dropped once, then ignores Range (200 whole file)
+        elif path.startswith("/drop-norange/"):  # dropped once, then ignores Range (200 whole file)
             if n_seen == 1:
                 self._drop(good)
             else:
                 self._send(200, good)
-        elif path == "/flaky.h5ad":  # 503 twice, then fine
+        elif path.startswith("/flaky/"):  # 503 twice, then fine
             if n_seen <= 2:
                 self._send(503, b"busy", content_type="text/plain")
             else:
@@ -261,22 +262,22 @@ def test_redirects_are_followed(server, tmp_path):
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
     stats = dl._Stats()
-    path = dl.fetch_file(_rf(server, "/drop.h5ad", sha=_sha(server.good)), tmp_path, stats=stats, **FAST)
+    path = dl.fetch_file(_rf(server, "/drop/unit.h5ad", sha=_sha(server.good)), tmp_path, stats=stats, **FAST)
     assert path.read_bytes() == server.good
-    ranges = server.requests_for("/drop.h5ad")
-    assert ranges[0] is None and ranges[1] == f"bytes={DROP_AT}-"
+    ranges = server.requests_for("/drop/unit.h5ad")
+    assert ranges == [None, f"bytes={DROP_AT}-"]
     assert stats.resumed_from == [DROP_AT] and stats.restarts == 0
 
 
 def test_dropped_connection_restarts_when_range_is_ignored(server, tmp_path):
     stats = dl._Stats()
-    path = dl.fetch_file(_rf(server, "/drop-norange.h5ad"), tmp_path, stats=stats, **FAST)
+    path = dl.fetch_file(_rf(server, "/drop-norange/unit.h5ad"), tmp_path, stats=stats, **FAST)
     assert path.read_bytes() == server.good
     assert stats.restarts == 1 and stats.resumed_from == []
 
 
 def test_server_errors_back_off_and_retry(server, tmp_path):
-    path = dl.fetch_file(_rf(server, "/flaky.h5ad"), tmp_path, **FAST)
+    path = dl.fetch_file(_rf(server, "/flaky/unit.h5ad"), tmp_path, **FAST)
     assert path.read_bytes() == server.good
 
 
@@ -305,9 +306,10 @@ def test_lock_records_then_enforces(server, tmp_path):
 
 def test_require_checksum_refuses_unknown(server, tmp_path):
     lock = dl.LockFile(tmp_path / "cfg.lock.yaml")
+    before = len(server.requests_for("/good.h5ad"))
     with pytest.raises(DownloadError, match="no known sha256"):
         dl.fetch_file(_rf(server, "/good.h5ad"), tmp_path, lock, require_checksum=True, **FAST)
-    assert server.requests_for("/good.h5ad") is not None
+    assert len(server.requests_for("/good.h5ad")) == before  # refused before any request
     ok = _rf(server, "/good.h5ad", sha=_sha(server.good))
     assert dl.fetch_file(ok, tmp_path, lock, require_checksum=True, **FAST).exists()
 
@@ -490,7 +492,7 @@ def test_download_rule_handles_every_failure(server, tmp_path):
         "truncated": _url_entry(server, "/truncated.h5ad"),
         "wrongsum": _url_entry(server, "/other.h5ad", sha256=good_sha),
         "redirect": _url_entry(server, "/redirect.h5ad", sha256=good_sha),
-        "dropped": _url_entry(server, "/drop.h5ad", sha256=good_sha),
+        "dropped": _url_entry(server, "/drop/rule.h5ad", sha256=good_sha),
     }
     config = _write_config(tmp_path, datasets)
     targets = [f"results/{name}/raw.h5ad" for name in datasets]
@@ -517,8 +519,8 @@ def test_download_rule_handles_every_failure(server, tmp_path):
             adata = ad.read_h5ad(raw)
             assert adata.shape == (1500, 40) and set(adata.obs["cell_type"]) == {"type_0", "type_1", "type_2"}
     # the dropped connection was resumed with a Range request, not restarted, and the log says so
-    assert f"bytes={DROP_AT}-" in server.requests_for("/drop.h5ad")
-    assert f"resuming {server.base}/drop.h5ad at byte {DROP_AT}" in _log(tmp_path, "dropped")
+    assert server.requests_for("/drop/rule.h5ad") == [None, f"bytes={DROP_AT}-"]
+    assert f"resuming {server.base}/drop/rule.h5ad at byte {DROP_AT}" in _log(tmp_path, "dropped")
     assert "recorded sha256" in _log(tmp_path, "good")
     # nothing partial anywhere under results/
     assert not [p for p in (tmp_path / "results").rglob("*.part")]
