@@ -59,9 +59,10 @@ HIDDEN = 2048
 DENSE_TOKENS = 16384
 VARLEN_TOKENS = 65536
 DENSE_N = (1024, 2048, 4096, 8192, 16384)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (128, 64)  # hd128 first: the headline targets
 NAIVE_MAX_N = 4096
 SWEEP_DENSE = "dense N=8192"
+OPTIONS_BY_HD: dict = {}  # kernel options per head dim, chosen by the sweep of this run
 CHECK_LENGTHS = [1, 17, 64, 100, 129, 777, 1000, 3000]
 DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (Triton interpreter)
 
@@ -440,6 +441,38 @@ def sweep(results: list, cases, jobs):
     torch.cuda.empty_cache()
 
 
+def choose_options(sweep_rows, head_dim):
+    """Fastest forward and backward variants for ``head_dim`` whose error stays within 1.5x the
+    exact variant's (so a fast approximation cannot win by being wrong); mean over cases."""
+    chosen = {}
+    for stage, variants, exact in (
+        ("fwd", FWD_VARIANTS, "exact"),
+        ("bwd", BWD_VARIANTS, "atomic-dq exact"),
+    ):
+        best = {}
+        for r in sweep_rows:
+            if r["hd"] != head_dim or r["stage"] != stage:
+                continue
+            key = (r["case"], r["variant"])
+            if key not in best or r["tflops"] > best[key]["tflops"]:
+                best[key] = r
+        cases = {c for c, _ in best}
+        score = {}
+        for name in variants:
+            if not all((c, name) in best and (c, exact) in best for c in cases):
+                continue
+            if any(best[(c, name)]["err"] > 1.5 * best[(c, exact)]["err"] + 1e-4 for c in cases):
+                continue
+            score[name] = sum(best[(c, name)]["tflops"] for c in cases) / max(len(cases), 1)
+        if score:
+            chosen[stage] = max(score, key=score.get)
+    fwd = FWD_VARIANTS.get(chosen.get("fwd", "exact"), {})
+    bwd = BWD_VARIANTS.get(chosen.get("bwd", "atomic-dq exact"), {})
+    # the backward's sigmoid mode follows its own winner; TMA/WS apply to the forward only
+    options = {**ts.DEFAULT_OPTIONS, **fwd, "atomic_dq": bwd.get("atomic_dq", True)}
+    return options, bwd.get("sig_mode", ts.SIG_EXACT), chosen
+
+
 def sweep_summary(sweep_rows):
     best = {}
     for r in sweep_rows:
@@ -462,6 +495,8 @@ def sweep_summary(sweep_rows):
 def run_table(cases, impls_filter=None, timed=True, on_case=None):
     rows = []
     for case, d, lengths, dense in cases:
+        if d in OPTIONS_BY_HD:
+            ts.DEFAULT_OPTIONS.update(OPTIONS_BY_HD[d])
         inp = Inputs(lengths, d)
         f = flops_fwd(lengths, d)
         for name in DENSE_IMPLS if dense else VARLEN_IMPLS:
@@ -609,6 +644,12 @@ def main(argv=None):
         t0 = time.time()
         sweep(sweep_rows, sweep_cases, jobs)
         summary = sweep_summary(sweep_rows)
+        for d in HEAD_DIMS:
+            options, bwd_mode, chosen = choose_options(sweep_rows, d)
+            OPTIONS_BY_HD[d] = {**options, "bwd_sig_mode": bwd_mode}
+            summary.append(
+                f"chosen for hd{d}: {chosen} -> options {options} (bwd sigmoid mode {bwd_mode})"
+            )
         log("\n".join(summary))
         checks += summary
         log(f"sweep: {time.time() - t0:.0f} s")

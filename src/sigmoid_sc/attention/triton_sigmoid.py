@@ -119,14 +119,16 @@ def _attn_fwd(
     SeqStart, SeqLen, SeqOrder, Bias,
     qk_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_rows, seqlen_bucket,
+    total_rows, pad_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ZERO_FILL: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``; one program = one query block of one head.
 
     Sequences are visited longest first (``SeqOrder``) so the long programs start early and
-    the short ones fill the tail of the launch.
+    the short ones fill the tail of the launch. ZERO_FILL (padded layout): rows ``n..pad_rows``
+    of the sequence's slot are written as zeros here, which saves a memset of the output.
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -175,7 +177,24 @@ def _attn_fwd(
             + h * stride_oh
             + offs_d[None, :]
         )
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < n)[:, None])
+        if ZERO_FILL:
+            acc = tl.where((offs_m < n)[:, None], acc, 0.0)
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < pad_rows)[:, None])
+        else:
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < n)[:, None])
+    elif ZERO_FILL:
+        if pid_m * BLOCK_M < pad_rows:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM)
+            start = tl.load(SeqStart + b)
+            o_ptrs = (
+                Out
+                + (start + offs_m).to(tl.int64)[:, None] * stride_ot
+                + h * stride_oh
+                + offs_d[None, :]
+            )
+            zeros = tl.zeros([BLOCK_M, HEAD_DIM], dtype=Out.dtype.element_ty)
+            tl.store(o_ptrs, zeros, mask=(offs_m < pad_rows)[:, None])
 
 
 @triton.jit
@@ -208,9 +227,9 @@ def _attn_bwd_dkdv(
     qk_scale_log2, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    seqlen_bucket,
+    pad_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(max_seqlen, BLOCK_N), H, B)``; one program = one key block of one head.
 
@@ -254,11 +273,28 @@ def _attn_bwd_dkdv(
                 dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_log2, bias_log2,
                 scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
             )  # fmt: skip
-        row_mask = (offs_n < n)[:, None]
         dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
         dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
+        if ZERO_FILL:  # padded key rows get zero gradients (their dv would be sigmoid(b) * sum dO)
+            real = (offs_n < n)[:, None]
+            row_mask = (offs_n < pad_rows)[:, None]
+            dk = tl.where(real, dk, 0.0)
+            dv = tl.where(real, dv, 0.0)
+        else:
+            row_mask = (offs_n < n)[:, None]
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=row_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_mask)
+    elif ZERO_FILL:
+        if pid_n * BLOCK_N < pad_rows:
+            start = tl.load(SeqStart + b).to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM)
+            row_mask = (offs_n < pad_rows)[:, None]
+            zeros = tl.zeros([BLOCK_N, HEAD_DIM], dtype=DK.dtype.element_ty)
+            dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
+            dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
+            tl.store(dk_ptrs, zeros, mask=row_mask)
+            tl.store(dv_ptrs, zeros, mask=row_mask)
 
 
 @triton.jit
@@ -344,7 +380,14 @@ _DQ_CONFIGS = {
 _INTERP_CONFIG = (32, 16, 4, 1)
 
 # Kernel options chosen from the H200 measurements (bench/NOTES.md); overridable for the bench.
-DEFAULT_OPTIONS = {"sig_mode": SIG_EXACT, "use_tma": False, "warp_spec": False, "atomic_dq": True}
+# bwd_sig_mode None: the backward uses sig_mode too.
+DEFAULT_OPTIONS = {
+    "sig_mode": SIG_EXACT,
+    "bwd_sig_mode": None,
+    "use_tma": False,
+    "warp_spec": False,
+    "atomic_dq": True,
+}
 
 
 def _configs(table, head_dim):
@@ -428,7 +471,7 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
     """Run the forward kernel; ``config`` = (BLOCK_M, BLOCK_N, warps, stages) skips autotuning."""
     opts = {**DEFAULT_OPTIONS, **options}
     rows, n_heads, head_dim = q.shape
-    o = _new(q, q.dtype, zero_fill)
+    o = _new(q, q.dtype, False)  # padded rows are zeroed by the kernel (ZERO_FILL)
     batch = seq_len.shape[0]
     interp = _interpreting()
     use_tma = bool(opts["use_tma"]) and not interp
@@ -437,7 +480,7 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
     args = (
         q, k, v, o, seq_start, seq_len, seq_order, bias, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), rows, _seqlen_bucket(max_seqlen),
+        o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0, _seqlen_bucket(max_seqlen),
     )  # fmt: skip
     meta = {
         "HEAD_DIM": head_dim,
@@ -445,6 +488,7 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         "IN_PREC": _in_prec(q.dtype),
         "USE_TMA": use_tma,
         "WARP_SPEC": use_tma and bool(opts["warp_spec"]),
+        "ZERO_FILL": bool(zero_fill),
     }
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
@@ -465,9 +509,11 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
     interp = _interpreting()
     atomic = bool(opts["atomic_dq"])
     do = do.contiguous() if do.stride(-1) != 1 else do
-    dk, dv = _new(k, k.dtype, zero_fill), _new(v, v.dtype, zero_fill)
+    dk, dv = _new(k, k.dtype, False), _new(v, v.dtype, False)  # zeroed in-kernel (ZERO_FILL)
     # with atomics dq is summed in fp32 over key blocks, then rounded once
     dq = _new(q, torch.float32, True) if atomic else _new(q, q.dtype, zero_fill)
+    if opts.get("bwd_sig_mode") is not None:
+        opts["sig_mode"] = opts["bwd_sig_mode"]
     sig_mode = _sig_mode(opts, interp)
     bucket = _seqlen_bucket(max_seqlen)
     common = (seq_start, seq_len, seq_order, bias, scale * LOG2E, scale)
@@ -475,16 +521,18 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
         q, k, v, do, dq, dk, dv, *common,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), bucket,
+        dv.stride(0), dv.stride(1), max_seqlen if zero_fill else 0, bucket,
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
         grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_heads, batch)
-        _attn_bwd_dkdv[grid](*kv_args, **meta, ATOMIC_DQ=atomic, **cfg)
+        _attn_bwd_dkdv[grid](*kv_args, **meta, ATOMIC_DQ=atomic, ZERO_FILL=bool(zero_fill), **cfg)
     else:
         grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_heads, batch)  # noqa: E731
-        _tuned("dkdv", head_dim)[grid](*kv_args, **meta, ATOMIC_DQ=atomic)
+        _tuned("dkdv", head_dim)[grid](
+            *kv_args, **meta, ATOMIC_DQ=atomic, ZERO_FILL=bool(zero_fill)
+        )
     if atomic:
         dq = dq.to(q.dtype)
     else:
