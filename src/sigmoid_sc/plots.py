@@ -147,7 +147,7 @@ def plot_umap(dataset: str, umap: pd.DataFrame, metrics: pd.DataFrame | None = N
         ax.scatter(
             cells["umap1"],
             cells["umap2"],
-            s=4,
+            s=float(np.clip(4000 / max(len(cells), 1), 2, 24)),  # fewer cells, bigger dots
             linewidths=0,
             c=[colours[label] for label in cells["label"].astype(str)],
         )
