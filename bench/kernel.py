@@ -492,9 +492,12 @@ def sweep_summary(sweep_rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_table(cases, impls_filter=None, timed=True, on_case=None):
+def run_table(cases, impls_filter=None, timed=True, on_case=None, deadline=math.inf):
     rows = []
     for case, d, lengths, dense in cases:
+        if time.time() > deadline:
+            log(f"deadline reached: skipping {case} hd{d}")
+            continue
         if d in OPTIONS_BY_HD:
             ts.DEFAULT_OPTIONS.update(OPTIONS_BY_HD[d])
         inp = Inputs(lengths, d)
@@ -614,6 +617,9 @@ def main(argv=None):
     ap.add_argument("--impls", default="", help="comma list to restrict the table")
     ap.add_argument("--warm-jobs", type=int, default=0)
     ap.add_argument("--warm-part", default="")
+    ap.add_argument(
+        "--time-limit", type=float, default=math.inf, help="seconds; later table cases are skipped"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/kernel.py needs a CUDA GPU")
@@ -661,6 +667,7 @@ def main(argv=None):
             cases,
             impls_filter,
             on_case=lambda rows: write_outputs(args.out, header, rows, checks, sweep_rows),
+            deadline=t_start + args.time_limit,
         )
     )
     write_outputs(args.out, header, rows, checks, sweep_rows)
