@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +218,13 @@ def test_resume_after_crash_from_last_periodic_checkpoint(tokens_path, tmp_path)
         run(tokens_path, tmp_path / "cut", model=RESUME_MODEL, on_step=crash)
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4  # the last multiple of checkpoint_every
-    run(tokens_path, tmp_path / "cut", model=RESUME_MODEL)
+    # the rerun may checkpoint at another interval: that changes no result
+    run(
+        tokens_path,
+        tmp_path / "cut",
+        model=RESUME_MODEL,
+        train_params={**TRAIN, "checkpoint_every": 3},
+    )
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
@@ -238,38 +244,30 @@ def test_checkpoint_of_another_config_is_refused(tokens_path, tmp_path):
 
 def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     """The real thing: a `sigmoid-sc train` process killed with SIGTERM, then rerun."""
-    params = {**TRAIN, "steps": 250, "eval_every": 10, "checkpoint_every": 1000}
-    import json
-
-    def cli(out_dir):
-        return [
-            sys.executable, "-m", "sigmoid_sc.cli", "train", "--dataset", "toy",
-            "--tokens", str(tokens_path), "--attention", "softmax", "--seed", "2",
-            "--model-json", json.dumps(MODEL), "--train-json", json.dumps(params),
-            "--device", "cpu", "--out-dir", str(out_dir),
-        ]  # fmt: skip
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(cli(cut), env=env, stderr=subprocess.PIPE, text=True)
+    params = {**TRAIN, "steps": 150, "eval_every": 10, "checkpoint_every": 1000}
+    cli = [
+        sys.executable, "-m", "sigmoid_sc.cli", "train", "--dataset", "toy",
+        "--tokens", str(tokens_path), "--attention", "softmax", "--seed", "2",
+        "--model-json", json.dumps(MODEL), "--train-json", json.dumps(params),
+        "--device", "cpu", "--out-dir", str(tmp_path / "cut"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process run (one_thread)
+    proc = subprocess.Popen(cli, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until training is under way (a logged eval past step 0)
         if "step 10/" in line:
             break
     proc.send_signal(signal.SIGTERM)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, stderr
-    state = torch.load(cut / "checkpoint.pt", weights_only=True)
-    assert 10 <= state["step"] < 250
-    assert not (cut / "model.pt").exists()
+    step = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= step < 150  # checkpoint_every is 1000: only the signal handler saved this
+    assert not (tmp_path / "cut" / "model.pt").exists()
 
-    start = time.perf_counter()
-    done = subprocess.run(cli(cut), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"resuming from {cut / 'checkpoint.pt'} at step {state['step']}" in done.stderr
-    full = subprocess.run(cli(tmp_path / "full"), env=env, capture_output=True, timeout=300)
-    assert full.returncode == 0
-    assert time.perf_counter() - start < 300
-    assert_same_run(tmp_path / "full", cut)
+    assert f"at step {step}" in done.stderr and "resuming from" in done.stderr
+    train("toy", tokens_path, "softmax", 2, MODEL, params, "cpu", tmp_path / "full")
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 # --- config errors -------------------------------------------------------------------------

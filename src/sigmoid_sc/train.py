@@ -371,13 +371,14 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
-    # resume: the checkpoint must come from this very run (same data, config, kind and seed)
+    # resume: the checkpoint must come from this very run (same data, config, kind and seed);
+    # checkpoint_every alone may change (it changes no result)
     run_key = {
         "dataset": dataset,
         "attention": attention,
         "seed": seed,
         "model": dataclasses.asdict(model_cfg),
-        "train": dataclasses.asdict(cfg),
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"},
         "tokens": tokens.metadata(),
     }
     start_step, history, elapsed_before, tokens_seen = 0, [], 0.0, 0
