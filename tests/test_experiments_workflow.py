@@ -279,3 +279,10 @@ def test_tiny_dag_runs_every_experiment_rule(tmp_path):
         assert (results / "figures" / "kernel_tflops.png").stat().st_size > 0
     for name in ("stress_test", "jacobian", "kernel_benchmark", "training_speed"):
         assert (results / "logs" / "experiments" / f"{name}.log").is_file()
+
+    # the captions render (reStructuredText errors are printed, not raised, by Snakemake)
+    report = snakemake(tmp_path, "--report", "report.html", *targets, configfile=config)
+    assert report.returncode == 0, report.stderr[-4000:]
+    assert "ERROR/" not in report.stderr + report.stdout
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "Stability stress test" in html and "Jacobian of the attention weights" in html
