@@ -132,7 +132,9 @@ def _paper_sigmoid(dense: bool):
         if dense:
             batch = lengths.numel()
             shape = (batch, max_seqlen, *q.shape[1:])
-            out = triton_sigmoid.sigmoid_attention(q.view(shape), k.view(shape), v.view(shape))
+            # contiguous copies: the package is not documented to honour the strides of the
+            # model's fused-qkv views (the copy is part of what using it costs)
+            out = triton_sigmoid.sigmoid_attention(*(t.contiguous().view(shape) for t in (q, k, v)))
             return out.reshape(q.shape)
         qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen) for t in (q, k, v))
         out = triton_sigmoid.sigmoid_attention_padded(
