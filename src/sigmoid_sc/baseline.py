@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_npz
+from .sources import log_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def pca_embedding(adata, dataset: str, n_comps: int = 50) -> tuple[np.ndarray, n
 
 
 def run_pca(args: argparse.Namespace) -> None:
+    log_to_stderr()
     import anndata as ad
 
     adata = ad.read_h5ad(args.input)

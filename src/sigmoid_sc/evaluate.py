@@ -43,6 +43,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ import pandas as pd
 from .errors import ConfigError, DataError
 from .io import write_csv
 from .prepare import check_params
-from .sources import parse_json_arg
+from .sources import log_to_stderr, parse_json_arg
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,7 @@ def evaluate(
             emb["seed"],
             *emb["X"].shape,
         )
+        started = time.perf_counter()
         scores = score_embedding(emb["X"], labels, batches, n_neighbors=p["n_neighbors"])
         metric_rows.append(
             {
@@ -299,6 +301,11 @@ def evaluate(
         if batches is not None:
             frame["batch"] = batches
         umap_frames.append(frame)
+        log.info(
+            "dataset %s: %s seed %d scored in %.1f s (asw_label %.3f, nmi_leiden %.3f)",
+            dataset, emb["method"], emb["seed"], time.perf_counter() - started,
+            scores["asw_label"], scores["nmi_leiden"],
+        )  # fmt: skip
     columns = ["dataset", "method", "seed", "val_loss", "n_cells", *LABEL_METRICS]
     if batch_key:
         columns += list(BATCH_METRICS)
@@ -321,6 +328,7 @@ def _read_obs(path: str, dataset: str) -> pd.DataFrame:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    log_to_stderr()
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
     params = parse_json_arg(args.params_json, "evaluate: --params-json")
     folders = setup_compile_caches()

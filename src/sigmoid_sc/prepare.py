@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_h5ad
-from .sources import parse_json_arg
+from .sources import log_to_stderr, parse_json_arg
 from .validate import expressed_genes_per_cell, validate_raw
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
 
 
 def run_prepare(args: argparse.Namespace) -> None:
+    log_to_stderr()
     import anndata as ad
 
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")

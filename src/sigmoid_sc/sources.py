@@ -261,6 +261,17 @@ def load_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+def log_to_stderr() -> None:
+    """Send this package's INFO messages to stderr (the job's log) when nothing else is set up."""
+    pkg = logging.getLogger("sigmoid_sc")
+    if not pkg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False  # JAX adds a root handler later: no line twice
+
+
 def parse_json_arg(text: str, what: str) -> dict:
     """Parse a ``--*-json`` argument into a dict, raising ConfigError on bad JSON."""
     try:
@@ -275,6 +286,7 @@ def parse_json_arg(text: str, what: str) -> dict:
 
 
 def run_download(args: argparse.Namespace) -> None:
+    log_to_stderr()
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
     adata = load_dataset(
         args.dataset,

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, DataError
 from .io import write_npz
 from .prepare import check_params
-from .sources import parse_json_arg
+from .sources import log_to_stderr, parse_json_arg
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.nd
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
+    log_to_stderr()
     import anndata as ad
 
     params = parse_json_arg(args.params_json, "tokenize: --params-json")
