@@ -61,10 +61,6 @@ write_config() {
     local cpus mem_mb
     cpus=$(nproc --all)
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)
-    if [[ -f "$CONF_DIR/slurm.conf" ]] && ! grep -qF "$MARKER" "$CONF_DIR/slurm.conf"; then
-        log "keeping $CONF_DIR/slurm.conf (not written by this script)"
-        return 0
-    fi
     mkdir -p "$CONF_DIR" /run/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm
     local tmp
     tmp=$(mktemp "$CONF_DIR/.slurm.conf.XXXXXX")
@@ -140,6 +136,12 @@ start() {
     install_packages
     HOST=$(hostname -s)
     CONFIG_CHANGED=0
+    if [[ -f "$CONF_DIR/slurm.conf" ]] && ! grep -qF "$MARKER" "$CONF_DIR/slurm.conf"; then
+        # a SLURM configured by someone else (a cluster node, an admin): use it, start nothing
+        log "$CONF_DIR/slurm.conf was not written by this script: leaving SLURM as it is"
+        sinfo >/dev/null 2>&1 || die "the existing SLURM does not answer (sinfo failed)"
+        return 0
+    fi
     [[ $EUID -eq 0 ]] || die "writing $CONF_DIR and starting the daemons needs root"
     write_config
     mkdir -p "$STATE_DIR" /run/munge /var/log/munge /var/lib/munge
