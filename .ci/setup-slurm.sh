@@ -14,6 +14,9 @@
 # the CPU. There is no slurmdbd: `sacct` does not work, so the Snakemake profile uses
 # `squeue` for job status, which needs MinJobAge well above the first status-check delay.
 #
+# SIGMOID_SC_SLURM_INSTALL=0 forbids the apt-get step (the tests set it: they may start an
+# installed SLURM, never install one).
+#
 # State: PIDs of the daemons started here live in $SIGMOID_SC_SLURM_STATE
 # (default /run/sigmoid-sc-slurm/<daemon>.pid). Daemons that were already running are not
 # recorded, so `stop` never ends a SLURM this script did not start.
@@ -47,6 +50,7 @@ install_packages() {
     command -v slurmd >/dev/null || missing+=(slurmd)
     command -v sbatch >/dev/null || missing+=(slurm-client)
     ((${#missing[@]} == 0)) && return 0
+    [[ "${SIGMOID_SC_SLURM_INSTALL:-1}" != 0 ]] || die "missing ${missing[*]} (not installing: SIGMOID_SC_SLURM_INSTALL=0)"
     [[ $EUID -eq 0 ]] || die "missing ${missing[*]}; run as root (apt-get) or install them yourself"
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get on this machine"
     log "installing ${missing[*]} with apt-get"

@@ -36,6 +36,8 @@ SETUP_SCRIPT = REPO / ".ci" / "setup-slurm.sh"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 DEFAULT_STATE_DIR = Path(os.environ.get("SIGMOID_SC_SLURM_STATE", "/run/sigmoid-sc-slurm"))
 BASH = shutil.which("bash") or "/bin/bash"
+# where the daemons live (often not on a user's PATH)
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 SLURM_TOOLS = ("sinfo", "squeue", "sbatch", "scontrol", "scancel")
 READY_STATES = {"idle", "mix", "mixed", "alloc", "allocated"}
 
@@ -106,11 +108,16 @@ _SESSION: dict[str, object] = {}  # one cluster per session, shared by every mod
 def _start_cluster() -> _Cluster:
     cluster = _Cluster()
     problem = slurm_problem()
-    if problem is not None and SETUP_SCRIPT.is_file() and os.geteuid() == 0:
-        # nothing answers: start one, with a state folder of our own so that the stop at the
-        # end ends exactly these daemons
+    installed = all(shutil.which(d, path=SBIN_PATH) for d in ("munged", "slurmctld", "slurmd"))
+    if problem is not None and installed and SETUP_SCRIPT.is_file() and os.geteuid() == 0:
+        # installed but not answering: start it, with a state folder of our own so that the
+        # stop at the end ends exactly these daemons (installing is .ci/run's job, not ours)
         state_dir = Path(tempfile.mkdtemp(prefix="sigmoid-sc-slurm-state-"))
-        env = {**os.environ, "SIGMOID_SC_SLURM_STATE": str(state_dir)}
+        env = {
+            **os.environ,
+            "SIGMOID_SC_SLURM_STATE": str(state_dir),
+            "SIGMOID_SC_SLURM_INSTALL": "0",
+        }
         try:
             out = _run([BASH, str(SETUP_SCRIPT), "start"], timeout=900, env=env)
             cluster.setup_log = out.stdout + out.stderr
@@ -120,6 +127,8 @@ def _start_cluster() -> _Cluster:
         problem = slurm_problem()
         if problem is not None:
             problem += f"\n.ci/setup-slurm.sh said:\n{cluster.setup_log[-3000:]}"
+    elif problem is not None and not installed:
+        problem += " (slurmctld/slurmd/munged not installed: `sudo bash .ci/setup-slurm.sh`)"
     elif problem is not None and os.geteuid() != 0:
         problem += " (and starting one with .ci/setup-slurm.sh needs root)"
     if problem is None and in_ci() and DEFAULT_STATE_DIR.is_dir():
