@@ -4,9 +4,9 @@ tests/test_preemption.py): finding or starting it, stopping what was started, a 
 requested GPUs from ``scontrol`` while the jobs still exist.
 
 Who stops the daemons:
-- the ``slurm_cluster`` fixture starts SLURM with ``.ci/setup-slurm.sh`` when none answers (as
-  root, with its own state folder) and stops exactly those daemons, by their PIDs, at the end of
-  the session;
+- the ``slurm_cluster`` fixture starts SLURM with ``.ci/setup-slurm.sh`` when it is installed
+  but none answers (as root, with its own state folder; it never installs packages) and stops
+  exactly those daemons, by their PIDs, at the end of the session;
 - under CI (env ``CI=true``), ``.ci/run`` has already started them with ``.ci/setup-slurm.sh``
   for this test session alone; the fixture stops those too at the end of the session (the
   script recorded their PIDs), so CI leaves no daemons behind;

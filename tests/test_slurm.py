@@ -4,10 +4,11 @@ Checks that every job of the DAG ran as a SLURM job (its SLURM job id in Snakema
 record in slurmctld, its log under .snakemake/slurm_logs/), that the train and embed jobs and no
 others asked SLURM for a GPU, and that the tables hold the expected rows and sane values.
 
-Needs a single-node SLURM with a (fake) GPU: ``bash .ci/setup-slurm.sh`` (as root) starts one,
-and the fixture does so itself when none answers; see tests/conftest_slurm.py for who stops
-it. Skipped without SLURM, except under CI=true, where that fails. Takes about 3-4 minutes on
-2 cores.
+Needs a single-node SLURM with a (fake) GPU: ``bash .ci/setup-slurm.sh`` (as root) installs
+and starts one, and the fixture starts an installed one itself when none answers; see
+tests/conftest_slurm.py for who stops it. Skipped without SLURM, except under CI=true, where
+that fails. The DAG run takes 6-7.5 minutes on 2 busy cores (most of it evaluate's JAX
+compilation and the plugin's status-check back-off); the profile checks take seconds.
 """
 
 from __future__ import annotations
