@@ -51,6 +51,18 @@ def test_rank_value_encoding_exact_ids_ties_and_truncation():
     assert input_ids.tolist() == [g + 3 for cell in expected for g in cell]
 
 
+def test_rank_value_encoding_unsorted_csr_indices():
+    # the same matrix with row 3's tied genes stored in descending order: ties still go by gene
+    unsorted = sp.csr_matrix(
+        (HAND.data.copy(), np.r_[HAND.indices[:8], [3, 2, 1, 0]], HAND.indptr.copy()), shape=(4, 6)
+    )
+    unsorted.has_sorted_indices = False
+    assert np.array_equal(unsorted.toarray(), HAND.toarray())
+    input_ids, offsets = rank_value_encode(unsorted, max_len=3)
+    assert input_ids[6:].tolist() == [3, 4, 5]
+    assert unsorted.indices[8:].tolist() == [3, 2, 1, 0]  # the caller's matrix is untouched
+
+
 def test_rank_value_encoding_without_truncation_and_with_gene_scale():
     input_ids, offsets = rank_value_encode(HAND, max_len=100)
     assert offsets.tolist() == [0, 4, 5, 7, 11]

