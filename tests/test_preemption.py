@@ -18,6 +18,8 @@ count is read.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import re
@@ -25,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -102,7 +105,14 @@ class TrainProcess:
     def freeze_and_count(self) -> int:
         """SIGSTOP the process, let the reader drain the pipe, return the steps done."""
         os.kill(self.proc.pid, signal.SIGSTOP)
-        time.sleep(0.5)
+        fd, pending = self.proc.stderr.fileno(), array.array("i", [0])
+        deadline, seen = time.monotonic() + 30, -1
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            fcntl.ioctl(fd, termios.FIONREAD, pending)  # bytes still in the pipe
+            if pending[0] == 0 and len(self.lines) == seen:
+                break
+            seen = len(self.lines)
         return self.steps_done()
 
     def wait(self, timeout_s: float = 300) -> int:
@@ -250,7 +260,12 @@ def test_scancel_of_slurm_train_job_then_rerun_resumes(slurm_cluster, tmp_path):
         run = _snakemake(workdir, config_path, "--profile", str(profile), "--retries", "0",
                          target, env=env)  # fmt: skip
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+
+        def read() -> None:
+            for line in run.stdout:
+                lines.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         log_path = workdir / train_log
         deadline = time.monotonic() + 300
