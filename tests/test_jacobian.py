@@ -199,3 +199,20 @@ def test_swapped_models_are_refused(trained):
 def test_bad_params_name_the_key(params, words):
     with pytest.raises(ConfigError, match=words):
         jac.parse_jacobian_params(params)
+
+
+def test_the_example_is_a_crop_of_the_whole_rows_jacobian(trained, monkeypatch):
+    monkeypatch.setattr(jac, "EXAMPLE_KEYS", 4)  # fewer keys than every cell has
+    tokens_path, models = trained
+    from sigmoid_sc.train import load_model, load_tokens, pack
+
+    tokens = load_tokens(tokens_path, "toy")
+    cells = tokens.cells("test")[:3]
+    ids, cu, max_seqlen = pack(tokens, cells)
+    model, _ = load_model(models["softmax"], torch.device("cpu"))
+    result = jac.analyse_model(model, "softmax", ids, cu, max_seqlen, torch.device("cpu"), 0)
+    x = jac.attention_inputs(model, ids, cu, max_seqlen, torch.device("cpu"))[-1]
+    _, logits = next(jac.layer_logits(model.blocks[-1].attn, x, cu))
+    full = jac.softmax_jacobian(logits[0, 0].double()).abs().numpy()
+    assert full.shape[0] > 4 and result["example"].shape == (4, 4)
+    assert np.allclose(result["example"], full[:4, :4], atol=1e-12)

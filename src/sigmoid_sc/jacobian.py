@@ -214,10 +214,11 @@ def analyse_model(model, attention: str, ids, cu, max_seqlen, device, check_rows
                         attention, logits[head_c, row], bias
                     )
             if layer == n_layers - 1 and cell == 0:
-                s = logits[0, 0, :EXAMPLE_KEYS].double().cpu()
-                b = -float(np.log(n))
-                jac = sigmoid_jacobian(s, b) if attention == "sigmoid" else softmax_jacobian(s)
-                example = jac.abs().numpy()
+                # the Jacobian of the whole row, cropped to its first keys (softmax normalises
+                # over all n keys, so cropping the logits first would change it)
+                s = logits[0, 0].double().cpu()
+                jac = sigmoid_jacobian(s, bias) if attention == "sigmoid" else softmax_jacobian(s)
+                example = jac[:EXAMPLE_KEYS, :EXAMPLE_KEYS].abs().numpy()
     rows = []
     for (layer, h), values in per.items():
         arrays = {k: np.concatenate(v) for k, v in values.items()}
