@@ -375,6 +375,8 @@ def run_arm(
             torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         )
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     probe = MaxLogitProbe(model, cfg.logit_queries)
     detector = DivergenceDetector(cfg.early_steps, cfg.divergence_factor)
     rows: list[dict] = []
@@ -455,6 +457,9 @@ def run_arm(
         "final_loss": rows[-1]["loss"] if rows else float("nan"),
         "elapsed_s": elapsed,
         "step_ms_mean": 1000 * elapsed / max(1, len(rows)),
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        ),
     }
     log(f"stress {arm}: stopped ({stop_reason}) after {len(rows)} steps, {elapsed:.1f}s")
     del model, optimizer
