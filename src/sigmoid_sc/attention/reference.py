@@ -63,17 +63,23 @@ def sigmoid_attention_padded_reference(
     q, k, v: ``[B, N, H, D]``; lengths: ``[B]``. Computed in the inputs' dtype promoted to at
     least float32; outputs at padded query positions are zero.
     """
-    batch, n, _, d = q.shape
+    batch, n, heads, d = q.shape
     compute = torch.promote_types(q.dtype, torch.float32)
     s = default_scale(d, scale)
     lengths = lengths.to(q.device)
     b = sequence_bias(lengths, bias).to(compute)
-    qf, kf, vf = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
-    logits = torch.matmul(qf, kf.transpose(-1, -2)) * s + b[:, None, None, None]
     valid = torch.arange(n, device=q.device)[None, :] < lengths.long()[:, None]  # [B, N]
-    weights = torch.sigmoid(logits) * valid[:, None, None, :]
-    out = torch.matmul(weights, vf).transpose(1, 2)  # [B, N, H, D]
-    out = out * valid[:, :, None, None]
+    # Zeroing padded rows of k and v (a cheap [B, N, H, D] pass, instead of masking the
+    # [B, H, N, N] weights) makes padded keys contribute nothing, whatever the padding held.
+    keep = valid[:, :, None, None]
+    qf, kf, vf = (
+        torch.where(keep, t, 0).to(compute).transpose(1, 2).reshape(batch * heads, n, d)
+        for t in (q, k, v)
+    )
+    bias_bh = b.repeat_interleave(heads)[:, None, None]  # [B*H, 1, 1]
+    logits = torch.baddbmm(bias_bh, qf, kf.transpose(-1, -2), alpha=s)  # [B*H, N, N]
+    out = torch.bmm(torch.sigmoid(logits), vf).view(batch, heads, n, d).transpose(1, 2)
+    out = out * keep
     return out.to(q.dtype)
 
 
