@@ -15,6 +15,8 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sigmoid_sc.attention import attention_varlen
 from sigmoid_sc.attention import triton_sigmoid as ts
@@ -117,9 +119,9 @@ def test_constant_bias_tensor_bias_and_scale():
     assert _rel(default, zero_bias.double()) > 0.1
 
 
-@pytest.mark.parametrize("options", [{"atomic_dq": False}, {"sig_mode": ts.SIG_NEWTON}])
+@pytest.mark.parametrize("options", [{"atomic_dq": False}, {"atomic_dq": True}])
 def test_backward_variants(options):
-    """The two-kernel dq path and the Newton-reciprocal sigmoid give the same gradients."""
+    """The two-kernel dq path and the atomic-dq path give the same gradients."""
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23], 32, torch.float32, seed)
     seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
@@ -133,9 +135,37 @@ def test_backward_variants(options):
         do, q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
     )
     ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
-    tol = 1e-3 if options.get("sig_mode") == ts.SIG_NEWTON else FP32_TOL  # Newton rcp: ~3e-4
+    tol = FP32_TOL
     errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
     assert max(errors) < tol, f"seed {seed}, {options}: {errors}"
+
+
+@triton.jit
+def _sigmoid_kernel(Z, P, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    z = tl.load(Z + offs, mask=offs < n, other=0.0)
+    tl.store(P + offs, ts._sigmoid_log2(z, MODE), mask=offs < n)
+
+
+@pytest.mark.parametrize("mode, tol", [(ts.SIG_EXACT, 2e-5), (ts.SIG_NEWTON, 3e-4)])
+def test_sigmoid_forms_elementwise(mode, tol):
+    """The in-kernel sigmoid forms over logits from -200 to 200 (z in log2 units)."""
+    x = torch.cat([torch.linspace(-200, 200, 4001), torch.randn(1000) * 10]).to(torch.float32)
+    z = x * ts.LOG2E
+    p = torch.empty_like(z)
+    _sigmoid_kernel[(triton.cdiv(z.numel(), 1024),)](z, p, z.numel(), MODE=mode, BLOCK=1024)
+    ref = torch.sigmoid(x.double())
+    relative = ((p.double() - ref).abs() / ref.clamp_min(1e-30)).max().item()
+    assert torch.isfinite(p).all() and relative < tol, relative
+
+
+def test_sigmoid_form_choice():
+    """fp32 inputs always get the exact form; the interpreter never gets inline PTX."""
+    opts = {"sig_mode": ts.SIG_TANH}
+    assert ts._sig_mode(opts, False, torch.float32) == ts.SIG_EXACT
+    assert ts._sig_mode(opts, True, torch.bfloat16) == ts.SIG_EXACT
+    assert ts._sig_mode(opts, False, torch.bfloat16) == ts.SIG_TANH
+    assert ts._sig_mode({"sig_mode": ts.SIG_NEWTON}, True, torch.float16) == ts.SIG_NEWTON
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
