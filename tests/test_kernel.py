@@ -282,6 +282,9 @@ def test_model_entry_point_dispatch(monkeypatch):
 
     assert sigmoid_backend(torch.device("cpu")) == "reference"
     assert sigmoid_backend(torch.device("cuda")) == "triton"
+    assert sigmoid_backend(torch.device("cuda"), 64, torch.bfloat16) == "triton"
+    assert sigmoid_backend(torch.device("cuda"), 16, torch.bfloat16) == "reference"  # demo sizes
+    assert sigmoid_backend(torch.device("cuda"), 64, torch.float64) == "reference"
     monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "fast")
     with pytest.raises(ValueError, match="SIGMOID_SC_ATTENTION_BACKEND"):
         attention_varlen("sigmoid", q, k, v, cu, max_seqlen)

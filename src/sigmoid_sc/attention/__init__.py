@@ -39,11 +39,25 @@ def _backend(env: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def sigmoid_backend(device: torch.device) -> str:
-    """``triton`` or ``reference``: what sigmoid attention runs on ``device`` now."""
+def sigmoid_backend(
+    device: torch.device, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """``triton`` or ``reference``: what sigmoid attention runs on ``device`` now.
+
+    ``auto`` takes the kernel on CUDA when it supports the head dim and dtype (small demo
+    models with head dim 8 or 16 run the reference there); ``triton`` forces the kernel,
+    which raises ValueError for what it does not support.
+    """
     choice = _backend("SIGMOID_SC_ATTENTION_BACKEND", SIGMOID_BACKENDS)
     if choice == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        from .triton_sigmoid import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+        supported = (head_dim is None or head_dim in SUPPORTED_HEAD_DIMS) and (
+            dtype is None or dtype in SUPPORTED_DTYPES
+        )
+        return "triton" if supported else "reference"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "SIGMOID_SC_ATTENTION_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 "
@@ -120,7 +134,7 @@ def attention_varlen(
     Returns ``[total, H, D]`` in q's dtype.
     """
     if kind == "sigmoid":
-        if sigmoid_backend(q.device) == "triton":
+        if sigmoid_backend(q.device, q.shape[-1], q.dtype) == "triton":
             from .triton_sigmoid import sigmoid_attention_varlen
 
             return sigmoid_attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale)
