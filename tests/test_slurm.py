@@ -7,7 +7,7 @@ others asked SLURM for a GPU, and that the tables hold the expected rows and san
 Needs a single-node SLURM with a (fake) GPU: ``bash .ci/setup-slurm.sh`` (as root) installs
 and starts one, and the fixture starts an installed one itself when none answers; see
 tests/conftest_slurm.py for who stops it. Skipped without SLURM, except under CI=true, where
-that fails. The DAG run takes 6-7.5 minutes on 2 busy cores (most of it evaluate's JAX
+that fails. The DAG run takes 4-7.5 minutes on 2 cores, by their load (most of it evaluate's JAX
 compilation and the plugin's status-check back-off); the profile checks take seconds.
 """
 
