@@ -168,7 +168,10 @@ start() {
             idle | mix | alloc) break ;;
             down | drain | drng | inval | fail)
                 # left over from an earlier run (e.g. node rebooted): bring it back
-                ((i % 5 == 1)) && scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true ;;
+                if ((i % 5 == 1)); then
+                    scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true
+                fi
+                ;;
         esac
         sleep 1
     done
