@@ -268,20 +268,29 @@ def test_scancel_of_slurm_train_job_then_rerun_resumes(slurm_cluster, tmp_path):
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         log_path = workdir / train_log
-        deadline = time.monotonic() + 300
-        done = 0
-        while done < SLURM_TRAIN["steps"] // 4:
-            assert run.poll() is None, "snakemake ended before the kill:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "training did not reach a quarter in 300 s"
-            time.sleep(0.05)
-            text = log_path.read_text() if log_path.exists() else ""
-            done = max((int(m.group(1)) for m in STEP_LINE.finditer(text)), default=0)
-        job_ids = SUBMITTED.findall("".join(lines))
-        assert len(job_ids) == 1, "".join(lines)
-        subprocess.run(["scancel", job_ids[0]], check=True, timeout=30)
-        wait_for_jobs_to_end(job_ids)
-        code = run.wait(timeout=300)
-        reader.join(timeout=10)
+        try:
+            deadline = time.monotonic() + 300
+            done = 0
+            while done < SLURM_TRAIN["steps"] // 4:
+                assert run.poll() is None, "snakemake ended before the kill:\n" + "".join(lines)
+                assert time.monotonic() < deadline, "training did not reach a quarter in 300 s"
+                time.sleep(0.05)
+                text = log_path.read_text() if log_path.exists() else ""
+                done = max((int(m.group(1)) for m in STEP_LINE.finditer(text)), default=0)
+            job_ids = SUBMITTED.findall("".join(lines))
+            assert len(job_ids) == 1, "".join(lines)
+            subprocess.run(["scancel", job_ids[0]], check=True, timeout=30)
+            wait_for_jobs_to_end(job_ids)
+            code = run.wait(timeout=300)
+        finally:
+            # a failed check leaves no Snakemake and no SLURM job behind
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+                leftover = SUBMITTED.findall("".join(lines))
+                if leftover:
+                    subprocess.run(["scancel", *leftover], capture_output=True, timeout=30)
+            reader.join(timeout=10)
     assert code != 0, "snakemake should report the cancelled job as failed"
     assert watcher.jobs[job_ids[0]]["JobState"] == "CANCELLED", watcher.jobs[job_ids[0]]
 
