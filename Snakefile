@@ -30,6 +30,6 @@ include: "workflow/rules/experiments.smk"
 
 # Every table and figure of the run; `snakemake --report results/report.html` afterwards.
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

@@ -17,15 +17,15 @@ rule aggregate:
         ),
         summary_md="results/tables/representation_summary.md",
         summary_tex="results/tables/representation_summary.tex",
-    params:
-        aggregate=section_json("aggregate"),
     log:
         "results/logs/aggregate/representation.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    params:
+        aggregate=section_json("aggregate"),
     message:
         "aggregate: representation tables across datasets and seeds"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli aggregate --metrics {input.metrics:q} --params-json {params.aggregate:q}"
         " --table {output.table:q} --summary-csv {output.summary_csv:q}"
@@ -48,9 +48,9 @@ rule figure_metrics:
         "results/logs/figures/metrics.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
     message:
         "figure: metrics per dataset"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli figures metrics --table {input.table:q}"
         " --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
@@ -74,9 +74,9 @@ rule figure_umap:
         "results/logs/figures/umap_{dataset}.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
     message:
         "figure: UMAPs of {wildcards.dataset}"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli figures umap --dataset {wildcards.dataset:q} --umap {input.umap:q}"
         " --metrics {input.metrics:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
@@ -99,9 +99,9 @@ rule figure_loss:
         "results/logs/figures/loss_{dataset}.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
     message:
         "figure: loss curves of {wildcards.dataset}"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli figures loss --dataset {wildcards.dataset:q} --histories {input.histories:q}"
         " --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

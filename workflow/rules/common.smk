@@ -212,9 +212,13 @@ def jacobian_run():
                 f"experiments.jacobian.dataset {dataset!r} is not a key of datasets ({', '.join(DATASETS)})"
             )
         if seed not in SEEDS:
-            raise ValueError(f"experiments.jacobian.seed {seed} is not one of seeds {SEEDS}")
+            raise ValueError(
+                f"experiments.jacobian.seed {seed} is not one of seeds {SEEDS}"
+            )
         if not {"softmax", "sigmoid"} <= set(ATTENTIONS):
-            raise ValueError("experiments.jacobian needs attentions to list softmax and sigmoid")
+            raise ValueError(
+                "experiments.jacobian needs attentions to list softmax and sigmoid"
+            )
     return dataset, seed
 
 

@@ -7,17 +7,17 @@ rule embed:
         model=rules.train.output.model,
     output:
         embedding="results/{dataset}/embed/{attention}_seed{seed}.npz",
-    params:
-        device=lookup(within=config, dpath="device"),
     log:
         "results/logs/embed/{dataset}/{attention}_seed{seed}.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
-    message:
-        "embed {wildcards.dataset}: {wildcards.attention} attention, seed {wildcards.seed}"
     threads: 1
     resources:
         gpu=gpus_per_job(),
+    params:
+        device=lookup(within=config, dpath="device"),
+    message:
+        "embed {wildcards.dataset}: {wildcards.attention} attention, seed {wildcards.seed}"
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli embed --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
@@ -31,15 +31,15 @@ rule pca:
         prepared=rules.prepare.output.prepared,
     output:
         embedding="results/{dataset}/embed/pca.npz",
-    params:
-        n_comps=50,
     log:
         "results/logs/embed/{dataset}/pca.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    params:
+        n_comps=50,
     message:
         "PCA baseline of {wildcards.dataset}"
-    threads: 1
     shell:
         "OMP_NUM_THREADS={threads} python -m sigmoid_sc.cli pca --dataset {wildcards.dataset:q}"
         " --input {input.prepared:q} --n-comps {params.n_comps} --output {output.embedding:q}"

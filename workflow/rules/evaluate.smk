@@ -8,18 +8,18 @@ rule evaluate:
     output:
         metrics="results/{dataset}/metrics.csv",
         umap="results/{dataset}/umap.csv",
+    log:
+        "results/logs/evaluate/{dataset}.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    threads: 2
     params:
         entry=dataset_entry_json,
         evaluate=section_json("evaluate"),
         # compiled JAX programs persist across jobs and runs
         jax_cache="results/.cache/jax",
-    log:
-        "results/logs/evaluate/{dataset}.log",
-    conda:
-        "../../envs/sigmoid-sc.yaml"
     message:
         "evaluate {wildcards.dataset}: every embedding"
-    threads: 2
     shell:
         "JAX_COMPILATION_CACHE_DIR={params.jax_cache:q} OMP_NUM_THREADS={threads}"
         " NUMBA_NUM_THREADS={threads}"

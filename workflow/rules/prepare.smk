@@ -6,16 +6,16 @@ rule prepare:
         raw=rules.download.output.raw,
     output:
         prepared="results/{dataset}/prepared.h5ad",
-    params:
-        entry=dataset_entry_json,
-        prepare=section_json("prepare"),
     log:
         "results/logs/prepare/{dataset}.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    params:
+        entry=dataset_entry_json,
+        prepare=section_json("prepare"),
     message:
         "prepare {wildcards.dataset}"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli prepare --dataset {wildcards.dataset:q} --entry-json {params.entry:q}"
         " --params-json {params.prepare:q} --input {input.raw:q} --output {output.prepared:q}"

@@ -6,15 +6,15 @@ rule tokenize:
         prepared=rules.prepare.output.prepared,
     output:
         tokens="results/{dataset}/tokens.npz",
-    params:
-        tokenize=section_json("tokenize"),
     log:
         "results/logs/tokenize/{dataset}.log",
     conda:
         "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    params:
+        tokenize=section_json("tokenize"),
     message:
         "tokenize {wildcards.dataset}"
-    threads: 1
     shell:
         "python -m sigmoid_sc.cli tokenize --dataset {wildcards.dataset:q} --params-json {params.tokenize:q}"
         " --input {input.prepared:q} --output {output.tokens:q} > {log:q} 2>&1"

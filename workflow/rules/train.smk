@@ -7,21 +7,21 @@ rule train:
     output:
         model="results/{dataset}/train/{attention}_seed{seed}/model.pt",
         history="results/{dataset}/train/{attention}_seed{seed}/history.csv",
+    log:
+        "results/logs/train/{dataset}/{attention}_seed{seed}.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
     params:
         model=section_json("model"),
         train=section_json("train"),
         device=lookup(within=config, dpath="device"),
         # checkpoint.pt lives here while training; a rerun resumes from it
         out_dir=subpath(output.model, parent=True),
-    log:
-        "results/logs/train/{dataset}/{attention}_seed{seed}.log",
-    conda:
-        "../../envs/sigmoid-sc.yaml"
     message:
         "train {wildcards.dataset}: {wildcards.attention} attention, seed {wildcards.seed}"
-    threads: 1
-    resources:
-        gpu=gpus_per_job(),
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli train --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
