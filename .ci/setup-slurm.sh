@@ -25,6 +25,7 @@ set -euo pipefail
 ACTION="${1:-start}"
 STATE_DIR="${SIGMOID_SC_SLURM_STATE:-/run/sigmoid-sc-slurm}"
 CONF_DIR=/etc/slurm
+LOCK_FILE=/run/lock/sigmoid-sc-setup-slurm.lock
 MARKER="# written by sigmoid-sc .ci/setup-slurm.sh"
 # MinJobAge: finished jobs stay visible to `squeue` this long (s); the profile's first status
 # check comes after 40 s (plugin default), and the plugin wants >= 3x that.
@@ -209,9 +210,18 @@ status() {
     return 0
 }
 
+# One start or stop at a time on this machine (several test sessions may call this at once:
+# without the lock, a stop could end daemons that a concurrent start has just found running).
+lock() {
+    mkdir -p "$(dirname "$LOCK_FILE")" 2>/dev/null || true
+    [[ -w "$(dirname "$LOCK_FILE")" ]] || LOCK_FILE="${TMPDIR:-/tmp}/sigmoid-sc-setup-slurm.lock"
+    exec 9>"$LOCK_FILE"
+    flock -w 600 9 || die "another setup-slurm.sh held $LOCK_FILE for 10 minutes"
+}
+
 case "$ACTION" in
-    start) start ;;
-    stop) stop ;;
+    start) lock && start ;;
+    stop) lock && stop ;;
     status) status ;;
     *) die "usage: $0 [start|stop|status]" ;;
 esac
