@@ -214,8 +214,9 @@ status() {
 # without the lock, a stop could end daemons that a concurrent start has just found running).
 lock() {
     mkdir -p "$(dirname "$LOCK_FILE")" 2>/dev/null || true
-    [[ -w "$(dirname "$LOCK_FILE")" ]] || LOCK_FILE="${TMPDIR:-/tmp}/sigmoid-sc-setup-slurm.lock"
-    exec 9>"$LOCK_FILE"
+    # not root: a lock of this user's own (it cannot start or stop the daemons anyway)
+    { : >>"$LOCK_FILE"; } 2>/dev/null || LOCK_FILE="${TMPDIR:-/tmp}/sigmoid-sc-setup-slurm.$EUID.lock"
+    exec 9>>"$LOCK_FILE"
     flock -w 600 9 || die "another setup-slurm.sh held $LOCK_FILE for 10 minutes"
 }
 
