@@ -138,6 +138,34 @@ def test_a_wrong_value_fails_naming_it(tmp_path):
     assert "'ftp' is not one of" in output_of(process)
 
 
+def test_a_dataset_without_its_label_column_fails_before_training(tmp_path):
+    """A path dataset whose obs lacks label_key: the download job fails naming both, nothing else
+    runs, and no raw.h5ad is left behind."""
+    import anndata
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    cells = anndata.AnnData(
+        X=sp.csr_matrix(rng.poisson(1.0, size=(60, 40)).astype(np.float32)),
+        obs=pd.DataFrame({"celltype": ["a", "b", "c"] * 20}, index=[f"c{i}" for i in range(60)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(40)]),
+    )
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    config = {
+        "seeds": [0],
+        "datasets": {"mylab": {"source": "path", "path": "cells.h5ad", "label_key": "cell_type"}},
+    }
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    process = snakemake(tmp_path, "--cores", "1", configfile=configfile)
+    assert process.returncode != 0
+    log = (tmp_path / "results/logs/download/mylab.log").read_text()
+    assert "dataset 'mylab'" in log and "label_key 'cell_type'" in log, log
+    assert not (tmp_path / "results/mylab/raw.h5ad").exists()
+    assert not (tmp_path / "results/mylab/train").exists()
+    assert "Job" in output_of(process) and "train mylab" not in output_of(process)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole DAG, for real
 
