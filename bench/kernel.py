@@ -641,8 +641,12 @@ def minimal(out_dir: Path, header: dict):
     write_outputs(out_dir, header, rows, checks, [])
 
 
-def warm(jobs: int, passthrough: list):
-    """Compile every kernel (all autotune configs) in ``jobs`` subprocesses, untimed."""
+def warm(jobs: int, passthrough: list, deadline: float = math.inf):
+    """Compile every kernel (all autotune configs) in ``jobs`` subprocesses, untimed.
+
+    Stops at ``deadline`` (a time.time() value): warming is an optimisation, and a run whose
+    warm phase outlasted its device call measured nothing (bench/NOTES.md, run 3).
+    """
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--warm-part", f"{i}/{jobs}", *passthrough],
@@ -651,7 +655,13 @@ def warm(jobs: int, passthrough: list):
         for i in range(jobs)
     ]
     for p in procs:
-        p.wait()
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()) if deadline < math.inf else None)
+        except subprocess.TimeoutExpired:
+            log("warm compile pass: deadline reached, stopping the warm processes")
+            for q in procs:
+                q.kill()
+            break
 
 
 def main(argv=None):
@@ -689,7 +699,8 @@ def main(argv=None):
     if args.warm_jobs:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a in (
             "--quick", "--no-sweep", "--no-table")] + ([f"--impls={args.impls}"] if args.impls else [])  # fmt: skip
-        warm(args.warm_jobs, passthrough)
+        # at most half of the time limit: the timed table needs the rest
+        warm(args.warm_jobs, passthrough, deadline=t_start + args.time_limit / 2)
         log(f"warm compile pass: {time.time() - t_start:.0f} s")
     checks: list = []
     ok = check_correctness(checks)
