@@ -127,7 +127,9 @@ start_daemon() {
         log "$name already running (pid $pid)"
         return 0
     fi
-    "$@" >/dev/null || die "could not start $name (see /var/log/slurm/ or /var/log/munge/)"
+    # 9>&-: the daemon must not inherit the lock's descriptor, or it would hold the lock for
+    # its whole life and every later start/stop would wait for it.
+    "$@" >/dev/null 9>&- || die "could not start $name (see /var/log/slurm/ or /var/log/munge/)"
     for _ in $(seq 50); do
         pid=$(pid_alive "$pidfile") && break
         sleep 0.2
