@@ -28,6 +28,7 @@ import pandas as pd
 
 from .errors import DataError
 from .io import write_csv, write_text
+from .plots import pyplot, save_figure
 
 KIND_COLOURS = {"softmax": "#1f77b4", "sigmoid": "#d62728"}
 
@@ -49,28 +50,9 @@ KERNEL_IMPLS = {
 KERNEL_COLUMNS = ("case", "hd", "impl", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: CI, SLURM nodes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, png: str, pdf: str) -> None:
-    """Write ``fig`` as PNG (150 dpi) and PDF, each atomically, and close it."""
-    from .io import atomic_path
-
-    for path, fmt in ((png, "png"), (pdf, "pdf")):
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-    _pyplot().close(fig)
-
-
 def note_figure(title: str, text: str):
     """A figure that only says why there is nothing to plot (a skipped GPU experiment)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 2.4))
     ax.axis("off")
     ax.set_title(title)
@@ -92,7 +74,7 @@ def plot_stress(log: pd.DataFrame, summary: dict | None = None):
     missing = [c for c in ("attention", "step", "loss", "grad_norm") if c not in log.columns]
     if missing:
         raise DataError(f"stress-test log lacks column(s) {', '.join(missing)}")
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("grad_norm", "global gradient norm"), ("loss", "masked-gene loss (nats)")]
     if "max_attn_logit" in log.columns and log["max_attn_logit"].notna().any():
         panels.append(("max_attn_logit", "max |attention logit|"))
@@ -188,7 +170,7 @@ def plot_kernel(frame: pd.DataFrame, header: dict | None = None, source: str = "
     The paper's H100 forward numbers (515 TritonSigmoid, 440 FlashSigmoid, 361 FA2) are
     horizontal reference marks on the forward panels.
     """
-    plt = _pyplot()
+    plt = pyplot()
     frame = frame.copy()
     frame["N"] = frame["case"].map(_dense_n)
     head_dims = sorted(int(h) for h in frame["hd"].unique())
@@ -415,7 +397,7 @@ def plot_jacobian(result: dict):
     sigmoid; Frobenius as dots); (d, e) ``|dp/ds|`` of one query row of the last layer, first
     keys: dense for softmax, diagonal for sigmoid.
     """
-    plt = _pyplot()
+    plt = pyplot()
     table = result["table"]
     per = result["per_attention"]
     fig = plt.figure(figsize=(15, 7.2))

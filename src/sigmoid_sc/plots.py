@@ -30,7 +30,7 @@ RUN_DIR = re.compile(r"^(?P<attention>softmax|sigmoid)_seed(?P<seed>\d+)$")
 UNBOUNDED = frozenset({"val_loss"})
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display: CI, SLURM nodes
@@ -40,10 +40,11 @@ def _pyplot():
 
 
 def save_figure(fig, png: str, pdf: str) -> None:
-    """Write ``fig`` as PNG (150 dpi) and PDF, each atomically."""
+    """Write ``fig`` as PNG (150 dpi) and PDF, each atomically, and close it."""
     for path, fmt in ((png, "png"), (pdf, "pdf")):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 def _read_csv(path: str, required: tuple[str, ...]) -> pd.DataFrame:
@@ -73,7 +74,7 @@ def plot_metrics(table: pd.DataFrame):
 
     Dots are seeds; a bar with whiskers is the mean ± sd over seeds.
     """
-    plt = _pyplot()
+    plt = pyplot()
     metrics = metric_columns(table)
     datasets = list(pd.unique(table["dataset"]))
     methods = [m for m in METHOD_ORDER if m in set(table["method"])]
@@ -130,7 +131,7 @@ def umap_panels(umap: pd.DataFrame) -> list[tuple[str, int]]:
 
 def plot_umap(dataset: str, umap: pd.DataFrame, metrics: pd.DataFrame | None = None):
     """UMAPs side by side (softmax | sigmoid | PCA), coloured by cell type (one shared legend)."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = umap_panels(umap)
     if not panels:
         raise DataError(f"dataset {dataset!r}: umap.csv has no softmax, sigmoid or pca rows")
@@ -195,7 +196,7 @@ def read_histories(paths: list[str]) -> pd.DataFrame:
 
 def plot_loss(dataset: str, histories: pd.DataFrame):
     """Training (left) and validation (right) loss against step; a line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False, layout="constrained")
     seeds = sorted(histories["seed"].unique())
     styles = ["-", "--", ":", "-."]
