@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, DataError
-from .io import write_csv, write_text
+from .io import read_table, write_csv, write_text
 
 ID_COLUMNS = ("dataset", "method", "seed")
 #: columns of metrics.csv that describe an embedding rather than score it
@@ -90,16 +90,7 @@ def load_metrics(paths: list[str]) -> pd.DataFrame:
     """
     frames = []
     for path in paths:
-        try:
-            frame = pd.read_csv(path)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise DataError(f"{path}: cannot read metrics table ({exc})") from exc
-        missing = [c for c in ID_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: metrics table lacks column(s) {', '.join(missing)}")
-        if frame.empty:
-            raise DataError(f"{path}: metrics table has no rows")
-        frames.append(frame)
+        frames.append(read_table(path, ID_COLUMNS, "metrics table"))
     if not frames:
         raise DataError("aggregate: no metrics tables given")
     table = pd.concat(frames, ignore_index=True, sort=False)

@@ -67,3 +67,22 @@ def write_csv(path: str | os.PathLike, frame) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...], what: str = "table"):
+    """Read a CSV that a stage wrote; a DataError naming the file if it is unreadable, lacks one
+    of the ``required`` columns, or has no rows."""
+    import pandas as pd
+
+    from .errors import DataError
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc})") from exc
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: {what} lacks column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise DataError(f"{path}: {what} has no rows")
+    return frame

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .io import atomic_path
+from .io import atomic_path, read_table
 
 METHOD_COLOURS = {"softmax": "#1f77b4", "sigmoid": "#d62728", "pca": "#7f7f7f"}
 METHOD_ORDER = ("softmax", "sigmoid", "pca")
@@ -45,19 +45,6 @@ def save_figure(fig, png: str, pdf: str) -> None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
     pyplot().close(fig)
-
-
-def _read_csv(path: str, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: lacks column(s) {', '.join(missing)}")
-    if frame.empty:
-        raise DataError(f"{path}: has no rows")
-    return frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +172,7 @@ def read_histories(paths: list[str]) -> pd.DataFrame:
                 f"{path}: the run folder must be named <attention>_seed<seed> "
                 "(results/<dataset>/train/sigmoid_seed0/history.csv)"
             )
-        frame = _read_csv(path, ("step", "split", "loss"))
+        frame = read_table(path, ("step", "split", "loss"))
         frame["attention"] = match["attention"]
         frame["seed"] = int(match["seed"])
         frames.append(frame)
@@ -233,13 +220,13 @@ def plot_loss(dataset: str, histories: pd.DataFrame):
 
 
 def run_metrics(args: argparse.Namespace) -> None:
-    table = _read_csv(args.table, ("dataset", "method", "seed"))
+    table = read_table(args.table, ("dataset", "method", "seed"))
     save_figure(plot_metrics(table), args.png, args.pdf)
 
 
 def run_umap(args: argparse.Namespace) -> None:
-    umap = _read_csv(args.umap, ("method", "seed", "umap1", "umap2", "label"))
-    metrics = _read_csv(args.metrics, ("method", "seed")) if args.metrics else None
+    umap = read_table(args.umap, ("method", "seed", "umap1", "umap2", "label"))
+    metrics = read_table(args.metrics, ("method", "seed")) if args.metrics else None
     save_figure(plot_umap(args.dataset, umap, metrics), args.png, args.pdf)
 
 
