@@ -223,6 +223,8 @@ def summarise(table: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
     for metric in metrics:
         pca_by_dataset = pca.groupby("dataset", sort=False)[metric].mean()
         for dataset in datasets:
+            if table.loc[table["dataset"] == dataset, metric].isna().all():
+                continue  # not defined for this dataset (batch metrics without a batch_key)
             records.append(
                 summarise_metric(
                     models[models["dataset"] == dataset],
