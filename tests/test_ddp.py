@@ -137,3 +137,18 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
     assert not (tmp_path / "checkpoint.pt").exists()
     train("toy", tokens_path, "sigmoid", 0, MODEL, params, "cpu", tmp_path / "full")
     assert_close_runs(tmp_path / "full", tmp_path, rtol=1e-4)
+
+
+def test_bench_ddp_scaling_smoke(tmp_path):
+    """bench/ddp_scaling.py --smoke: 1 and 2 CPU processes of the tiny model, a full table."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ddp_scaling.py"
+    out_csv, out_md = tmp_path / "scaling.csv", tmp_path / "scaling.md"
+    cmd = [sys.executable, str(bench), "--smoke", "--attentions", "sigmoid", "--repeats", "2"]
+    cmd += ["--out-csv", str(out_csv), "--out-md", str(out_md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out_csv)
+    assert table.gpus.tolist() == [1, 2] and (table.tokens_per_s > 0).all()
+    assert table.tokens_per_step.tolist() == [48, 96]  # weak scaling: a sequence per process
+    assert table.scaling_efficiency.iloc[0] == 1.0
+    assert "| sigmoid | 2 | 96 |" in out_md.read_text()

@@ -251,6 +251,15 @@ class MaskedGeneLoss(torch.nn.Module):
         )
 
 
+def wrap_ddp(model: Encoder, dev: torch.device) -> torch.nn.Module:
+    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None
+    )
+
+
 def set_threads() -> None:
     """Use the job's thread count (Snakemake sets OMP_NUM_THREADS to the rule's threads)."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
@@ -573,11 +582,7 @@ def train(
     # same checkpoint anyway). Its forward is the encoder plus the loss (MaskedGeneLoss).
     ddp = None
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(
-            MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None
-        )
+        ddp = wrap_ddp(model, dev)
 
     # SIGTERM (SLURM preemption, scancel) and SIGINT: finish the step, checkpoint, exit non-zero
     stop_signal = []
