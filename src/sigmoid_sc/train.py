@@ -734,7 +734,7 @@ def train(
         if stopped and done < cfg.steps:
             checkpoint(done)
             bar.close()
-            signum = stop_signal[0] if stop_signal else signal.SIGTERM  # another rank's
+            signum = stop_signal[0] if stop_signal else int(signal.SIGTERM)  # another rank's
             if dist.main:
                 print(
                     f"train {dataset}: stopped by signal {signum} after step {done}; "
