@@ -7,6 +7,16 @@ the cells of step ``t`` come from a permutation of the training cells seeded by
 softmax and sigmoid models see the same batches and the same masks, and a run resumed from
 ``checkpoint.pt`` sees exactly what an uninterrupted run would have seen.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP): the global batch of
+step ``t`` and its masks are the same function of ``(seed, t)`` as in one process; rank ``r``
+takes a contiguous slice of its cells (about ``1/world`` of its tokens) and weights its loss by
+its share of the global batch's masked tokens, so the averaged gradient is the gradient of the
+mean over all masked tokens: 1 and N processes give the same run up to float rounding (with
+``dropout`` > 0 each rank draws its own dropout masks from ``(seed, step, rank)``, so the runs
+then agree in distribution, not number by number). Rank 0
+alone writes checkpoints, ``history.csv`` and ``model.pt``; every rank resumes from the
+checkpoint.
+
 Validation loss uses one fixed masking of the validation cells (seeded by ``VAL_MASK_SEED``,
 not by the run's seed), so it is comparable across attention kinds and seeds; ``embed``
 recomputes it with the same function.
@@ -113,6 +123,141 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu, cuda or auto, not {name!r}")
     return torch.device(name)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (world 1: a plain single-process run)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def dist_from_env() -> Dist:
+    """WORLD_SIZE/RANK/LOCAL_RANK as torchrun sets them; absent: one process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ConfigError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers: {exc}") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
+    return Dist(rank=rank, local_rank=local_rank, world=world)
+
+
+def init_distributed(dist: Dist, dev: torch.device) -> torch.device:
+    """Join the process group (nccl on CUDA, gloo on the CPU); returns this rank's device."""
+    if dist.world == 1:
+        return dev
+    if dev.type == "cuda":
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={dist.local_rank} but only {torch.cuda.device_count()} GPUs are "
+                "visible; start torchrun with --nproc_per_node <= the GPUs of the node"
+            )
+        dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+    return dev
+
+
+def shard_bounds(cu_seqlens: np.ndarray, world: int) -> np.ndarray:
+    """Cell boundaries ``[world + 1]`` of each rank's contiguous slice of a packed batch.
+
+    Balanced by tokens (rank ``r`` starts at the cell boundary nearest ``r * T / world``), every
+    rank at least one cell. A function of the batch alone, so every rank computes the same.
+    """
+    n_cells = cu_seqlens.size - 1
+    if n_cells < world:
+        raise ConfigError(f"a batch of {n_cells} cells cannot be split over {world} processes")
+    total = int(cu_seqlens[-1])
+    bounds = [0]
+    for r in range(1, world):
+        k = int(np.abs(cu_seqlens.astype(np.int64) - total * r / world).argmin())
+        bounds.append(min(max(k, bounds[-1] + 1), n_cells - (world - r)))
+    bounds.append(n_cells)
+    return np.array(bounds)
+
+
+def shard_batch(
+    ids: np.ndarray, cu_seqlens: np.ndarray, masked: np.ndarray, rank: int, world: int
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Rank ``rank``'s slice of a packed global batch: ids, cu_seqlens, max len, masked."""
+    bounds = shard_bounds(cu_seqlens, world)
+    first, last = bounds[rank], bounds[rank + 1]
+    start, end = int(cu_seqlens[first]), int(cu_seqlens[last])
+    cu = (cu_seqlens[first : last + 1] - cu_seqlens[first]).astype(np.int32)
+    return ids[start:end], cu, int(np.diff(cu).max()), masked[start:end]
+
+
+class StopVote:
+    """Whether any rank has been signalled, with the same answer on every rank.
+
+    One process: the local flag. Under DDP each call starts an all-reduce (MAX, on a gloo CPU
+    group, so no GPU sync) of the local flag and returns the result of the previous call's: the
+    ranks stop together at the same step, one step after the first of them got the signal.
+    """
+
+    def __init__(self, dist: Dist, flag: list):
+        self.flag, self.world = flag, dist.world
+        self.work = self.value = None
+        if self.world > 1:
+            backend = torch.distributed.get_backend()
+            self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
+
+    def __call__(self) -> bool:
+        if self.world == 1:
+            return bool(self.flag)
+        stop = False
+        if self.work is not None:
+            self.work.wait()
+            stop = bool(self.value.item())
+        self.value = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
+        self.work = torch.distributed.all_reduce(
+            self.value, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
+        )
+        return stop
+
+    def close(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+class MaskedGeneLoss(torch.nn.Module):
+    """The encoder and its masked-gene loss as one module, so DDP sees the whole forward
+    (the tied head reads ``tok_emb`` outside ``Encoder.forward``)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction="mean"):
+        return masked_gene_loss(
+            self.encoder, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction
+        )
+
+
+def wrap_ddp(model: Encoder, dev: torch.device) -> torch.nn.Module:
+    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None
+    )
 
 
 def set_threads() -> None:
@@ -255,18 +400,28 @@ def validation_loss(
     batch_size: int,
     device: torch.device,
     autocast=contextlib.nullcontext,
+    dist: Dist | None = None,
 ) -> float:
     """Mean masked-gene cross-entropy (nats per masked token) over ``cells``.
 
     The masking is drawn once over all the cells packed in order from ``VAL_MASK_SEED``, so it
-    does not depend on the run's seed or on ``batch_size``.
+    does not depend on the run's seed or on ``batch_size``. Under DDP (``dist.world`` > 1)
+    rank ``r`` computes chunks ``r, r + world, ...``; the chunk sums are all-reduced (each is
+    added to zeros, exactly) and summed in chunk order, so every rank returns exactly what one
+    process would with the same weights.
     """
+    world = 1 if dist is None else dist.world
+    chunk_sums = {}
     was_training = model.training
     model.eval()
     _, cu_all, _ = pack(tokens, cells)
     masked_all = choose_masked(cu_all, mask_prob, np.random.default_rng([VAL_MASK_SEED]))
     total, count = 0.0, 0
-    for first in range(0, cells.size, batch_size):
+    for index, first in enumerate(range(0, cells.size, batch_size)):
+        if world > 1 and index % world != dist.rank:
+            end = cu_all[min(first + batch_size, cells.size)]
+            count += int(masked_all[cu_all[first] : end].sum())
+            continue
         chunk = cells[first : first + batch_size]
         ids, cu, max_seqlen = pack(tokens, chunk)
         masked = masked_all[cu_all[first] : cu_all[first] + ids.size]
@@ -280,8 +435,18 @@ def validation_loss(
                 tokens.mask_id,
                 reduction="sum",
             )
-        total += float(loss_sum)
+        if world > 1:
+            chunk_sums[index] = float(loss_sum)
+        else:
+            total += float(loss_sum)
         count += int(masked.sum())
+    if world > 1:
+        sums = torch.zeros(-(-cells.size // batch_size), dtype=torch.float64, device=device)
+        for index, value in chunk_sums.items():
+            sums[index] = value
+        torch.distributed.all_reduce(sums)
+        for value in sums.tolist():
+            total += value
     model.train(was_training)
     return total / count
 
@@ -340,6 +505,13 @@ def train(
     tokens = load_tokens(tokens_path, dataset)
     model_cfg = parse_model_config(model_params, attention, tokens.vocab_size, tokens.max_len)
     dev = resolve_device(device)
+    dist = dist_from_env()
+    if dist.world > 1 and min(cfg.batch_size, tokens.cells("train").size) < dist.world:
+        raise ConfigError(
+            f"{dataset}: train.batch_size {cfg.batch_size} (cells per step, all processes "
+            f"together) is smaller than the {dist.world} processes"
+        )
+    dev = init_distributed(dist, dev)
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     set_threads()
@@ -401,10 +573,16 @@ def train(
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_step, history = state["step"], state["history"]
         elapsed_before, tokens_seen = state["elapsed_s"], state["tokens"]
-        print(
-            f"train {dataset}: resuming from {checkpoint_path} at step {start_step}",
-            file=sys.stderr,
-        )
+        if dist.main:
+            print(
+                f"train {dataset}: resuming from {checkpoint_path} at step {start_step}",
+                file=sys.stderr,
+            )
+    # DDP after the resume (its constructor broadcasts rank 0's weights; every rank loaded the
+    # same checkpoint anyway). Its forward is the encoder plus the loss (MaskedGeneLoss).
+    ddp = None
+    if dist.world > 1:
+        ddp = wrap_ddp(model, dev)
 
     # SIGTERM (SLURM preemption, scancel) and SIGINT: finish the step, checkpoint, exit non-zero
     stop_signal = []
@@ -421,7 +599,7 @@ def train(
         total=cfg.steps,
         initial=start_step,
         file=sys.stderr,
-        disable=None,
+        disable=None if dist.main else True,
         desc=f"{dataset} {attention} seed {seed}",
         unit="step",
     )
@@ -430,14 +608,22 @@ def train(
         return elapsed_before + time.perf_counter() - t0
 
     def flush() -> None:
+        # under DDP every rank calls this at the same steps: the all-reduce sums the ranks'
+        # shares of each step's loss (each rank's share is its masked tokens' sum / all of them)
         if pending:
-            losses = torch.stack([row["loss"] for row in pending]).tolist()
+            losses = torch.stack([row["loss"] for row in pending])
+            if dist.world > 1:
+                torch.distributed.all_reduce(losses)
+            losses = losses.tolist()
             for row, loss in zip(pending, losses):
                 history.append({**row, "loss": loss})
             pending.clear()
 
     def checkpoint(step: int) -> None:
         flush()
+        if not dist.main:  # rank 0 writes; the others wait until the file is complete
+            dist.barrier()
+            return
         save_checkpoint(
             checkpoint_path,
             {
@@ -453,11 +639,12 @@ def train(
                 "tokens": tokens_seen,
             },
         )
+        dist.barrier()
 
     def evaluate(step: int) -> None:
         flush()
         val = validation_loss(
-            model, tokens, val_cells, cfg.mask_prob, cfg.batch_size, dev, autocast
+            model, tokens, val_cells, cfg.mask_prob, cfg.batch_size, dev, autocast, dist=dist
         )
         lr = optimizer.param_groups[0]["lr"] if step == 0 else history[-1]["lr"]
         history.append(
@@ -471,38 +658,61 @@ def train(
             }
         )
         train_loss = f" train {history[-2]['loss']:.4f}" if step else ""
-        bar.write(
-            f"{dataset} {attention} seed {seed}: step {step}/{cfg.steps}{train_loss} "
-            f"val {val:.4f} lr {lr:.2e} {elapsed():.1f}s",
-            file=sys.stderr,
-        )
+        if dist.main:
+            bar.write(
+                f"{dataset} {attention} seed {seed}: step {step}/{cfg.steps}{train_loss} "
+                f"val {val:.4f} lr {lr:.2e} {elapsed():.1f}s",
+                file=sys.stderr,
+            )
 
-    done = start_step
+    done, stopped = start_step, False
+    vote = StopVote(dist, stop_signal)
     try:
         if start_step == 0:
             evaluate(0)  # the untrained model's loss starts every curve
         model.train()
         for step in range(start_step, cfg.steps):
-            if stop_signal:
+            if vote():
+                stopped = True
                 break
             # the batch and its masks: functions of (seed, step) only
             cells = batch_cells(train_cells, cfg.batch_size, seed, step)
             ids, cu, max_seqlen = pack(tokens, cells)
             masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, step]))
+            n_tokens = int(ids.size)  # of the global batch
+            if ddp is not None:  # this rank's slice; its loss weighted by its masked tokens
+                n_masked = int(masked.sum())
+                # dropout: a stream per (seed, step, rank), so ranks differ and a resumed run
+                # draws what an uninterrupted one would (one process keeps its saved RNG state)
+                torch.manual_seed(
+                    int(np.random.SeedSequence([seed, 2, step, dist.rank]).generate_state(1)[0])
+                )
+                ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
             ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
             cu_t = torch.from_numpy(cu).to(dev, non_blocking=True)
             masked_t = torch.from_numpy(masked).to(dev, non_blocking=True)
 
-            with autocast():
-                loss = masked_gene_loss(model, ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ddp is None:
+                with autocast():
+                    loss = masked_gene_loss(
+                        model, ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                with autocast():
+                    loss_sum = ddp(ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id, "sum")
+                # DDP averages gradients over ranks: x world makes it the sum of the ranks'
+                # sums over the global masked-token count, the mean of one process
+                optimizer.zero_grad(set_to_none=True)
+                (loss_sum * (dist.world / n_masked)).backward()
+                loss = loss_sum / n_masked  # this rank's share (flush sums the shares)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
 
             done = step + 1
-            tokens_seen += int(ids.size)
+            tokens_seen += n_tokens
             pending.append(
                 {
                     "step": done,
@@ -520,22 +730,32 @@ def train(
                 checkpoint(done)
             if on_step is not None:
                 on_step(done)
-        if stop_signal and done < cfg.steps:
+        vote.close()
+        if stopped and done < cfg.steps:
             checkpoint(done)
             bar.close()
-            print(
-                f"train {dataset}: stopped by signal {stop_signal[0]} after step {done}; "
-                f"{checkpoint_path} saved, rerun to resume",
-                file=sys.stderr,
-            )
-            raise SystemExit(128 + stop_signal[0])
+            signum = stop_signal[0] if stop_signal else int(signal.SIGTERM)  # another rank's
+            if dist.main:
+                print(
+                    f"train {dataset}: stopped by signal {signum} after step {done}; "
+                    f"{checkpoint_path} saved, rerun to resume",
+                    file=sys.stderr,
+                )
+            if dist.world > 1:
+                torch.distributed.destroy_process_group()
+            raise SystemExit(128 + signum)
     finally:
         bar.close()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
-    # final outputs: history, then model.pt; only then is the checkpoint redundant
+    # final outputs: history, then model.pt; only then is the checkpoint redundant (rank 0
+    # writes them; the others wait so that no process exits before the files exist)
     flush()
+    if not dist.main:
+        dist.barrier()
+        torch.distributed.destroy_process_group()
+        return out_dir
     import pandas as pd
 
     write_csv(out_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
@@ -556,6 +776,9 @@ def train(
             tmp,
         )
     checkpoint_path.unlink(missing_ok=True)
+    if dist.world > 1:
+        dist.barrier()
+        torch.distributed.destroy_process_group()
     return out_dir
 
 

@@ -41,12 +41,29 @@ def section_json(section):
     return json.dumps(config[section], sort_keys=True)
 
 
-def gpus_per_job():
-    """GPUs a train/embed job asks the scheduler for: none on cpu, one otherwise.
+def gpus_per_job(rule=None):
+    """GPUs a job asks the scheduler for: none on cpu, one otherwise; train: config train_gpus.
 
-    Profiles may override it (--set-resources train:gpu=2 runs torchrun inside the allocation).
+    Profiles may override it (--set-resources train:gpu=2); see train_cli().
     """
-    return 0 if config["device"] == "cpu" else 1
+    if config["device"] == "cpu":
+        return 0
+    return int(config.get("train_gpus", 1)) if rule == "train" else 1
+
+
+def train_cli():
+    """The shell words that start `sigmoid-sc` in the train rule, chosen by its resources.gpu.
+
+    One GPU (or none): `python -m sigmoid_sc.cli`. N > 1: `python -m torch.distributed.run
+    --standalone --nproc_per_node N -m sigmoid_sc.cli`, one DDP process per GPU of the job
+    (sigmoid_sc.train; the results do not depend on N up to float rounding). Decided in the
+    shell from {resources.gpu}, so a --set-resources override counts and changing N changes
+    no param (no rerun of finished models).
+    """
+    return (
+        '$(if [ "{resources.gpu}" -gt 1 ]; then echo python -m torch.distributed.run'
+        " --standalone --nproc_per_node {resources.gpu}; else echo python; fi) -m sigmoid_sc.cli"
+    )
 
 
 def model_embeddings(wildcards):

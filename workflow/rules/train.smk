@@ -13,7 +13,7 @@ rule train:
         "../../envs/sigmoid-sc.yaml"
     threads: 1
     resources:
-        gpu=gpus_per_job(),
+        gpu=gpus_per_job("train"),
     params:
         model=section_json("model"),
         train=section_json("train"),
@@ -24,7 +24,8 @@ rule train:
         "train {wildcards.dataset}: {wildcards.attention} attention, seed {wildcards.seed}"
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        " python -m sigmoid_sc.cli train --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
+        f" {train_cli()}"  # python, or torchrun with one process per GPU (common.smk)
+        " train --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
         " --attention {wildcards.attention} --seed {wildcards.seed}"
         " --model-json {params.model:q} --train-json {params.train:q} --device {params.device}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,0 +1,274 @@
+"""DDP scaling of training: tokens per second of the 160M encoder at 8K tokens on 1-8 GPUs.
+
+The training step of ``sigmoid-sc train`` under torchrun (``sigmoid_sc.train``: the encoder and
+its masked-gene loss wrapped by ``wrap_ddp``, each rank's slice of the global batch from
+``shard_batch``, its loss weighted by its share of the masked tokens, fused AdamW, bf16
+autocast), on the stress test's model (``sigmoid_sc.stress``: 10 layers, width 1024, 16 heads,
+MLP 4096, vocabulary 25,000; 159,952,896 parameters) and its synthetic 8,192-token gene-rank
+sequences. Weak scaling: every GPU gets ``--seqs-per-gpu`` sequences per step, so the global
+batch grows with the GPUs; scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1).
+
+For each N in ``--gpus`` (those above the visible GPUs are skipped, and said so) this script
+launches ``python -m torch.distributed.run --standalone --nproc_per_node N`` on itself in
+``--worker`` mode (N = 1: the plain single-process step, no DDP, as ``sigmoid-sc train`` runs); rank 0 times ``--repeats`` steps after ``--warmup`` (every step ends with a
+CUDA synchronize, so a step's time includes its gradient all-reduce; the median is reported)
+and writes one JSON per N; the launcher writes the table.
+
+    python bench/ddp_scaling.py --out-csv docs/results/ddp_scaling.csv \\
+        --out-md docs/results/ddp_scaling.md                   # on a multi-GPU machine
+    python bench/ddp_scaling.py --smoke --out-csv x.csv --out-md x.md   # tiny, CPU/gloo
+
+Without CUDA (and without ``--smoke``) it writes a table that says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a checkout without installing the package
+
+SMOKE = dict(  # a tiny model and short sequences: a CPU check of the whole path
+    n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=203, seq_len=48, n_cell_types=3
+)  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--attentions", nargs="+", default=["sigmoid", "softmax"])
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
+    p.add_argument("--seqs-per-gpu", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo), 1 and 2")
+    p.add_argument("--out-csv", type=Path)
+    p.add_argument("--out-md", type=Path)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out-json", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.worker and (args.out_csv is None or args.out_md is None):
+        p.error("--out-csv and --out-md are required")
+    if args.smoke:
+        args.seq_len = SMOKE["seq_len"]
+        args.gpus = [n for n in args.gpus if n <= 2] or [1, 2]
+        args.precision = "fp32"
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# worker: one rank of a torchrun job
+
+
+def stress_config(args):
+    from sigmoid_sc.stress import StressConfig
+
+    over = dict(SMOKE) if args.smoke else {}
+    over.update(seq_len=args.seq_len, batch_size=args.seqs_per_gpu * int(os.environ["WORLD_SIZE"]))
+    return StressConfig(**over)
+
+
+def worker(args) -> None:
+    import torch
+
+    from sigmoid_sc.model import Encoder
+    from sigmoid_sc.stress import MASK_ID, RankSequences, count_parameters, model_config
+    from sigmoid_sc.train import (
+        MaskedGeneLoss,
+        dist_from_env,
+        init_distributed,
+        resolve_device,
+        shard_batch,
+        wrap_ddp,
+    )
+
+    dist = dist_from_env()
+    dev = init_distributed(dist, resolve_device("cpu" if args.smoke else "cuda"))
+    if args.smoke:
+        torch.set_num_threads(1)
+    cfg = stress_config(args)
+    # the global batches, made before timing (data generation is not what is measured)
+    data = RankSequences(cfg)
+    batches = []
+    for step in range(min(4, args.warmup + args.repeats)):
+        ids, cu, masked = data.batch(step)
+        n_masked = int(masked.sum())
+        ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
+        batches.append(
+            (
+                torch.from_numpy(ids).to(dev),
+                torch.from_numpy(cu).to(dev),
+                max_seqlen,
+                torch.from_numpy(masked).to(dev),
+                n_masked,
+            )
+        )
+    use_bf16 = args.precision == "bf16" and dev.type == "cuda"
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rows = []
+    for attention in args.attentions:
+        torch.manual_seed(0)
+        model = Encoder(model_config(cfg, attention)).to(dev)
+        # one GPU: no DDP, as `sigmoid-sc train` in one process (the baseline of efficiency)
+        ddp = wrap_ddp(model, dev) if dist.world > 1 else MaskedGeneLoss(model)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda"
+        )
+        times = []
+        for step in range(args.warmup + args.repeats):
+            ids, cu, max_seqlen, masked, n_masked = batches[step % len(batches)]
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                loss_sum = ddp(ids, cu, max_seqlen, masked, MASK_ID, "sum")
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum * (dist.world / n_masked)).backward()
+            optimizer.step()
+            sync()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        # every rank's step ends with the same all-reduce; take the slowest rank's median
+        step_s = torch.tensor([float(np.median(times))], dtype=torch.float64, device=dev)
+        if dist.world > 1:
+            torch.distributed.all_reduce(step_s, op=torch.distributed.ReduceOp.MAX)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        rows.append(
+            {
+                "attention": attention,
+                "gpus": dist.world,
+                "parameters": count_parameters(model),
+                "seq_len": cfg.seq_len,
+                "tokens_per_step": tokens_per_step,
+                "step_ms": 1e3 * float(step_s),
+                "tokens_per_s": tokens_per_step / float(step_s),
+                "peak_mem_gib": (
+                    torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+                ),
+            }
+        )
+        del ddp, model, optimizer
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+    if dist.main:
+        args.out_json.write_text(json.dumps(rows))
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------
+# launcher: one torchrun job per GPU count, then the table
+
+
+def hardware(smoke: bool) -> str:
+    import torch
+
+    if not smoke and torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def launch(args, n: int, out_json: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+        str(Path(__file__).resolve()), "--worker", "--out-json", str(out_json),
+        "--attentions", *args.attentions, "--seq-len", str(args.seq_len),
+        "--seqs-per-gpu", str(args.seqs_per_gpu), "--precision", args.precision,
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+    ] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    env = {**os.environ}
+    if args.smoke:
+        env["OMP_NUM_THREADS"] = "1"
+    print(f"ddp_scaling: {n} process(es): {' '.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def table(rows: list[dict]):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    one = frame[frame.gpus == 1].set_index("attention").tokens_per_s
+    frame["scaling_efficiency"] = [
+        r.tokens_per_s / (r.gpus * one[r.attention]) if r.attention in one.index else np.nan
+        for r in frame.itertuples()
+    ]
+    return frame.sort_values(["attention", "gpus"]).reset_index(drop=True)
+
+
+def markdown(frame, header: list[str]) -> str:
+    lines = [*header, ""]
+    lines.append("| attention | GPUs | tokens/step | step (ms) | tokens/s | per GPU | efficiency |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for r in frame.itertuples():
+        eff = "" if np.isnan(r.scaling_efficiency) else f"{100 * r.scaling_efficiency:.1f}%"
+        lines.append(
+            f"| {r.attention} | {r.gpus} | {r.tokens_per_step:,} | {r.step_ms:.1f} | "
+            f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / r.gpus:,.0f} | {eff} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    import pandas as pd
+    import torch
+
+    from sigmoid_sc.io import write_csv, write_text
+
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        "# DDP scaling: training tokens/s vs GPUs (bench/ddp_scaling.py)",
+        "",
+        f"- date: {date}; hardware: {hardware(args.smoke)}; torch {torch.__version__}",
+        f"- {'smoke model (CPU, gloo)' if args.smoke else '160M encoder (sigmoid_sc.stress)'}, "
+        f"{args.seq_len}-token sequences, {args.seqs_per_gpu} per GPU per step (weak scaling), "
+        f"{args.precision}; median of {args.repeats} steps after {args.warmup}",
+        "- efficiency: tokens/s on N GPUs / (N x tokens/s on 1 GPU)",
+    ]
+    available = 0 if args.smoke else torch.cuda.device_count()
+    if not args.smoke and available == 0:
+        header.append("- not run: no CUDA device (use --smoke for a CPU check)")
+        write_csv(args.out_csv, pd.DataFrame(columns=["attention", "gpus", "tokens_per_s"]))
+        write_text(args.out_md, "\n".join(header) + "\n")
+        print("ddp_scaling: no CUDA device; wrote an empty table", file=sys.stderr)
+        return 0
+    counts = [n for n in args.gpus if args.smoke or n <= available]
+    skipped = [n for n in args.gpus if n not in counts]
+    if skipped:
+        header.append(f"- not run: {skipped} GPUs (only {available} visible)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            out_json = Path(tmp) / f"{n}.json"
+            launch(args, n, out_json)
+            rows += json.loads(out_json.read_text())
+    frame = table(rows)
+    write_csv(args.out_csv, frame)
+    write_text(args.out_md, markdown(frame, header))
+    print(markdown(frame, header), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""DDP under torchrun (CPU, gloo, 2 processes) against one process with the same global batch.
+
+The global batch and its masks are functions of ``(seed, step)`` whatever the number of
+processes, and each rank's loss is weighted by its share of the masked tokens, so the loss
+curve and the final weights of 2 processes match 1 process up to float rounding. Each torchrun
+launch costs a few seconds (three Python processes importing torch on a small CPU box).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest_tokens import make_tokens  # noqa: E402
+
+from sigmoid_sc.train import shard_batch, shard_bounds, train  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
+TRAIN = {
+    "steps": 12,
+    "batch_size": 16,
+    "lr": 3.0e-3,
+    "warmup_steps": 3,
+    "eval_every": 5,
+    "checkpoint_every": 4,
+}
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokens_path(tmp_path_factory):
+    return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
+
+
+@pytest.fixture(scope="module")
+def single(tokens_path, tmp_path_factory):
+    """The reference: the same config in one process."""
+    out = tmp_path_factory.mktemp("single")
+    train("toy", tokens_path, "sigmoid", 0, MODEL, TRAIN, "cpu", out)
+    return out
+
+
+def torchrun(tokens_path, out_dir, nproc=2, train_params=None, **popen):
+    cli = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(nproc),
+        "-m", "sigmoid_sc.cli", "train", "--dataset", "toy", "--tokens", str(tokens_path),
+        "--attention", "sigmoid", "--seed", "0", "--model-json", json.dumps(MODEL),
+        "--train-json", json.dumps(TRAIN if train_params is None else train_params),
+        "--device", "cpu", "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    pythonpath = os.pathsep.join(p for p in [str(SRC), os.environ.get("PYTHONPATH")] if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    if popen:
+        return subprocess.Popen(cli, env=env, text=True, **popen)
+    return subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_close_runs(dir_a, dir_b, rtol=RTOL):
+    hist_a = pd.read_csv(Path(dir_a) / "history.csv")
+    hist_b = pd.read_csv(Path(dir_b) / "history.csv")
+    cols = ["step", "split", "lr", "tokens"]
+    pd.testing.assert_frame_equal(hist_a[cols], hist_b[cols], check_exact=True)
+    np.testing.assert_allclose(hist_a.loss, hist_b.loss, rtol=rtol)
+    a = torch.load(Path(dir_a) / "model.pt", weights_only=True)["model"]
+    b = torch.load(Path(dir_b) / "model.pt", weights_only=True)["model"]
+    assert list(a) == list(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=10 * rtol, atol=1e-5, msg=name)
+
+
+def test_shards_cover_the_batch_balanced_by_tokens():
+    lengths = np.array([5, 30, 2, 2, 9, 17, 1, 8])
+    cu = np.zeros(lengths.size + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    ids = np.arange(cu[-1])
+    masked = ids % 3 == 0
+    for world in (1, 2, 3, 8):
+        bounds = shard_bounds(cu, world)
+        assert bounds[0] == 0 and bounds[-1] == lengths.size and (np.diff(bounds) >= 1).all()
+        parts = [shard_batch(ids, cu, masked, r, world) for r in range(world)]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), ids)
+        np.testing.assert_array_equal(np.concatenate([p[3] for p in parts]), masked)
+        for p_ids, p_cu, p_max, _ in parts:
+            assert p_cu[0] == 0 and p_cu[-1] == p_ids.size and p_max == np.diff(p_cu).max()
+    assert shard_bounds(cu, 2).tolist() == [0, 3, 8]  # 37 of the 74 tokens each
+
+
+def test_two_processes_match_one(tokens_path, single, tmp_path):
+    done = torchrun(tokens_path, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_close_runs(single, tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert done.stderr.count("step 12/12") == 1  # rank 0 alone reports
+
+
+def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
+    tokens_path, single, tmp_path
+):
+    """SIGTERM to torchrun mid-run: rank 0 saves, all stop; the rerun (2 processes) resumes."""
+    params = {**TRAIN, "steps": 400, "eval_every": 10, "checkpoint_every": 1000}
+    proc = torchrun(tokens_path, tmp_path, train_params=params, stderr=subprocess.PIPE)
+    for line in proc.stderr:  # training is under way once step 10 is reported
+        if "step 10/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) != 0, stderr
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert 10 <= state["step"] < 400, stderr
+    assert not (tmp_path / "model.pt").exists()
+    assert "stopped by signal" in stderr
+
+    # both ranks resume the checkpoint; the result is the uninterrupted single-process run's
+    done = torchrun(tokens_path, tmp_path, train_params=params)
+    assert done.returncode == 0, done.stderr
+    assert f"at step {state['step']}" in done.stderr and "resuming from" in done.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train("toy", tokens_path, "sigmoid", 0, MODEL, params, "cpu", tmp_path / "full")
+    assert_close_runs(tmp_path / "full", tmp_path, rtol=1e-4)
+
+
+def test_bench_ddp_scaling_smoke(tmp_path):
+    """bench/ddp_scaling.py --smoke: 1 and 2 CPU processes of the tiny model, a full table."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ddp_scaling.py"
+    out_csv, out_md = tmp_path / "scaling.csv", tmp_path / "scaling.md"
+    cmd = [sys.executable, str(bench), "--smoke", "--attentions", "sigmoid", "--repeats", "2"]
+    cmd += ["--out-csv", str(out_csv), "--out-md", str(out_md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out_csv)
+    assert table.gpus.tolist() == [1, 2] and (table.tokens_per_s > 0).all()
+    assert table.tokens_per_step.tolist() == [48, 96]  # weak scaling: a sequence per process
+    assert table.scaling_efficiency.iloc[0] == 1.0
+    assert "| sigmoid | 2 | 96 |" in out_md.read_text()
