@@ -50,7 +50,9 @@ def _h5ad_bytes(tmp: Path, n_cells: int, seed: int) -> bytes:
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )
-    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)]))
+    adata = ad.AnnData(
+        sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)])
+    )
     path = tmp / f"src_{seed}.h5ad"
     adata.write_h5ad(path)
     return path.read_bytes()
@@ -63,8 +65,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
-    def _send(self, status: int, body: bytes, content_type="application/octet-stream",
-              length: int | None = None, extra: dict | None = None):
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type="application/octet-stream",
+        length: int | None = None,
+        extra: dict | None = None,
+    ):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -91,10 +99,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
-            self._send(206, body[start:], extra={
-                "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
-                "Accept-Ranges": "bytes",
-            })
+            self._send(
+                206,
+                body[start:],
+                extra={
+                    "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+                    "Accept-Ranges": "bytes",
+                },
+            )
         else:
             self._send(200, body, extra={"Accept-Ranges": "bytes"})
 
@@ -191,8 +203,14 @@ def _sha(data: bytes) -> str:
 
 
 def _rf(server, *paths, sha=None, size=None, fmt="h5ad", name="ds", part="data"):
-    return dl.RemoteFile(dataset=name, part=part, urls=[server.base + p for p in paths],
-                         format=fmt, sha256=sha, size=size)
+    return dl.RemoteFile(
+        dataset=name,
+        part=part,
+        urls=[server.base + p for p in paths],
+        format=fmt,
+        sha256=sha,
+        size=size,
+    )
 
 
 DROP_AT = 2 * dl.CHUNK_BYTES  # where dropped connections break: a whole number of chunks
@@ -262,7 +280,9 @@ def test_redirects_are_followed(server, tmp_path):
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
     stats = dl._Stats()
-    path = dl.fetch_file(_rf(server, "/drop/unit.h5ad", sha=_sha(server.good)), tmp_path, stats=stats, **FAST)
+    path = dl.fetch_file(
+        _rf(server, "/drop/unit.h5ad", sha=_sha(server.good)), tmp_path, stats=stats, **FAST
+    )
     assert path.read_bytes() == server.good
     ranges = server.requests_for("/drop/unit.h5ad")
     assert ranges == [None, f"bytes={DROP_AT}-"]
@@ -300,7 +320,9 @@ def test_lock_records_then_enforces(server, tmp_path):
     assert entry == {"sha256": _sha(server.good), "size": len(server.good), "url": rf.urls[0]}
     # the same entry now pointing at a different file fails against the lock
     shutil.rmtree(tmp_path / "cache")
-    with pytest.raises(DownloadError, match=r"(sha256 mismatch|announces \d+ bytes, expected \d+).*lock file"):
+    with pytest.raises(
+        DownloadError, match=r"(sha256 mismatch|announces \d+ bytes, expected \d+).*lock file"
+    ):
         dl.fetch_file(_rf(server, "/other.h5ad", name="pbmc"), tmp_path / "cache", lock, **FAST)
 
 
@@ -338,8 +360,11 @@ def test_fetch_url_dataset_with_labels_join(server, tmp_path):
         "format": "h5ad",
         "label_key": "fine_type",
         "batch_key": "batch",
-        "obs": {"url": server.base + "/labels.tsv", "format": "table",
-                "reader": {"columns": {"fine_type": "cell_type"}}},
+        "obs": {
+            "url": server.base + "/labels.tsv",
+            "format": "table",
+            "reader": {"columns": {"fine_type": "cell_type"}},
+        },
         **FAST,
     }
     adata = dl.fetch_url_dataset("pbmc", entry, tmp_path / "cache", tmp_path / "c.lock.yaml", False)
@@ -358,8 +383,12 @@ def _tenx_tar(tmp: Path, name: str, cells: list[str], counts: np.ndarray) -> byt
 
     folder = tmp / name / "filtered_gene_bc_matrices" / "GRCh38"
     folder.mkdir(parents=True)
-    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(counts.T.astype(np.int64)), field="integer")
-    (folder / "genes.tsv").write_text("".join(f"ENSG{j:05d}\tG{j}\n" for j in range(counts.shape[1])))
+    scipy.io.mmwrite(
+        folder / "matrix.mtx", sp.coo_matrix(counts.T.astype(np.int64)), field="integer"
+    )
+    (folder / "genes.tsv").write_text(
+        "".join(f"ENSG{j:05d}\tG{j}\n" for j in range(counts.shape[1]))
+    )
     (folder / "barcodes.tsv").write_text("".join(c + "\n" for c in cells))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
@@ -387,20 +416,42 @@ def test_fetch_url_dataset_pbmc_shape(server, tmp_path):
     entry = {
         "source": "url",
         "files": [
-            {"name": "pbmc8k", "batch": "pbmc8k", "url": base + "pbmc8k.tar.gz", "format": "10x_mtx",
-             "reader": {"var_names": "gene_ids"}},
-            {"name": "pbmc4k", "batch": "pbmc4k", "url": [server.base + "/ndownloader/files/9", base + "pbmc4k.tar.gz"],
-             "format": "10x_mtx", "reader": {"var_names": "gene_ids"}},
+            {
+                "name": "pbmc8k",
+                "batch": "pbmc8k",
+                "url": base + "pbmc8k.tar.gz",
+                "format": "10x_mtx",
+                "reader": {"var_names": "gene_ids"},
+            },
+            {
+                "name": "pbmc4k",
+                "batch": "pbmc4k",
+                "url": [server.base + "/ndownloader/files/9", base + "pbmc4k.tar.gz"],
+                "format": "10x_mtx",
+                "reader": {"var_names": "gene_ids"},
+            },
         ],
-        "obs": {"url": base + "meta.pickle", "format": "scvi_pbmc_pickle", "reader": {"column": "cell_type"},
-                "join": {"key_column": "barcode", "min_fraction": 0.8}},
+        "obs": {
+            "url": base + "meta.pickle",
+            "format": "scvi_pbmc_pickle",
+            "reader": {"column": "cell_type"},
+            "join": {"key_column": "barcode", "min_fraction": 0.8},
+        },
         "label_key": "cell_type",
         "batch_key": "batch",
         **FAST,
     }
-    adata = dl.fetch_url_dataset("pbmc12k", entry, tmp_path / "cache", tmp_path / "p.lock.yaml", False)
-    assert list(adata.obs_names) == ["pbmc8k_AAAC-1", "pbmc8k_AAAG-1", "pbmc8k_CCCT-1", "pbmc8k_GGGA-1",
-                                     "pbmc4k_AAAC-1", "pbmc4k_TTTA-1"]
+    adata = dl.fetch_url_dataset(
+        "pbmc12k", entry, tmp_path / "cache", tmp_path / "p.lock.yaml", False
+    )
+    assert list(adata.obs_names) == [
+        "pbmc8k_AAAC-1",
+        "pbmc8k_AAAG-1",
+        "pbmc8k_CCCT-1",
+        "pbmc8k_GGGA-1",
+        "pbmc4k_AAAC-1",
+        "pbmc4k_TTTA-1",
+    ]
     assert list(adata.obs["cell_type"]) == ["T", "B", "NK", "T", "B", "NK"]
     assert list(adata.obs["batch"]) == ["pbmc8k"] * 4 + ["pbmc4k"] * 2
     assert list(adata.var_names) == [f"ENSG{j:05d}" for j in range(6)]
@@ -414,7 +465,11 @@ def test_fetch_url_dataset_pbmc_shape(server, tmp_path):
         ("10x_mtx", b"%%MatrixMarket matrix coordinate integer general\n1 1 1\n1 1 3\n", None),
         ("10x_mtx", b"1 1 1\n1 1 3\n", "MatrixMarket"),
         ("text", __import__("gzip").compress(b"a\tb\n1\t2\n")[:-6], "gzip stream is corrupt"),
-        ("scvi_pbmc_pickle", __import__("pickle").dumps({"a": 1}, protocol=2)[:-1], "not a complete pickle"),
+        (
+            "scvi_pbmc_pickle",
+            __import__("pickle").dumps({"a": 1}, protocol=2)[:-1],
+            "not a complete pickle",
+        ),
         ("scvi_pbmc_pickle", __import__("pickle").dumps({"a": 1}, protocol=0), None),
         ("h5ad", b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "HDF5 file does not open"),
         ("text", b"", "empty"),
@@ -447,9 +502,19 @@ def test_check_format_truncated_tar(tmp_path):
 
 def _run_snakemake(workdir: Path, configfile: Path, targets: list[str], *extra: str):
     cmd = [
-        str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(configfile), "--cores", "2", "--keep-going", "--nocolor",
-        *extra, *targets,
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        "--keep-going",
+        "--nocolor",
+        *extra,
+        *targets,
     ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -463,8 +528,15 @@ def _log(workdir: Path, dataset: str) -> str:
 
 
 def _url_entry(server, path, **extra):
-    return {"source": "url", "url": server.base + path, "format": "h5ad",
-            "label_key": "cell_type", "batch_key": "batch", **FAST, **extra}
+    return {
+        "source": "url",
+        "url": server.base + path,
+        "format": "h5ad",
+        "label_key": "cell_type",
+        "batch_key": "batch",
+        **FAST,
+        **extra,
+    }
 
 
 def _write_config(tmp: Path, datasets: dict, download: dict | None = None) -> Path:
@@ -517,7 +589,11 @@ def test_download_rule_handles_every_failure(server, tmp_path):
         else:
             assert raw.exists(), (name, _log(tmp_path, name)[-2000:], proc.stderr[-3000:])
             adata = ad.read_h5ad(raw)
-            assert adata.shape == (1500, 40) and set(adata.obs["cell_type"]) == {"type_0", "type_1", "type_2"}
+            assert adata.shape == (1500, 40) and set(adata.obs["cell_type"]) == {
+                "type_0",
+                "type_1",
+                "type_2",
+            }
     # the dropped connection was resumed with a Range request, not restarted, and the log says so
     assert server.requests_for("/drop/rule.h5ad") == [None, f"bytes={DROP_AT}-"]
     assert f"resuming {server.base}/drop/rule.h5ad at byte {DROP_AT}" in _log(tmp_path, "dropped")
@@ -532,8 +608,11 @@ def test_download_rule_handles_every_failure(server, tmp_path):
 
 @needs_workflow
 def test_download_rule_mirror_fallback_and_data_dir(server, tmp_path):
-    entry = _url_entry(server, "/ndownloader/files/42",
-                       mirrors=[server.base + "/missing.h5ad", server.base + "/good.h5ad"])
+    entry = _url_entry(
+        server,
+        "/ndownloader/files/42",
+        mirrors=[server.base + "/missing.h5ad", server.base + "/good.h5ad"],
+    )
     # a path entry is read from data_dir (relative to the working directory)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "local.h5ad").write_bytes(server.other)
@@ -560,14 +639,18 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
     lockfile = tmp_path / "test.lock.yaml"
     recorded = yaml.safe_load(lockfile.read_text())["files"]
     assert {k: v["sha256"] for k, v in recorded.items()} == {
-        "damaged/data": _sha(server.good), "tampered/data": _sha(server.good)
+        "damaged/data": _sha(server.good),
+        "tampered/data": _sha(server.good),
     }
 
     # tampered: another valid checksum, which neither the cached copy nor a new download has;
     # damaged: YAML reads 000... as an int -- an error, not "unknown, record it again";
     # unknown: a new dataset whose checksum is known nowhere, refused under require_checksum
     lines = lockfile.read_text().splitlines()
-    at = {n: next(i for i, line in enumerate(lines) if line.startswith(f"  {n}/data:")) for n in datasets}
+    at = {
+        n: next(i for i, line in enumerate(lines) if line.startswith(f"  {n}/data:"))
+        for n in datasets
+    }
     for name, fake in (("tampered", "f" * 64), ("damaged", "0" * 64)):
         i = next(j for j in range(at[name], len(lines)) if "sha256:" in lines[j])
         lines[i] = f"    sha256: {fake}"
@@ -575,7 +658,9 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
     for name in datasets:
         (tmp_path / f"results/{name}/raw.h5ad").unlink()
     datasets["unknown"] = _url_entry(server, "/good.h5ad")
-    config = _write_config(tmp_path, datasets, download={"cache_dir": "cache", "require_checksum": True})
+    config = _write_config(
+        tmp_path, datasets, download={"cache_dir": "cache", "require_checksum": True}
+    )
     before = len(server.requests_for("/good.h5ad"))
     proc = _run_snakemake(tmp_path, config, [f"results/{n}/raw.h5ad" for n in datasets])
     assert proc.returncode != 0
@@ -593,8 +678,14 @@ def test_download_rule_lock_then_tamper_then_require(server, tmp_path):
 def test_bad_reader_option_fails_before_any_download(server, tmp_path):
     from sigmoid_sc.errors import ConfigError
 
-    entry = {"source": "url", "url": server.base + "/good.h5ad", "format": "h5ad",
-             "reader": {"layers": "counts"}, "label_key": "cell_type", **FAST}
+    entry = {
+        "source": "url",
+        "url": server.base + "/good.h5ad",
+        "format": "h5ad",
+        "reader": {"layers": "counts"},
+        "label_key": "cell_type",
+        **FAST,
+    }
     before = len(server.requests_for("/good.h5ad"))
     with pytest.raises(ConfigError, match=r"unknown reader option\(s\) layers"):
         dl.fetch_url_dataset("typo", entry, tmp_path, None, False)
@@ -635,7 +726,10 @@ def test_paper_config_dry_run_lists_six_branches():
     assert len(paper["datasets"]) == 6
     proc = subprocess.run(
         [str(SNAKEMAKE), "-n", "--nolock", "--configfile", "configs/paper.yaml", "--nocolor"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     out = proc.stdout + proc.stderr

@@ -66,7 +66,8 @@ def _mtx_folder(folder: Path, v3: bool) -> Path:
     suffix = ".gz" if v3 else ""
     _write(folder / f"matrix.mtx{suffix}", body.getvalue().decode(), gz=v3)
     genes = "".join(
-        f"{gid}\t{g}" + ("\tGene Expression" if v3 else "") + "\n" for gid, g in zip(GENE_IDS, GENES)
+        f"{gid}\t{g}" + ("\tGene Expression" if v3 else "") + "\n"
+        for gid, g in zip(GENE_IDS, GENES)
     )
     _write(folder / ("features.tsv.gz" if v3 else "genes.tsv"), genes, gz=v3)
     _write(folder / f"barcodes.tsv{suffix}", "".join(c + "\n" for c in CELLS), gz=v3)
@@ -80,8 +81,12 @@ def _mtx_folder(folder: Path, v3: bool) -> Path:
 
 def test_h5ad_counts_layer(tmp_path):
     norm = np.log1p(COUNTS)
-    adata = ad.AnnData(norm, obs=pd.DataFrame({"cell_type": LABELS}, index=CELLS),
-                       var=pd.DataFrame(index=GENES), layers={"counts": sp.csr_matrix(COUNTS)})
+    adata = ad.AnnData(
+        norm,
+        obs=pd.DataFrame({"cell_type": LABELS}, index=CELLS),
+        var=pd.DataFrame(index=GENES),
+        layers={"counts": sp.csr_matrix(COUNTS)},
+    )
     adata.write_h5ad(tmp_path / "x.h5ad")
     out = readers.read_dataset(tmp_path / "x.h5ad", "h5ad", "d", {"layer": "counts"})
     _assert_counts(out)
@@ -109,14 +114,18 @@ def test_10x_h5_v3(tmp_path):
         feats["genome"] = np.array(["GRCh38"] * 5, dtype="S")
         feats["_all_tag_keys"] = np.array(["genome"], dtype="S")
     _assert_counts(readers.read_dataset(path, "10x_h5", "d"))
-    _assert_counts(readers.read_dataset(path, "10x_h5", "d", {"var_names": "gene_ids"}), genes=GENE_IDS)
+    _assert_counts(
+        readers.read_dataset(path, "10x_h5", "d", {"var_names": "gene_ids"}), genes=GENE_IDS
+    )
 
 
 @pytest.mark.parametrize("v3", [False, True])
 def test_10x_mtx_folder(tmp_path, v3):
     folder = _mtx_folder(tmp_path / "mtx", v3)
     _assert_counts(readers.read_dataset(folder, "10x_mtx", "d"))
-    _assert_counts(readers.read_dataset(folder, None, "d", {"var_names": "gene_ids"}), genes=GENE_IDS)
+    _assert_counts(
+        readers.read_dataset(folder, None, "d", {"var_names": "gene_ids"}), genes=GENE_IDS
+    )
 
 
 def test_10x_mtx_inside_tar_gz(tmp_path):
@@ -134,8 +143,11 @@ def test_10x_mtx_inside_tar_gz(tmp_path):
 def test_h5ad_inside_tar_gz_with_member(tmp_path):
     from sigmoid_sc.download import check_format
 
-    adata = ad.AnnData(sp.csr_matrix(COUNTS), obs=pd.DataFrame({"cell_type": LABELS}, index=CELLS),
-                       var=pd.DataFrame(index=GENES))
+    adata = ad.AnnData(
+        sp.csr_matrix(COUNTS),
+        obs=pd.DataFrame({"cell_type": LABELS}, index=CELLS),
+        var=pd.DataFrame(index=GENES),
+    )
     (tmp_path / "bundle").mkdir()
     adata.write_h5ad(tmp_path / "bundle" / "counts.h5ad")
     (tmp_path / "bundle" / "README.txt").write_text("two files: member picks one")
@@ -160,8 +172,13 @@ def test_tar_member_escaping_its_folder_is_refused(tmp_path):
 
 
 def test_text_csv_cells_by_genes_gzipped(tmp_path):
-    text = "cell," + ",".join(GENES) + "\n" + "".join(
-        c + "," + ",".join(str(int(v)) for v in row) + "\n" for c, row in zip(CELLS, COUNTS)
+    text = (
+        "cell,"
+        + ",".join(GENES)
+        + "\n"
+        + "".join(
+            c + "," + ",".join(str(int(v)) for v in row) + "\n" for c, row in zip(CELLS, COUNTS)
+        )
     )
     path = _write(tmp_path / "m.csv.gz", text, gz=True)
     _assert_counts(readers.read_dataset(path, "csv", "d", {"orientation": "cells_x_genes"}))
@@ -169,8 +186,13 @@ def test_text_csv_cells_by_genes_gzipped(tmp_path):
 
 def test_text_tsv_genes_by_cells_short_header(tmp_path):
     # R's write.table: the header has no corner field
-    text = "\t".join(CELLS) + "\n" + "".join(
-        g + "\t" + "\t".join(str(int(v)) for v in COUNTS[:, j]) + "\n" for j, g in enumerate(GENES)
+    text = (
+        "\t".join(CELLS)
+        + "\n"
+        + "".join(
+            g + "\t" + "\t".join(str(int(v)) for v in COUNTS[:, j]) + "\n"
+            for j, g in enumerate(GENES)
+        )
     )
     _assert_counts(readers.read_dataset(_write(tmp_path / "m.tsv", text), None, "d"))
     bad = text.replace("GNLY\t7", "GNLY\tseven")
@@ -202,9 +224,13 @@ def test_text_annotated_zeisel_layout(tmp_path):
     ]
     path = _write(tmp_path / "expression_mRNA.txt", "".join(lines))
     options = {
-        "orientation": "genes_x_cells", "sep": "\t",
+        "orientation": "genes_x_cells",
+        "sep": "\t",
         "obs_rows": {"tissue": 0, "level1class": 8, "level2class": 9},
-        "obs_names_row": 7, "data_start_row": 11, "data_start_col": 2, "var_names_col": 0,
+        "obs_names_row": 7,
+        "data_start_row": 11,
+        "data_start_col": 2,
+        "var_names_col": 0,
     }
     out = readers.read_dataset(path, "text", "zeisel", options)
     _assert_counts(out)
@@ -220,10 +246,14 @@ def test_hdf5_arrays_paul15_layout(tmp_path):
         f["data.debatched_colnames"] = np.array(CELLS, dtype="S")
         f["cluster.id"] = np.array([[1], [3], [2], [3]])
     options = {
-        "matrix": "data.debatched", "orientation": "genes_x_cells",
-        "var_names": "data.debatched_rownames", "obs_names": "data.debatched_colnames",
+        "matrix": "data.debatched",
+        "orientation": "genes_x_cells",
+        "var_names": "data.debatched_rownames",
+        "obs_names": "data.debatched_colnames",
         "var_names_split": ";",
-        "code_labels": {"cell_type": {"codes": "cluster.id", "first_code": 1, "names": ["Ery", "MEP", "GMP"]}},
+        "code_labels": {
+            "cell_type": {"codes": "cluster.id", "first_code": 1, "names": ["Ery", "MEP", "GMP"]}
+        },
     }
     out = readers.read_dataset(path, "hdf5", "paul15", options)
     _assert_counts(out)
@@ -240,8 +270,11 @@ def test_hdf5_arrays_paul15_layout(tmp_path):
 
 
 def _part(cells, shift=0):
-    return ad.AnnData(sp.csr_matrix(COUNTS[: len(cells)] + shift), obs=pd.DataFrame(index=cells),
-                      var=pd.DataFrame(index=GENES))
+    return ad.AnnData(
+        sp.csr_matrix(COUNTS[: len(cells)] + shift),
+        obs=pd.DataFrame(index=cells),
+        var=pd.DataFrame(index=GENES),
+    )
 
 
 def test_concat_and_join_with_repeated_barcodes(tmp_path):
@@ -250,8 +283,10 @@ def test_concat_and_join_with_repeated_barcodes(tmp_path):
     a.obs["batch"], b.obs["batch"] = "a", "b"
     merged = readers.concat_parts([("a", a), ("b", b)], "pbmc")
     assert list(merged.obs_names) == ["a_AAAC-1", "a_AAAG-1", "b_CCCT-1", "b_AAAC-1", "b_TTTT-1"]
-    table = pd.DataFrame({"cell_type": ["T", "B", "Mono", "NK", "gone"]},
-                         index=pd.Index(["AAAC-1", "AAAG-1", "CCCT-1", "AAAC-1", "ZZZZ-1"]))
+    table = pd.DataFrame(
+        {"cell_type": ["T", "B", "Mono", "NK", "gone"]},
+        index=pd.Index(["AAAC-1", "AAAG-1", "CCCT-1", "AAAC-1", "ZZZZ-1"]),
+    )
     out = readers.join_labels(merged, table, "pbmc", min_fraction=0.5)
     assert list(out.obs_names) == ["a_AAAC-1", "a_AAAG-1", "b_CCCT-1", "b_AAAC-1"]  # TTTT-1 dropped
     assert list(out.obs["cell_type"]) == ["T", "B", "Mono", "NK"]
@@ -261,10 +296,15 @@ def test_concat_and_join_with_repeated_barcodes(tmp_path):
 
 
 def test_labels_table_tsv(tmp_path):
-    path = _write(tmp_path / "labels.tsv.gz", "barcodes\tcluster\tcell_type\n" + "".join(
-        f"{c}\t{i}\t{lab}\n" for i, (c, lab) in enumerate(zip(CELLS, LABELS))), gz=True)
-    table = readers.read_labels(path, "table", "d", {"barcode_column": "barcodes",
-                                                     "columns": {"label": "cell_type"}})
+    path = _write(
+        tmp_path / "labels.tsv.gz",
+        "barcodes\tcluster\tcell_type\n"
+        + "".join(f"{c}\t{i}\t{lab}\n" for i, (c, lab) in enumerate(zip(CELLS, LABELS))),
+        gz=True,
+    )
+    table = readers.read_labels(
+        path, "table", "d", {"barcode_column": "barcodes", "columns": {"label": "cell_type"}}
+    )
     assert list(table.index) == CELLS and list(table["label"]) == LABELS
     with pytest.raises(DataError, match="no column 'barcode'"):
         readers.read_labels(path, "table", "d", {"barcode_column": "barcode"})

@@ -180,7 +180,11 @@ LOCK_HEADER = """\
 
 
 def _is_sha256(value) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdefABCDEF" for c in value)
+    )
 
 
 def lockfile_for(configfile: str | os.PathLike) -> Path:
@@ -276,7 +280,9 @@ class _Permanent(Exception):
 
 def _looks_like_html(head: bytes) -> bool:
     text = head[:1024].lstrip().lower()
-    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:256]
+    return (
+        text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:256]
+    )
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -298,8 +304,16 @@ class _Stats:
     restarts: int = 0
 
 
-def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float,
-                expected_size: int | None, size_origin: str, stats: _Stats) -> None:
+def _fetch_once(
+    session,
+    url: str,
+    part_path: Path,
+    label: str,
+    timeout_s: float,
+    expected_size: int | None,
+    size_origin: str,
+    stats: _Stats,
+) -> None:
     """One HTTP request; appends to ``part_path`` (resuming) or rewrites it."""
     import requests
 
@@ -338,7 +352,11 @@ def _fetch_once(session, url: str, part_path: Path, label: str, timeout_s: float
         length = int(length_header) if length_header and length_header.isdigit() else None
         if status not in (200, 206):
             body = "an empty body" if length in (0, None) else f"a {length}-byte body"
-            hint = " (figshare's ndownloader answers scripts so; the mirrors are tried next)" if status == 202 else ""
+            hint = (
+                " (figshare's ndownloader answers scripts so; the mirrors are tried next)"
+                if status == 202
+                else ""
+            )
             raise _Permanent(f"HTTP {status} {reason} with {body} instead of the file{hint}")
         if status == 206:
             start = _content_range_start(response.headers.get("Content-Range"))
@@ -421,20 +439,34 @@ def _progress(label: str, total: int | None, initial: int):
         bar.close()
 
 
-def _fetch_with_retries(session, url: str, part_path: Path, label: str, *, retries: int,
-                        timeout_s: float, backoff_s: float, expected_size: int | None,
-                        size_origin: str, stats: _Stats) -> None:
+def _fetch_with_retries(
+    session,
+    url: str,
+    part_path: Path,
+    label: str,
+    *,
+    retries: int,
+    timeout_s: float,
+    backoff_s: float,
+    expected_size: int | None,
+    size_origin: str,
+    stats: _Stats,
+) -> None:
     failures = 0
     while True:
         try:
-            _fetch_once(session, url, part_path, label, timeout_s, expected_size, size_origin, stats)
+            _fetch_once(
+                session, url, part_path, label, timeout_s, expected_size, size_origin, stats
+            )
             return
         except _Transient as exc:
             failures += 1
             if failures > retries:
                 raise _Permanent(f"{exc}; gave up after {failures} attempts") from exc
             delay = backoff_s * 2 ** (failures - 1)
-            log.warning("%s: %s: %s; retry %d/%d in %.1f s", label, url, exc, failures, retries, delay)
+            log.warning(
+                "%s: %s: %s; retry %d/%d in %.1f s", label, url, exc, failures, retries, delay
+            )
             time.sleep(delay)
 
 
@@ -521,8 +553,14 @@ def check_format(path: str | os.PathLike, fmt: str) -> None:
         raise ValueError("first line has no column separator (not a table)")
 
 
-def _verify(rf: RemoteFile, part_path: Path, expected_sha: str | None, sha_origin: str,
-            expected_size: int | None, size_origin: str) -> tuple[str, int]:
+def _verify(
+    rf: RemoteFile,
+    part_path: Path,
+    expected_sha: str | None,
+    sha_origin: str,
+    expected_size: int | None,
+    size_origin: str,
+) -> tuple[str, int]:
     size = part_path.stat().st_size
     if expected_size is not None and size != expected_size:
         raise _Permanent(f"size {size} bytes, expected {expected_size} ({size_origin})")
@@ -561,7 +599,9 @@ def expected_sha256(rf: RemoteFile, lock: LockFile | None) -> tuple[str | None, 
 
 
 def refuse_unknown_checksum(rf: RemoteFile, lock: LockFile | None) -> None:
-    where = f"nor in lock file {str(lock.path)!r}" if lock is not None else "and no lock file is used"
+    where = (
+        f"nor in lock file {str(lock.path)!r}" if lock is not None else "and no lock file is used"
+    )
     raise DownloadError(
         f"dataset {rf.dataset!r}: file {rf.part!r} ({rf.urls[0]}) has no known sha256 -- "
         f"not in the config {where}; download.require_checksum refuses it. Add 'sha256:' to "
@@ -619,11 +659,20 @@ def fetch_file(
         for url in rf.urls:
             try:
                 _fetch_with_retries(
-                    session, url, part_path, label, retries=retries, timeout_s=timeout_s,
-                    backoff_s=backoff_s, expected_size=expected_size, size_origin=size_origin,
+                    session,
+                    url,
+                    part_path,
+                    label,
+                    retries=retries,
+                    timeout_s=timeout_s,
+                    backoff_s=backoff_s,
+                    expected_size=expected_size,
+                    size_origin=size_origin,
                     stats=stats,
                 )
-                sha, size = _verify(rf, part_path, expected_sha, sha_origin, expected_size, size_origin)
+                sha, size = _verify(
+                    rf, part_path, expected_sha, sha_origin, expected_size, size_origin
+                )
             except _Permanent as exc:
                 failures.append(f"{url}: {exc}")
                 log.warning("%s: %s: %s", label, url, exc)
@@ -701,7 +750,9 @@ def fetch_url_dataset(
         readers.check_options(labels_file.format, labels_file.reader, name, labels=True)
         unknown = set(labels_file.join) - {"key_column", "drop_unlabelled", "min_fraction"}
         if unknown:
-            raise ConfigError(f"dataset {name!r}: unknown obs.join option(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"dataset {name!r}: unknown obs.join option(s) {', '.join(sorted(unknown))}"
+            )
     if require_checksum:
         for rf in data_files + ([labels_file] if labels_file else []):
             if expected_sha256(rf, lock)[0] is None:
@@ -724,7 +775,9 @@ def fetch_url_dataset(
 
     if labels_file is not None:
         path = fetch_file(labels_file, cache_dir, lock, require_checksum, **knobs)
-        table = readers.read_labels(path, labels_file.format, dataset=name, options=labels_file.reader)
+        table = readers.read_labels(
+            path, labels_file.format, dataset=name, options=labels_file.reader
+        )
         adata = readers.join_labels(adata, table, dataset=name, **labels_file.join)
 
     for key, what in ((label_key, "label_key"), (batch_key, "batch_key")):

@@ -118,7 +118,10 @@ def _unpacked(path: Path, dataset: str) -> Iterator[Path]:
                     # refuse absolute paths and "..", skip links and devices: a bundle must not
                     # write outside its folder (tarfile's 'data' filter, where present, agrees)
                     target = (root / member.name).resolve()
-                    if not str(target).startswith(str(root.resolve()) + os.sep) and target != root.resolve():
+                    if (
+                        not str(target).startswith(str(root.resolve()) + os.sep)
+                        and target != root.resolve()
+                    ):
                         raise DataError(
                             f"dataset {dataset!r}: archive {path.name} has a member outside its "
                             f"folder ({member.name!r})"
@@ -153,7 +156,9 @@ def _find_member(root: Path, pattern: str | None, fmt: str, dataset: str) -> Pat
             )
         return hits[0]
     if fmt == "10x_mtx":
-        folders = sorted({p.parent for p in candidates if p.name in ("matrix.mtx", "matrix.mtx.gz")})
+        folders = sorted(
+            {p.parent for p in candidates if p.name in ("matrix.mtx", "matrix.mtx.gz")}
+        )
         if len(folders) != 1:
             raise DataError(
                 f"dataset {dataset!r}: the archive holds {len(folders)} folders with matrix.mtx "
@@ -184,7 +189,9 @@ def read_h5ad(path: Path, dataset: str, layer: str | None = None, use_raw: bool 
         raise DataError(f"dataset {dataset!r}: cannot read {path.name} as h5ad: {exc}") from exc
     if use_raw:
         if adata.raw is None:
-            raise DataError(f"dataset {dataset!r}: reader.use_raw is set but {path.name} has no .raw")
+            raise DataError(
+                f"dataset {dataset!r}: reader.use_raw is set but {path.name} has no .raw"
+            )
         adata = adata.raw.to_adata()
     if layer:
         if layer not in adata.layers:
@@ -199,8 +206,13 @@ def read_h5ad(path: Path, dataset: str, layer: str | None = None, use_raw: bool 
     return adata
 
 
-def read_10x_h5(path: Path, dataset: str, genome: str | None = None, gex_only: bool = True,
-                var_names: str = "gene_symbols"):
+def read_10x_h5(
+    path: Path,
+    dataset: str,
+    genome: str | None = None,
+    gex_only: bool = True,
+    var_names: str = "gene_symbols",
+):
     import scanpy as sc
 
     try:
@@ -225,7 +237,10 @@ def read_10x_mtx(path: Path, dataset: str, var_names: str = "gene_symbols", gex_
     if not names & {"matrix.mtx", "matrix.mtx.gz"}:
         raise DataError(f"dataset {dataset!r}: no matrix.mtx(.gz) in {folder}")
     if not names & {"barcodes.tsv", "barcodes.tsv.gz"} or not names & {
-        "genes.tsv", "genes.tsv.gz", "features.tsv", "features.tsv.gz"
+        "genes.tsv",
+        "genes.tsv.gz",
+        "features.tsv",
+        "features.tsv.gz",
     }:
         raise DataError(
             f"dataset {dataset!r}: {folder} has matrix.mtx but not both barcodes.tsv and "
@@ -268,9 +283,17 @@ def read_hdf5_arrays(
 
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in (matrix, var_names, obs_names, *(obs or {}).values(),
-                                   *(c.get("codes", "") for c in (code_labels or {}).values()))
-                       if k not in f]
+            missing = [
+                k
+                for k in (
+                    matrix,
+                    var_names,
+                    obs_names,
+                    *(obs or {}).values(),
+                    *(c.get("codes", "") for c in (code_labels or {}).values()),
+                )
+                if k not in f
+            ]
             if missing:
                 raise DataError(
                     f"dataset {dataset!r}: {path.name} has no dataset(s) {', '.join(missing)}; "
@@ -280,13 +303,18 @@ def read_hdf5_arrays(
             genes = strings(f[var_names][()])
             cells = strings(f[obs_names][()])
             columns = {col: np.asarray(f[key][()]).ravel() for col, key in (obs or {}).items()}
-            codes = {col: np.asarray(f[spec["codes"]][()]).ravel() for col, spec in (code_labels or {}).items()}
+            codes = {
+                col: np.asarray(f[spec["codes"]][()]).ravel()
+                for col, spec in (code_labels or {}).items()
+            }
     except OSError as exc:
         raise DataError(f"dataset {dataset!r}: cannot read {path.name} as HDF5: {exc}") from exc
     if orientation == "genes_x_cells":
         X = X.T
     elif orientation != "cells_x_genes":
-        raise ConfigError(f"dataset {dataset!r}: reader.orientation must be genes_x_cells or cells_x_genes")
+        raise ConfigError(
+            f"dataset {dataset!r}: reader.orientation must be genes_x_cells or cells_x_genes"
+        )
     if X.shape != (len(cells), len(genes)):
         raise DataError(
             f"dataset {dataset!r}: matrix {matrix!r} is {X.shape} after orientation "
@@ -335,12 +363,22 @@ def read_text_matrix(
     import anndata as ad
 
     if orientation not in ("genes_x_cells", "cells_x_genes"):
-        raise ConfigError(f"dataset {dataset!r}: reader.orientation must be genes_x_cells or cells_x_genes")
+        raise ConfigError(
+            f"dataset {dataset!r}: reader.orientation must be genes_x_cells or cells_x_genes"
+        )
     obs_rows = dict(obs_rows or {})
     with _open_text(path) as fh:
         first = fh.readline()
         if sep is None:
-            sep = "," if fmt == "csv" else "\t" if fmt == "tsv" or "\t" in first else "," if "," in first else " "
+            sep = (
+                ","
+                if fmt == "csv"
+                else "\t"
+                if fmt == "tsv" or "\t" in first
+                else ","
+                if "," in first
+                else " "
+            )
         fh.seek(0)
         reader = csv.reader(fh, delimiter=sep, skipinitialspace=sep == " ")
         header_rows: dict[int, list[str]] = {}
@@ -374,7 +412,11 @@ def read_text_matrix(
     X = sp.vstack(rows, format="csr")  # [rows, columns] as in the file
     names_row = header_rows.get(obs_names_row, [])
     # R's write.table leaves out the corner field: the header is one shorter than data rows
-    col_names = names_row[data_start_col:] if len(names_row) >= width + data_start_col else names_row[-width:]
+    col_names = (
+        names_row[data_start_col:]
+        if len(names_row) >= width + data_start_col
+        else names_row[-width:]
+    )
     if len(col_names) != width:
         raise DataError(
             f"dataset {dataset!r}: {path.name} row {obs_names_row} has {len(col_names)} names "
@@ -412,8 +454,24 @@ _READER_OPTIONS = {
     "h5ad": {"layer", "use_raw"},
     "10x_h5": {"genome", "gex_only", "var_names"},
     "10x_mtx": {"var_names", "gex_only"},
-    "hdf5": {"matrix", "var_names", "obs_names", "orientation", "obs", "code_labels", "var_names_split"},
-    "text": {"orientation", "sep", "obs_rows", "obs_names_row", "data_start_row", "data_start_col", "var_names_col"},
+    "hdf5": {
+        "matrix",
+        "var_names",
+        "obs_names",
+        "orientation",
+        "obs",
+        "code_labels",
+        "var_names_split",
+    },
+    "text": {
+        "orientation",
+        "sep",
+        "obs_rows",
+        "obs_names_row",
+        "data_start_row",
+        "data_start_col",
+        "var_names_col",
+    },
 }
 
 
@@ -426,11 +484,15 @@ _LABEL_OPTIONS = {
 _REQUIRED_OPTIONS = {"hdf5": ("matrix", "var_names", "obs_names")}
 
 
-def check_options(fmt: str, options: dict[str, Any] | None, dataset: str = "?",
-                  labels: bool = False) -> None:
+def check_options(
+    fmt: str, options: dict[str, Any] | None, dataset: str = "?", labels: bool = False
+) -> None:
     """Refuse an unknown format or reader option before anything is downloaded."""
-    table = _LABEL_OPTIONS if labels else {f: _READER_OPTIONS["text" if f in TEXT_FORMATS else f]
-                                           for f in READ_FORMATS}
+    table = (
+        _LABEL_OPTIONS
+        if labels
+        else {f: _READER_OPTIONS["text" if f in TEXT_FORMATS else f] for f in READ_FORMATS}
+    )
     if fmt not in table:
         raise ConfigError(
             f"dataset {dataset!r}: unknown {'labels ' if labels else ''}format {fmt!r}; "
@@ -444,8 +506,12 @@ def check_options(fmt: str, options: dict[str, Any] | None, dataset: str = "?",
             raise ConfigError(f"dataset {dataset!r}: format {fmt} needs reader.{key}")
 
 
-def read_dataset(path: str | os.PathLike, fmt: str | None = None, dataset: str = "?",
-                 options: dict[str, Any] | None = None):
+def read_dataset(
+    path: str | os.PathLike,
+    fmt: str | None = None,
+    dataset: str = "?",
+    options: dict[str, Any] | None = None,
+):
     """Read one file, folder or tar(.gz) bundle of format ``fmt`` into a counts AnnData."""
     path = Path(path)
     fmt = fmt or infer_format(path)
@@ -513,15 +579,29 @@ try:  # pandas' own unpickler maps classes renamed across pandas versions (pd.re
 except ImportError:  # pragma: no cover - a pandas without it
     _CompatUnpickler, _class_locations_map = pickle._Unpickler, {}
 
-_PICKLE_BUILTINS = {"object", "slice", "range", "complex", "set", "frozenset", "bytearray", "dict", "list", "tuple"}
+_PICKLE_BUILTINS = {
+    "object",
+    "slice",
+    "range",
+    "complex",
+    "set",
+    "frozenset",
+    "bytearray",
+    "dict",
+    "list",
+    "tuple",
+}
 _PICKLE_NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
 
 
 def _pickle_allowed(module: str, name: str) -> bool:
     if module == "builtins":
         return name in _PICKLE_BUILTINS
-    if (module, name) in {("copyreg", "_reconstructor"), ("_codecs", "encode"),
-                          ("collections", "OrderedDict")}:
+    if (module, name) in {
+        ("copyreg", "_reconstructor"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+    }:
         return True
     if module.split(".")[0] == "numpy":
         return name in _PICKLE_NUMPY
@@ -569,8 +649,9 @@ def _load_pickle(path: Path, dataset: str):
     raise DataError(f"dataset {dataset!r}: cannot decode pickle {path.name}")
 
 
-def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
-                options: dict[str, Any] | None = None) -> pd.DataFrame:
+def read_labels(
+    path: str | os.PathLike, fmt: str, dataset: str = "?", options: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """A labels table: index = cell barcode (repeats allowed, in file order), label columns.
 
     ``table`` (csv/tsv, gzipped or not): ``barcode_column`` (default the first), ``columns``
@@ -597,8 +678,10 @@ def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
                 f"dataset {dataset!r}: {path.name}: {len(barcodes)} barcodes, {len(clusters)} "
                 f"cluster codes in 0..{clusters.max()}, {len(names)} cluster names: inconsistent"
             )
-        return pd.DataFrame({options.get("column", "cell_type"): names[clusters]},
-                            index=pd.Index(barcodes, name="barcode"))
+        return pd.DataFrame(
+            {options.get("column", "cell_type"): names[clusters]},
+            index=pd.Index(barcodes, name="barcode"),
+        )
     if fmt in ("table", "csv", "tsv"):
         check_options(fmt, options, dataset, labels=True)
         sep = options.get("sep") or ("," if fmt == "csv" else None)
@@ -616,16 +699,24 @@ def read_labels(path: str | os.PathLike, fmt: str, dataset: str = "?",
             raise DataError(
                 f"dataset {dataset!r}: labels file {path.name} has no column(s) {', '.join(missing)}"
             )
-        out = pd.DataFrame({new: frame[old].to_numpy() for new, old in columns.items()},
-                           index=pd.Index(frame[barcode_column].astype(str), name="barcode"))
+        out = pd.DataFrame(
+            {new: frame[old].to_numpy() for new, old in columns.items()},
+            index=pd.Index(frame[barcode_column].astype(str), name="barcode"),
+        )
         return out
     raise ConfigError(
         f"dataset {dataset!r}: unknown labels format {fmt!r}; known: table, csv, tsv, scvi_pbmc_pickle"
     )
 
 
-def join_labels(adata, table: pd.DataFrame, dataset: str = "?", key_column: str = "barcode",
-                drop_unlabelled: bool = True, min_fraction: float = 0.5):
+def join_labels(
+    adata,
+    table: pd.DataFrame,
+    dataset: str = "?",
+    key_column: str = "barcode",
+    drop_unlabelled: bool = True,
+    min_fraction: float = 0.5,
+):
     """Add the columns of ``table`` to ``adata.obs``, matching ``obs[key_column]`` to its index.
 
     Barcodes may repeat (two 10x runs share a whitelist): the k-th occurrence of a barcode in
@@ -633,8 +724,11 @@ def join_labels(adata, table: pd.DataFrame, dataset: str = "?", key_column: str 
     order). Cells with no label are dropped (``drop_unlabelled``); fewer than ``min_fraction``
     of cells labelled means the keys do not match (a suffix like ``-1``?) and is an error.
     """
-    keys = (adata.obs[key_column].astype(str).to_numpy() if key_column in adata.obs
-            else adata.obs_names.to_numpy(str))
+    keys = (
+        adata.obs[key_column].astype(str).to_numpy()
+        if key_column in adata.obs
+        else adata.obs_names.to_numpy(str)
+    )
     # occurrence number of each key, on both sides
     cell_rank = pd.Series(keys).groupby(keys).cumcount().to_numpy()
     table_keys = table.index.to_numpy(str)
