@@ -19,3 +19,26 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models: fastest, and spares a loaded 2-core CI box
+    oversubscription. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokens_path(tmp_path_factory):
+    """A small structured tokens.npz (tests/conftest_tokens.py), one per test module."""
+    from conftest_tokens import make_tokens
+
+    return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")

@@ -20,10 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_tokens import make_tokens  # noqa: E402
-
-from sigmoid_sc.train import shard_batch, shard_bounds, train  # noqa: E402
+from sigmoid_sc.train import shard_batch, shard_bounds, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
@@ -38,17 +35,7 @@ TRAIN = {
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokens_path(tmp_path_factory):
-    return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ TINY_TRAIN = {"steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 4,
               "checkpoint_every": 4}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_tokens import make_tokens  # noqa: E402
-
-from sigmoid_sc import train as train_mod  # noqa: E402
-from sigmoid_sc.embed import embed  # noqa: E402
-from sigmoid_sc.errors import ConfigError  # noqa: E402
-from sigmoid_sc.train import (  # noqa: E402
+from sigmoid_sc import train as train_mod
+from sigmoid_sc.embed import embed
+from sigmoid_sc.errors import ConfigError
+from sigmoid_sc.train import (
     TrainConfig,
     batch_cells,
     choose_masked,
@@ -40,18 +37,7 @@ TRAIN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and spares a loaded 2-core CI box oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokens_path(tmp_path_factory):
-    return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tokens_path, out_dir, attention="sigmoid", seed=0, model=None, train_params=None, **kw):
