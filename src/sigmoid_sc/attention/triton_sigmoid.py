@@ -41,12 +41,13 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
-# How P = sigmoid(z) is evaluated inside the kernels (z already in log2 units, z = logit*log2 e).
-#   0: 1 / (1 + exp2(-z)) -- exp2 and a division (two special-function-unit ops per element)
-#   1: 0.5 * tanh.approx(z * ln2 / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1
+# How P = sigmoid(x) is evaluated inside the kernels (x = the logit q.k * scale + b):
+#   0: 1 / (1 + exp2(-x log2 e)) -- exp2 and a division (two special-function-unit ops)
+#   1: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1
 #   2: exp2 on the SFU, the reciprocal by two Newton steps on the FMA pipe (rel. error < 3e-4)
-# Mode 1 is GPU-only (inline PTX); under the interpreter it falls back to mode 0; fp32 inputs
-# always use mode 0.
+# Each form takes the logit in its own unit (x log2 e, or x / 2: `logit_unit`), folded into the
+# score scale and bias. Mode 1 is GPU-only (inline PTX); under the interpreter it falls back to
+# mode 0; fp32 inputs always use mode 0.
 SIG_EXACT, SIG_TANH, SIG_NEWTON = 0, 1, 2
 
 
@@ -65,30 +66,44 @@ def _triton_version() -> tuple[int, int]:
 
 
 @triton.jit
-def _sigmoid_log2(z, SIG_MODE: tl.constexpr):
-    """sigmoid(x) for ``z = x * log2(e)``, elementwise, fp32 in and out."""
+def _sigmoid_u(u, SIG_MODE: tl.constexpr):
+    """sigmoid(x), elementwise, fp32 in and out, from ``u = x * unit(SIG_MODE)``.
+
+    The logit arrives already in the unit its form needs (:func:`_logit_unit`): the kernels
+    fold that factor into the score scale and the bias once per program, so no extra multiply
+    per score is spent on it.
+    """
     if SIG_MODE == 1:
-        # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP
+        # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP; u = x / 2
         t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;",
-            "=r,r",
-            [z * 0.34657359027997264],  # ln2 / 2
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
+            "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
         )
         p = 0.5 * t + 0.5
     elif SIG_MODE == 2:
-        # clamp so 1 + 2^-z stays finite; the reciprocal starts from the exponent-flip guess
-        # (relative error < 12.5%) and two Newton steps y <- y (2 - d y) bring it under 3e-4,
-        # below bf16's rounding of P, without a second special-function op per element
-        d = 1.0 + tl.exp2(-tl.maximum(z, -120.0))
+        # u = x log2(e). Clamp so 1 + 2^-u stays finite; the reciprocal starts from the
+        # exponent-flip guess (relative error < 12.5%) and two Newton steps y <- y (2 - d y)
+        # bring it under 3e-4, below bf16's rounding of P, without a second special-function op
+        d = 1.0 + tl.exp2(-tl.maximum(u, -120.0))
         y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
         y = y * (2.0 - d * y)
         p = y * (2.0 - d * y)
     else:
-        p = 1.0 / (1.0 + tl.exp2(-z))
+        p = 1.0 / (1.0 + tl.exp2(-u))  # u = x log2(e)
     return p
+
+
+@triton.jit
+def _logit_unit(SIG_MODE: tl.constexpr):
+    """The factor that turns a logit into :func:`_sigmoid_u`'s input (see :func:`logit_unit`)."""
+    if SIG_MODE == 1:
+        return 0.5
+    else:
+        return 1.4426950408889634
+
+
+def logit_unit(sig_mode: int) -> float:
+    """Host-side twin of :func:`_logit_unit`: x/2 for the tanh form, x log2(e) otherwise."""
+    return 0.5 if sig_mode == SIG_TANH else LOG2E
 
 
 @triton.jit
@@ -101,16 +116,14 @@ def _load_rows(base, rows, stride_t, offs_d, n, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(
-    acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
-):
+def _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr):
     """One key block: ``acc += sigmoid(q k^T * scale + b) v``.
 
     Key rows past the sequence were loaded as zeros, so their P (= sigmoid(b)) meets a zero
     row of v and adds nothing: no column mask is needed.
     """
     s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
-    p = _sigmoid_log2(s * qk_scale_log2 + bias_log2, SIG_MODE)
+    p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
 
 
@@ -118,12 +131,12 @@ def _fwd_block(
 def _attn_fwd(
     Q, K, V, Out,
     SeqStart, SeqLen, SeqOrder, Bias,
-    qk_scale_log2,
+    qk_scale_u,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_rows, pad_rows, seqlen_bucket,
+    total_rows, pad_rows, seqlen_bucket, rows_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    ZERO_FILL: tl.constexpr,
+    PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``; one program = one query block of one head.
 
@@ -137,7 +150,7 @@ def _attn_fwd(
     n = tl.load(SeqLen + b)
     if pid_m * BLOCK_M < n:
         start = tl.load(SeqStart + b)
-        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -162,16 +175,32 @@ def _attn_fwd(
             for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
                 k = k_desc.load([start + start_n, 0])
                 v = v_desc.load([start + start_n, 0])
-                acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
+        elif PIPELINE:
+            # software pipelining by hand: S of block j+1 is issued to the tensor cores before
+            # the sigmoid of block j runs on the FMA/MUFU pipes, so the two can overlap
+            if n_full > 0:
+                k = _load_rows(k_base, offs_n, stride_kt, offs_d, n, False)
+                s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
+                for start_n in range(BLOCK_N, n_full, BLOCK_N):
+                    k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
+                    v = _load_rows(v_base, start_n - BLOCK_N + offs_n, stride_vt, offs_d, n, False)
+                    s_next = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
+                    p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
+                    s = s_next
+                v = _load_rows(v_base, n_full - BLOCK_N + offs_n, stride_vt, offs_d, n, False)
+                p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
         else:
             for start_n in range(0, n_full, BLOCK_N):
                 k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
                 v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
-                acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
         if n_full < n:
             k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
             v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
-            acc = _fwd_block(acc, q, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+            acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
         o_ptrs = (
             Out
             + (start + offs_m).to(tl.int64)[:, None] * stride_ot
@@ -200,7 +229,7 @@ def _attn_fwd(
 
 @triton.jit
 def _bwd_kv_block(
-    dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_log2, bias_log2, scale,
+    dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_u, bias_u, scale,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """One query block against this program's key block (everything transposed: keys x queries).
@@ -209,7 +238,7 @@ def _bwd_kv_block(
     zero and add nothing to dk, dv or dq.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=IN_PREC)  # [BLOCK_N, BLOCK_M]
-    p_t = _sigmoid_log2(s_t * qk_scale_log2 + bias_log2, SIG_MODE)
+    p_t = _sigmoid_u(s_t * qk_scale_u + bias_u, SIG_MODE)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=IN_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=IN_PREC)
     # d sigmoid(x) / dx = p (1 - p); the factor `scale` of dS is applied once at the end
@@ -225,7 +254,7 @@ def _bwd_kv_block(
 def _attn_bwd_dkdv(
     Q, K, V, DO, DQ, DK, DV,
     SeqStart, SeqLen, SeqOrder, Bias,
-    qk_scale_log2, scale,
+    qk_scale_u, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     pad_rows, seqlen_bucket,
@@ -244,7 +273,7 @@ def _attn_bwd_dkdv(
     n = tl.load(SeqLen + b)
     if pid_n * BLOCK_N < n:
         start = tl.load(SeqStart + b).to(tl.int64)
-        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -262,7 +291,7 @@ def _attn_bwd_dkdv(
             do = _load_rows(do_base, rows, stride_dot, offs_d, n, False)
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
-                dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_log2, bias_log2, scale,
+                dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale,
                 SIG_MODE, IN_PREC, ATOMIC_DQ,
             )  # fmt: skip
         if m_full < n:
@@ -271,7 +300,7 @@ def _attn_bwd_dkdv(
             do = _load_rows(do_base, rows, stride_dot, offs_d, n, True)
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
-                dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_log2, bias_log2,
+                dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_u, bias_u,
                 scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
             )  # fmt: skip
         dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
@@ -300,11 +329,11 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _bwd_q_block(
-    dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
+    dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
 ):
     """One key block for this program's query block: ``dq += (P (1-P) * dO v^T) k``."""
     s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
-    p = _sigmoid_log2(s * qk_scale_log2 + bias_log2, SIG_MODE)
+    p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
     dp = tl.dot(do, tl.trans(v), input_precision=IN_PREC)
     ds = (p * (1.0 - p) * dp).to(k.dtype)
     return tl.dot(ds, k, dq, input_precision=IN_PREC)
@@ -314,7 +343,7 @@ def _bwd_q_block(
 def _attn_bwd_dq(
     Q, K, V, DO, DQ,
     SeqStart, SeqLen, SeqOrder, Bias,
-    qk_scale_log2, scale,
+    qk_scale_u, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     seqlen_bucket,
@@ -331,7 +360,7 @@ def _attn_bwd_dq(
     n = tl.load(SeqLen + b)
     if pid_m * BLOCK_M < n:
         start = tl.load(SeqStart + b).to(tl.int64)
-        bias_log2 = tl.load(Bias + b) * 1.4426950408889634
+        bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -346,11 +375,11 @@ def _attn_bwd_dq(
         for start_n in range(0, n_full, BLOCK_N):
             k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
             v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
-            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
         if n_full < n:
             k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
             v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
-            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_log2, bias_log2, SIG_MODE, IN_PREC)
+            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
         dq_ptrs = DQ + (start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < n)[:, None])
 
@@ -389,6 +418,7 @@ DEFAULT_OPTIONS = {
     "bwd_sig_mode": SIG_EXACT,
     "use_tma": False,
     "warp_spec": False,
+    "pipeline": False,
     "atomic_dq": True,
 }
 
@@ -409,7 +439,7 @@ def _tuned(kind: str, head_dim: int):
     if key not in _TUNED:
         if kind == "fwd":
             fn = triton.autotune(
-                _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "total_rows"]
+                _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "rows_bucket"]
             )(_attn_fwd)
         elif kind == "dkdv":
             # dq accumulates with atomics: every timed trial must start from zeros
@@ -483,17 +513,22 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
     use_tma = bool(opts["use_tma"]) and not interp
     if use_tma:
         _ensure_tma_allocator()
+    sig_mode = _sig_mode(opts, interp, q.dtype)
+    # autotuning is keyed on power-of-two buckets: a training run's batches differ in total
+    # rows and longest cell at every step, and an exact key would re-tune at every step
     args = (
-        q, k, v, o, seq_start, seq_len, seq_order, bias, scale * LOG2E,
+        q, k, v, o, seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0, _seqlen_bucket(max_seqlen),
+        o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0,
+        _seqlen_bucket(max_seqlen), _seqlen_bucket(rows),
     )  # fmt: skip
     meta = {
         "HEAD_DIM": head_dim,
-        "SIG_MODE": _sig_mode(opts, interp, q.dtype),
+        "SIG_MODE": sig_mode,
         "IN_PREC": _in_prec(q.dtype),
         "USE_TMA": use_tma,
         "WARP_SPEC": use_tma and bool(opts["warp_spec"]),
+        "PIPELINE": bool(opts["pipeline"]),
         "ZERO_FILL": bool(zero_fill),
     }
     if interp or config is not None:
@@ -522,7 +557,7 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
         opts["sig_mode"] = opts["bwd_sig_mode"]
     sig_mode = _sig_mode(opts, interp, q.dtype)
     bucket = _seqlen_bucket(max_seqlen)
-    common = (seq_start, seq_len, seq_order, bias, scale * LOG2E, scale)
+    common = (seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode), scale)
     kv_args = (
         q, k, v, do, dq, dk, dv, *common,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
