@@ -17,6 +17,8 @@ rule aggregate:
         ),
         summary_md="results/tables/representation_summary.md",
         summary_tex="results/tables/representation_summary.tex",
+    benchmark:
+        "results/benchmarks/aggregate/representation.tsv"
     log:
         "results/logs/aggregate/representation.log",
     conda:
@@ -44,6 +46,8 @@ rule figure_metrics:
             subcategory="Metrics",
         ),
         pdf="results/figures/metrics.pdf",
+    benchmark:
+        "results/benchmarks/figure_metrics/metrics.tsv"
     log:
         "results/logs/figures/metrics.log",
     conda:
@@ -70,6 +74,8 @@ rule figure_umap:
             labels={"dataset": "{dataset}", "figure": "UMAP"},
         ),
         pdf="results/figures/umap_{dataset}.pdf",
+    benchmark:
+        "results/benchmarks/figure_umap/{dataset}.tsv"
     log:
         "results/logs/figures/umap_{dataset}.log",
     conda:
@@ -95,6 +101,8 @@ rule figure_loss:
             labels={"dataset": "{dataset}", "figure": "loss curves"},
         ),
         pdf="results/figures/loss_{dataset}.pdf",
+    benchmark:
+        "results/benchmarks/figure_loss/{dataset}.tsv"
     log:
         "results/logs/figures/loss_{dataset}.log",
     conda:

@@ -22,6 +22,8 @@ rule download:
         require_checksum=(
             "--require-checksum" if DOWNLOAD.get("require_checksum") else ""
         ),
+    benchmark:
+        "results/benchmarks/download/{dataset}.tsv"
     log:
         "results/logs/download/{dataset}.log",
     conda:

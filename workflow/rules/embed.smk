@@ -7,6 +7,8 @@ rule embed:
         model=rules.train.output.model,
     output:
         embedding="results/{dataset}/embed/{attention}_seed{seed}.npz",
+    benchmark:
+        "results/benchmarks/embed/{dataset}/{attention}_seed{seed}.tsv"
     log:
         "results/logs/embed/{dataset}/{attention}_seed{seed}.log",
     conda:
@@ -31,6 +33,8 @@ rule pca:
         prepared=rules.prepare.output.prepared,
     output:
         embedding="results/{dataset}/embed/pca.npz",
+    benchmark:
+        "results/benchmarks/pca/{dataset}.tsv"
     log:
         "results/logs/embed/{dataset}/pca.log",
     conda:

@@ -8,6 +8,8 @@ rule evaluate:
     output:
         metrics="results/{dataset}/metrics.csv",
         umap="results/{dataset}/umap.csv",
+    benchmark:
+        "results/benchmarks/evaluate/{dataset}.tsv"
     log:
         "results/logs/evaluate/{dataset}.log",
     conda:

@@ -18,6 +18,8 @@ rule stress_test:
     params:
         stress=json.dumps(experiment("stress_test"), sort_keys=True),
         device=lookup(within=config, dpath="device"),
+    benchmark:
+        "results/benchmarks/stress_test/stress_test.tsv"
     log:
         "results/logs/experiments/stress_test.log",
     conda:
@@ -65,6 +67,8 @@ rule jacobian:
             sort_keys=True,
         ),
         device=lookup(within=config, dpath="device"),
+    benchmark:
+        "results/benchmarks/jacobian/jacobian.tsv"
     log:
         "results/logs/experiments/jacobian.log",
     conda:
@@ -109,6 +113,8 @@ rule kernel_benchmark:
             else ""
         ),
         raw_dir="results/experiments/kernel_benchmark",
+    benchmark:
+        "results/benchmarks/kernel_benchmark/kernel_benchmark.tsv"
     log:
         "results/logs/experiments/kernel_benchmark.log",
     conda:
@@ -139,6 +145,8 @@ rule training_speed:
         md="results/tables/training_speed.md",
     params:
         args=training_speed_args(),
+    benchmark:
+        "results/benchmarks/training_speed/training_speed.tsv"
     log:
         "results/logs/experiments/training_speed.log",
     conda:

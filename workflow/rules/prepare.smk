@@ -6,6 +6,8 @@ rule prepare:
         raw=rules.download.output.raw,
     output:
         prepared="results/{dataset}/prepared.h5ad",
+    benchmark:
+        "results/benchmarks/prepare/{dataset}.tsv"
     log:
         "results/logs/prepare/{dataset}.log",
     conda:

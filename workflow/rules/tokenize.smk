@@ -6,6 +6,8 @@ rule tokenize:
         prepared=rules.prepare.output.prepared,
     output:
         tokens="results/{dataset}/tokens.npz",
+    benchmark:
+        "results/benchmarks/tokenize/{dataset}.tsv"
     log:
         "results/logs/tokenize/{dataset}.log",
     conda:

@@ -7,6 +7,8 @@ rule train:
     output:
         model="results/{dataset}/train/{attention}_seed{seed}/model.pt",
         history="results/{dataset}/train/{attention}_seed{seed}/history.csv",
+    benchmark:
+        "results/benchmarks/train/{dataset}/{attention}_seed{seed}.tsv"
     log:
         "results/logs/train/{dataset}/{attention}_seed{seed}.log",
     conda:
