@@ -19,12 +19,23 @@ The attention implementation is switched by rebinding ``sigmoid_sc.model.attenti
 for the run, so every other layer is identical. Workloads: ``fixed`` (``--seq-len`` tokens x
 ``--tokens / --seq-len`` sequences, 8K x 2 by default) and ``real`` (cells drawn with seed 0
 from ``bench/lengths_*.txt``, the expressed genes per cell of real datasets, until
-``--tokens``). Step time: CUDA events around each step, median of ``--repeats`` after
-``--warmup`` steps (perf_counter on the CPU); tokens/s = real tokens per step / step time.
+``--tokens``) and ``cells`` (a fresh batch of ``--cells-per-step`` cells drawn from
+``--lengths-file`` every step, capped at ``--seq-len``: the training loop's situation, where
+the total token count changes from batch to batch). Step time: CUDA events around each step,
+median of ``--repeats`` after ``--warmup`` steps (perf_counter on the CPU); tokens/s = real
+tokens per step (mean over the timed steps for ``cells``) / step time. The warm-up steps are
+timed too: ``first_step_ms`` (compilation and autotuning included) and ``warmup_steps_ms``.
+
+Rows are written (CSV and Markdown) after every implementation, so a run cut short keeps what
+it measured; ``--time-limit`` skips the implementations not started in time (noted in the
+row). The paper's kernel comes last: its autotuning (48 configs per head dim and length
+bucket) is the slowest part on a fresh machine. ``--merge A.csv B.csv ...`` joins tables of
+several runs (e.g. two model sizes) into one CSV and Markdown table.
 
     python bench/train_speed.py --out-csv results/tables/training_speed.csv \\
         --out-md results/tables/training_speed.md            # on a CUDA machine
     python bench/train_speed.py --smoke --out-csv x.csv --out-md x.md   # tiny, on the CPU
+    python bench/train_speed.py --merge a.csv b.csv --out-csv ab.csv --out-md ab.md
 
 Without CUDA (and without ``--smoke``) it writes a table that says so and exits 0.
 """
@@ -186,20 +197,24 @@ def model_attention(fn):
 # workloads
 
 
+def length_pool(paths: list[Path], max_len: int, divisor: int = 1) -> np.ndarray:
+    """Expressed genes per cell of every file in ``paths``, shrunk by ``divisor``, capped."""
+    pool = np.concatenate([np.loadtxt(p, dtype=np.int64, comments="#", ndmin=1) for p in paths])
+    if pool.size == 0:
+        raise SystemExit(f"{', '.join(map(str, paths))}: no cell lengths found")
+    return np.clip(pool // divisor, 1, max_len)
+
+
+def default_length_files() -> list[Path]:
+    return sorted((ROOT / "bench").glob("lengths_*.txt"))
+
+
 def real_lengths(tokens: int, max_len: int, divisor: int = 1, seed: int = 0) -> np.ndarray:
     """Cells drawn (seeded) from every bench/lengths_*.txt until ``tokens``, capped at max_len.
 
     ``divisor`` shrinks every length (the CPU smoke run keeps their spread at a tiny size).
     """
-    pool = np.concatenate(
-        [
-            np.loadtxt(p, dtype=np.int64, comments="#")
-            for p in sorted((ROOT / "bench").glob("lengths_*.txt"))
-        ]
-    )
-    if pool.size == 0:
-        raise SystemExit("bench/lengths_*.txt: no cell lengths found")
-    pool = np.clip(pool // divisor, 1, max_len)
+    pool = length_pool(default_length_files(), max_len, divisor)
     rng = np.random.default_rng(seed)
     picked, total = [], 0
     while total < tokens:
@@ -210,20 +225,54 @@ def real_lengths(tokens: int, max_len: int, divisor: int = 1, seed: int = 0) -> 
     return np.array(picked, dtype=np.int64)
 
 
-def workloads(args) -> list[tuple[str, np.ndarray]]:
+def workloads(args) -> list[tuple[str, list[np.ndarray]]]:
+    """(name, lengths of each step's batch): one batch reused for ``fixed`` and ``real``,
+    ``warmup + repeats`` different batches for ``cells``."""
     out = []
     if "fixed" in args.workloads:
         batch = max(1, args.tokens // args.seq_len)
-        out.append((f"fixed {args.seq_len} x {batch}", np.full(batch, args.seq_len)))
+        out.append((f"fixed {args.seq_len} x {batch}", [np.full(batch, args.seq_len)]))
     if "real" in args.workloads:
         lengths = real_lengths(args.tokens, args.seq_len, args.length_divisor)
         out.append(
             (
                 f"real cells (median {int(np.median(lengths))}, max {lengths.max()}, {lengths.size} cells)",
-                lengths,
+                [lengths],
+            )
+        )
+    if "cells" in args.workloads:
+        files = (
+            [Path(f) for f in args.lengths_file] if args.lengths_file else default_length_files()
+        )
+        pool = length_pool(files, args.seq_len, args.length_divisor)
+        rng = np.random.default_rng(0)
+        steps = [
+            pool[rng.integers(pool.size, size=args.cells_per_step)]
+            for _ in range(args.warmup + args.repeats)
+        ]
+        names = "+".join(f.stem.removeprefix("lengths_") for f in files)
+        out.append(
+            (
+                f"cells {names} {args.cells_per_step}/step (new batch every step, "
+                f"median {int(np.median(np.concatenate(steps)))}, cap {args.seq_len})",
+                steps,
             )
         )
     return out
+
+
+def make_batch(lengths: np.ndarray, vocab_size: int, device, rng: np.random.Generator):
+    """(input_ids, cu_seqlens, max_seqlen, masked) of cells of ``lengths`` on ``device``."""
+    cu = np.zeros(lengths.size + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    ids = np.concatenate([rng.permutation(vocab_size - N_SPECIAL)[:n] + N_SPECIAL for n in lengths])
+    masked = choose_masked(cu, 0.15, rng)
+    return (
+        torch.from_numpy(ids).to(device),
+        torch.from_numpy(cu).to(device),
+        int(lengths.max()),
+        torch.from_numpy(masked).to(device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,13 +280,17 @@ def workloads(args) -> list[tuple[str, np.ndarray]]:
 
 
 def time_steps(
-    model, optimizer, batch, device, precision: str, warmup: int, repeats: int
-) -> list[float]:
-    """Milliseconds of ``repeats`` full training steps after ``warmup`` untimed ones."""
-    ids, cu, max_seqlen, masked = batch
+    model, optimizer, batches, device, precision: str, warmup: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds of ``warmup`` then ``repeats`` full training steps: (warm-up, timed).
+
+    Step ``i`` trains on ``batches[i % len(batches)]``; every step is timed alone (CUDA
+    events, synchronised after each), the warm-up ones too (compilation, autotuning).
+    """
     use_bf16 = precision == "bf16" and device.type == "cuda"
 
-    def step():
+    def step(i):
+        ids, cu, max_seqlen, masked = batches[i % len(batches)]
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
             loss = masked_gene_loss(model, ids, cu, max_seqlen, masked, MASK_ID)
         loss.backward()
@@ -245,118 +298,132 @@ def time_steps(
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
-        step()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
-        for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            step(i)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
-            step()
+            step(i)
             times.append(1000 * (time.perf_counter() - t0))
-    return times
+    return times[:warmup], times[warmup:]
 
 
-def run(args) -> pd.DataFrame:
+def cases(args, loads) -> list[tuple]:
+    """(workload index, d_model, head_dim, impl) in run order: the paper's kernel last."""
+    out = [
+        (w, d_model, head_dim, impl)
+        for w in range(len(loads))
+        for d_model in args.d_models
+        for head_dim in args.head_dims
+        if d_model % head_dim == 0
+        for impl in args.impls
+    ]
+    return sorted(out, key=lambda c: c[3] == "sigmoid_triton_paper")  # stable
+
+
+def run(args, on_rows=None) -> pd.DataFrame:
+    """Every case's row; ``on_rows(frame)`` after each (partial results on disk)."""
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     env = environment(device)
+    t_start = time.perf_counter()
+    loads = workloads(args)
+    prepared = {}  # workload index -> batches on the device, built on first use
     rows = []
-    for workload, lengths in workloads(args):
-        dense = bool((lengths == lengths[0]).all())
-        cu = np.zeros(lengths.size + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
-        rng = np.random.default_rng(0)
-        ids = np.concatenate(
-            [rng.permutation(args.vocab_size - N_SPECIAL)[:n] + N_SPECIAL for n in lengths]
+    for w, d_model, head_dim, impl in cases(args, loads):
+        workload, step_lengths = loads[w]
+        if w not in prepared:
+            rng = np.random.default_rng(0)
+            prepared[w] = [make_batch(n, args.vocab_size, device, rng) for n in step_lengths]
+        batches = prepared[w]
+        timed_lengths = step_lengths[args.warmup :] if len(step_lengths) > 1 else step_lengths
+        tokens = int(round(np.mean([n.sum() for n in timed_lengths])))
+        dense = len(step_lengths) == 1 and bool((step_lengths[0] == step_lengths[0][0]).all())
+        max_len = max(int(n.max()) for n in step_lengths)
+        row = {
+            **env,
+            "workload": workload,
+            "tokens": tokens,
+            "n_cells": int(round(np.mean([n.size for n in timed_lengths]))),
+            "n_layers": args.n_layers,
+            "d_model": d_model,
+            "n_heads": d_model // head_dim,
+            "head_dim": head_dim,
+            "vocab_size": args.vocab_size,
+            "precision": args.precision if device.type == "cuda" else "fp32",
+            "impl": impl,
+            "n_params": "",
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "first_step_ms": float("nan"),
+            "warmup_steps_ms": "",
+            "step_ms_median": float("nan"),
+            "step_ms_p10": float("nan"),
+            "step_ms_p90": float("nan"),
+            "tokens_per_s": float("nan"),
+            "note": "",
+        }
+        COPIED.clear()
+        model = optimizer = None
+        try:
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                raise NotApplicable(f"skipped: --time-limit {args.time_limit:g} s reached")
+            kind, fn = attention_for(impl, dense, device)
+            config = ModelConfig(
+                n_layers=args.n_layers, d_model=d_model, n_heads=d_model // head_dim,
+                d_ff=4 * d_model, vocab_size=args.vocab_size,
+                max_len=max(args.seq_len, max_len), attention=kind,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            model = Encoder(config).to(device)
+            row["attention"] = kind
+            row["n_params"] = sum(p.numel() for p in model.parameters())
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            with model_attention(fn):
+                warm, times = time_steps(model, optimizer, batches, device, args.precision,
+                                         args.warmup, args.repeats)  # fmt: skip
+            median = float(np.median(times))
+            row.update(
+                first_step_ms=warm[0] if warm else float("nan"),
+                warmup_steps_ms=" ".join(f"{t:.1f}" for t in warm),
+                step_ms_median=median,
+                step_ms_p10=float(np.percentile(times, 10)),
+                step_ms_p90=float(np.percentile(times, 90)),
+                tokens_per_s=tokens / (median / 1000),
+            )
+            if COPIED:
+                row["note"] = "q, k, v copied to contiguous (strided views refused)"
+        except NotApplicable as exc:
+            row["note"] = str(exc) if str(exc).startswith("skipped") else f"not applicable: {exc}"
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as exc:  # a backend that refuses a shape is a finding
+            row["note"] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
+        finally:
+            model = optimizer = None  # noqa: F841
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.setdefault("attention", "sigmoid" if impl.startswith("sigmoid") else "softmax")
+        print(
+            f"{workload[:40]:40s} L{args.n_layers} d{d_model} hd{head_dim} {impl:22s} "
+            f"{row['step_ms_median']:8.2f} ms (first {row['first_step_ms']:.0f} ms) "
+            f"{row['note']}",
+            file=sys.stderr,
+            flush=True,
         )
-        masked = choose_masked(cu, 0.15, rng)
-        batch = (
-            torch.from_numpy(ids).to(device),
-            torch.from_numpy(cu).to(device),
-            int(lengths.max()),
-            torch.from_numpy(masked).to(device),
-        )
-        for d_model in args.d_models:
-            for head_dim in args.head_dims:
-                if d_model % head_dim:
-                    continue
-                for impl in args.impls:
-                    row = {
-                        **env,
-                        "workload": workload,
-                        "tokens": int(lengths.sum()),
-                        "n_cells": int(lengths.size),
-                        "n_layers": args.n_layers,
-                        "d_model": d_model,
-                        "n_heads": d_model // head_dim,
-                        "head_dim": head_dim,
-                        "impl": impl,
-                        "n_params": "",
-                        "step_ms_median": float("nan"),
-                        "step_ms_p10": float("nan"),
-                        "step_ms_p90": float("nan"),
-                        "tokens_per_s": float("nan"),
-                        "note": "",
-                    }
-                    COPIED.clear()
-                    try:
-                        kind, fn = attention_for(impl, dense, device)
-                        config = ModelConfig(
-                            n_layers=args.n_layers, d_model=d_model, n_heads=d_model // head_dim,
-                            d_ff=4 * d_model, vocab_size=args.vocab_size,
-                            max_len=max(args.seq_len, int(lengths.max())), attention=kind,
-                        )  # fmt: skip
-                        torch.manual_seed(0)
-                        model = Encoder(config).to(device)
-                        row["attention"] = kind
-                        row["n_params"] = sum(p.numel() for p in model.parameters())
-                        optimizer = torch.optim.AdamW(
-                            model.parameters(), lr=1e-4, fused=device.type == "cuda"
-                        )
-                        with model_attention(fn):
-                            times = time_steps(model, optimizer, batch, device, args.precision,
-                                               args.warmup, args.repeats)  # fmt: skip
-                        median = float(np.median(times))
-                        row.update(
-                            step_ms_median=median,
-                            step_ms_p10=float(np.percentile(times, 10)),
-                            step_ms_p90=float(np.percentile(times, 90)),
-                            tokens_per_s=row["tokens"] / (median / 1000),
-                        )
-                        if COPIED:
-                            row["note"] = "q, k, v copied to contiguous (strided views refused)"
-                    except NotApplicable as exc:
-                        row["note"] = f"not applicable: {exc}"
-                    except torch.OutOfMemoryError:
-                        row["note"] = "out of memory"
-                    except Exception as exc:  # a backend that refuses a shape is a finding
-                        row["note"] = (
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                        )
-                    finally:
-                        model = optimizer = None  # noqa: F841
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    row.setdefault(
-                        "attention", "sigmoid" if impl.startswith("sigmoid") else "softmax"
-                    )
-                    print(
-                        f"{workload:40s} d{d_model} hd{head_dim} {impl:22s} "
-                        f"{row['step_ms_median']:8.2f} ms  {row['note']}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    rows.append(row)
-    frame = pd.DataFrame(rows)
-    return add_relative(frame)
+        rows.append(row)
+        if on_rows is not None:
+            on_rows(add_relative(pd.DataFrame(rows)))
+    return add_relative(pd.DataFrame(rows))
 
 
 def add_relative(frame: pd.DataFrame) -> pd.DataFrame:
@@ -386,36 +453,48 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def markdown(frame: pd.DataFrame, args) -> str:
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """The table of one run or of merged runs (each row names its model and step counts)."""
     first = frame.iloc[0] if len(frame) else {}
     lines = [
         "# Training-step speed: sigmoid vs softmax attention",
         "",
         f"{first.get('date', '')}, {first.get('device', '')}, torch {first.get('torch', '')}, "
-        f"triton {first.get('triton', '')}; {args.n_layers}-layer encoder, MLP 4x width, "
-        f"vocabulary {args.vocab_size}, {'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, "
-        f"fused AdamW (CUDA); median of "
-        f"{args.repeats} steps after {args.warmup} warm-up steps.",
+        f"triton {first.get('triton', '')}. Encoder with MLP 4x width, masked-gene loss, "
+        "bf16 autocast on CUDA (fp32 on the CPU), fused AdamW (CUDA). Step ms: median over "
+        "the timed steps (p10-p90) after the warm-up steps; first step: the first warm-up "
+        "step, compilation and autotuning included.",
         "",
-        "| workload | width | heads x hd | implementation | step ms (p10-p90) | tokens/s | "
-        "speed-up vs best softmax | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | layers x width | heads x hd | implementation | step ms (p10-p90) | "
+        "first step ms | steps (warm-up + timed) | tokens/s | speed-up vs best softmax | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, r in frame.iterrows():
+        median = _float(r.get("step_ms_median"))
         ms = (
-            f"{r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})"
-            if math.isfinite(r["step_ms_median"])
+            f"{median:.1f} ({_float(r['step_ms_p10']):.1f}-{_float(r['step_ms_p90']):.1f})"
+            if math.isfinite(median)
             else "-"
         )
-        tps = f"{r['tokens_per_s']:,.0f}" if math.isfinite(r["tokens_per_s"]) else "-"
-        speedup = (
-            f"{r['speedup_vs_best_softmax']:.2f}x"
-            if math.isfinite(r["speedup_vs_best_softmax"])
-            else "-"
-        )
+        first_ms = _float(r.get("first_step_ms"))
+        tps = _float(r.get("tokens_per_s"))
+        speedup = _float(r.get("speedup_vs_best_softmax"))
+        note = r.get("note")
         lines.append(
-            f"| {r['workload']} | {r['d_model']} | {r['n_heads']} x {r['head_dim']} | {r['impl']} | "
-            f"{ms} | {tps} | {speedup} | {r['note']} |"
+            f"| {r['workload']} | {r.get('n_layers', '')} x {r['d_model']} | "
+            f"{r['n_heads']} x {r['head_dim']} | {r['impl']} | {ms} | "
+            f"{f'{first_ms:.0f}' if math.isfinite(first_ms) else '-'} | "
+            f"{r.get('warmup', '')} + {r.get('repeats', '')} | "
+            f"{f'{tps:,.0f}' if math.isfinite(tps) else '-'} | "
+            f"{f'{speedup:.2f}x' if math.isfinite(speedup) else '-'} | "
+            f"{'' if not isinstance(note, str) else note} |"
         )
     lines += [
         "",
@@ -423,7 +502,46 @@ def markdown(frame: pd.DataFrame, args) -> str:
         "model. ANCHORS (H200, width 1024, 8K x 2): cuDNN softmax 81.4 / 92.7 ms, SDPA flash "
         "112.5 / 119.5 ms, the paper's triton-sigmoid 102.6 / 113.5 ms (head dim 128 / 64).",
     ]
+    cells = frame[frame["workload"].astype(str).str.startswith("cells")]
+    if len(cells):
+        lines += [
+            "",
+            "Workload `cells`: a new batch of real cell lengths every step, so the total token "
+            "count changes from step to step; warm-up step times (ms), in order:",
+            "",
+        ]
+        for _, r in cells.iterrows():
+            if not isinstance(r.get("warmup_steps_ms"), str) or not r["warmup_steps_ms"]:
+                continue  # not timed
+            lines.append(
+                f"- {r['impl']}, {r.get('n_layers', '')} x {r['d_model']}, hd {r['head_dim']}: "
+                f"{r.get('warmup_steps_ms', '')}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def write_table(frame: pd.DataFrame, args) -> None:
+    write_csv(args.out_csv, frame)
+    write_text(args.out_md, markdown(frame))
+
+
+def merge(paths: list[str]) -> pd.DataFrame:
+    """The rows of several runs' CSVs, one table (speed-ups recomputed per setting)."""
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"train_speed --merge: {path} is missing, left out", file=sys.stderr)
+            continue
+        # warm-up times stay text ("12.5 3.1"), even when a run had a single warm-up step
+        frame = pd.read_csv(path, dtype={"warmup_steps_ms": str, "note": str})
+        if "workload" in frame.columns:  # a skipped run's table has no rows to merge
+            frames.append(frame)
+    if not frames:
+        raise SystemExit(f"train_speed --merge: no table among {', '.join(paths)}")
+    frame = pd.concat(frames, ignore_index=True).drop(
+        columns=["speedup_vs_best_softmax"], errors="ignore"
+    )
+    return add_relative(frame)
 
 
 def write_skipped(args, reason: str) -> None:
@@ -447,17 +565,29 @@ def parse_args(argv=None):
     ap.add_argument("--vocab-size", type=int, default=25000)
     ap.add_argument("--seq-len", type=int, default=8192, help="fixed workload: tokens per sequence")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (both workloads)")
-    ap.add_argument("--workloads", nargs="+", choices=("fixed", "real"), default=["fixed", "real"])
+    ap.add_argument(
+        "--workloads", nargs="+", choices=("fixed", "real", "cells"), default=["fixed", "real"]
+    )
+    ap.add_argument("--cells-per-step", type=int, default=64, help="cells workload: batch size")
+    ap.add_argument(
+        "--lengths-file", nargs="+", help="cells workload: lengths files (default: bench/lengths_*)"
+    )
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--time-limit", type=float, default=0.0,
+        help="seconds; implementations not started by then are recorded as skipped (0: none)",
+    )  # fmt: skip
+    ap.add_argument("--merge", nargs="+", metavar="CSV", help="join these tables, time nothing")
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU run (tests)")
     args = ap.parse_args(argv)
     args.length_divisor = 1
     if args.smoke:  # seconds on a CPU: tiny widths and lengths, few steps
         args.n_layers, args.d_models, args.head_dims = 2, [32], [8, 16]
         args.vocab_size, args.seq_len, args.tokens = 200, 64, 128
+        args.cells_per_step = min(args.cells_per_step, 4)
         args.warmup, args.repeats, args.precision = 1, 3, "fp32"
         args.length_divisor = 50  # real lengths of a few hundred to thousands -> ~10-90
     return args
@@ -465,14 +595,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        write_table(merge(args.merge), args)
+        return 0
     if not args.smoke and not torch.cuda.is_available():
         write_skipped(
             args, "no CUDA GPU on this machine (bench/train_speed.py times GPU training steps)"
         )
         return 0
-    frame = run(args)
-    write_csv(args.out_csv, frame)
-    write_text(args.out_md, markdown(frame, args))
+    frame = run(args, on_rows=lambda partial: write_table(partial, args))
+    write_table(frame, args)
     return 0
 
 

@@ -345,8 +345,11 @@ def run_arm(
     data: RankSequences | None = None,
     log=print,
     lr: float | None = None,
+    on_step=None,
 ) -> tuple[list[dict], dict]:
     """Train one arm until divergence, ``max_steps`` or ``max_seconds``.
+
+    ``on_step(rows)``, if given, is called with the arm's rows after every step (partial logs).
 
     Returns (rows, summary): a row per completed step (step, lr, loss, grad_norm,
     max_layer_grad_norm, max_grad_layer, max_attn_logit, tokens, elapsed_s, grad_norm_layer<i>)
@@ -429,6 +432,8 @@ def run_arm(
             }
             row.update({f"grad_norm_layer{i}": v for i, v in enumerate(layer_norms)})
             rows.append(row)
+            if on_step is not None:
+                on_step(rows)
             reason = detector.check(loss_value, global_norm)
             if reason is not None:  # stop before the optimiser applies it
                 stop_reason, divergence = "diverged", {"step": step, "reason": reason}
@@ -468,18 +473,39 @@ def run_arm(
     return rows, summary
 
 
-def run_stress_test(cfg: StressConfig, device: torch.device, log=print) -> tuple[list, dict]:
-    """Every arm of ``cfg.attentions`` on the same data; (rows of all arms, summary)."""
+def run_stress_test(
+    cfg: StressConfig, device: torch.device, log=print, on_progress=None
+) -> tuple[list, dict]:
+    """Every arm of ``cfg.attentions`` on the same data; (rows of all arms, summary).
+
+    ``on_progress(rows, arms, arm_done)``, if given, is called after every step with the rows
+    so far and the summaries of the finished arms (so a run cut short can keep its log).
+    """
     data = RankSequences(cfg)
     rows, arms = [], {}
     for lr in cfg.lrs:
         for attention in cfg.attentions:
-            arm_rows, arm_summary = run_arm(cfg, attention, device, data, log, lr=lr)
-            rows += arm_rows
+            on_step = None
+            if on_progress is not None:
+
+                def on_step(arm_rows, before=rows):
+                    on_progress(before + arm_rows, arms, False)
+
+            arm_rows, arm_summary = run_arm(
+                cfg, attention, device, data, log, lr=lr, on_step=on_step
+            )
+            rows.extend(arm_rows)  # in place: on_step's `before` is this list
             arms[arm_summary["arm"]] = arm_summary
-    summary = {
+            if on_progress is not None:
+                on_progress(rows, arms, True)
+    return rows, stress_summary(cfg, arms, device)
+
+
+def stress_summary(cfg: StressConfig, arms: dict, device: torch.device) -> dict:
+    """The run's summary: config, environment and the summary of each finished arm."""
+    return {
         "config": dataclasses.asdict(cfg),
-        "n_params": next(iter(arms.values()))["n_params"],
+        "n_params": next(iter(arms.values()))["n_params"] if arms else None,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or "cpu",
@@ -487,9 +513,8 @@ def run_stress_test(cfg: StressConfig, device: torch.device, log=print) -> tuple
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "data": "synthetic gene-rank sequences (see sigmoid_sc.stress)",
-        "arms": arms,
+        "arms": dict(arms),
     }
-    return rows, summary
 
 
 # ----------------------------------------------------------------------------------------
@@ -514,7 +539,16 @@ def _run(args: argparse.Namespace) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows, summary = run_stress_test(cfg, device, log)
+    def save_partial(rows: list[dict], arms: dict, arm_done: bool) -> None:
+        # every `partial_every` steps and after each arm: a run killed from outside (a
+        # job's time limit) keeps its log and the summary of its finished arms
+        if arm_done or len(rows) % args.partial_every == 0:
+            write_csv(args.log_csv, pd.DataFrame(rows))
+            write_json(args.summary, {**stress_summary(cfg, arms, device), "partial": True})
+
+    rows, summary = run_stress_test(
+        cfg, device, log, on_progress=save_partial if args.partial_every else None
+    )
     frame = pd.DataFrame(rows)
     write_csv(args.log_csv, frame)
     write_json(args.summary, summary)
@@ -539,4 +573,9 @@ def register(subparsers) -> None:
     p.add_argument("--summary", required=True, help="JSON summary per arm")
     p.add_argument("--png", required=True)
     p.add_argument("--pdf", required=True)
+    p.add_argument(
+        "--partial-every", type=int, default=25,
+        help="rewrite the log (and a partial summary) every N steps and after each arm; 0: "
+        "only at the end",
+    )  # fmt: skip
     p.set_defaults(func=_run)

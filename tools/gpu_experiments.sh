@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Issue #6, items 1-2, in ONE call on the lent H200 (<= ~7 min wall, compiles included):
+#
+#   part 1, stress test (~3 min): `sigmoid-sc stress-test` exactly as the stress_test rule runs
+#     it, on configs/paper.yaml's experiments.stress_test section with only max_steps and
+#     max_seconds overridden (softmax then sigmoid, 160M encoder, 8K x 2 tokens, no clipping).
+#     While it runs, background "warmers" compile the Triton kernels that part 2 will autotune
+#     (the paper's triton-sigmoid: 48 configs per head dim and length bucket, ~1 min each on a
+#     fresh machine; ours: 11). They share the GPU with the stress test, which is a stability
+#     measurement, not a timing one; part 2 then runs alone and re-autotunes from the on-disk
+#     compile cache (autotune results themselves are per process).
+#   part 2, training speed (~3 min): bench/train_speed.py
+#     a) the configs/shared_data.yaml model (6 layers, width 256, 8 heads of 32, bf16) on a new
+#        batch of 64 pbmc3k cells every step: ms/step of the first steps and steady state, for
+#        sigmoid (ours) and softmax (varlen, cuDNN);
+#     b) the issue's comparison: 12 layers, width 1024, head dim 128 and 64, 8K x 2 tokens and
+#        real cell lengths, bf16 AdamW; ours, cuDNN, SDPA flash, varlen softmax, then the
+#        paper's triton-sigmoid last (the slowest to autotune).
+#   pack: at most 8 files in $OUT: versions.txt, gpu_experiments.log, training_speed.{csv,md},
+#     stress_test.{csv,png}, stress_test_summary.json, extras.tar.gz (the rest).
+#
+# Every part has its own time budget (a `timeout`) and writes its results as it goes, so a part
+# cut short still leaves its numbers. Usage, on the device machine from the repository root:
+#
+#   bash tools/gpu_experiments.sh                          # OUT must be set (the run tool's $OUT)
+#   SMOKE=1 OUT=/tmp/x bash tools/gpu_experiments.sh       # tiny, on the CPU (tests)
+#
+# Budgets (seconds) can be changed by environment variables: STRESS_BUDGET (whole part 1),
+# STRESS_ARM_SECONDS, STRESS_MAX_STEPS, WARM_BUDGET, CELLS_BUDGET, SPEED_BUDGET (part 2b) and
+# SPEED_TIME_LIMIT (no new implementation starts after this many seconds of part 2b).
+set -u -o pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+: "${OUT:?OUT must name the folder for the results}"
+mkdir -p "$OUT"
+SMOKE=${SMOKE:-0}
+PY=${PYTHON:-python3}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_experiments.XXXXXX")
+LOG="$OUT/gpu_experiments.log"
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+
+log() { echo "[gpu_experiments +$(($(date +%s) - T0))s] $*" | tee -a "$LOG" >&2; }
+
+# run BUDGET NAME CMD...: one part under its time limit, its output appended to the log
+run_part() {
+    local budget=$1 name=$2 rc start
+    shift 2
+    start=$(date +%s)
+    log "$name: start (budget ${budget}s)"
+    timeout -k 10 "$budget" "$@" >>"$LOG" 2>&1
+    rc=$?
+    log "$name: exit $rc after $(($(date +%s) - start))s$([ "$rc" = 124 ] && echo ' (time budget reached)')"
+    echo "part $name: exit $rc, $(($(date +%s) - start)) s (budget $budget s)" >>"$WORK/parts.txt"
+    return 0
+}
+
+if [ "$SMOKE" = 1 ]; then
+    DEVICE=cpu
+    STRESS_BUDGET=${STRESS_BUDGET:-120} STRESS_ARM_SECONDS=${STRESS_ARM_SECONDS:-20}
+    STRESS_MAX_STEPS=${STRESS_MAX_STEPS:-4} WARM_BUDGET=${WARM_BUDGET:-60}
+    CELLS_BUDGET=${CELLS_BUDGET:-90} SPEED_BUDGET=${SPEED_BUDGET:-120}
+    SPEED_TIME_LIMIT=${SPEED_TIME_LIMIT:-100}
+    SPEED_FLAGS=(--smoke)
+    # tiny encoder; in the real run every value but max_steps / max_seconds is paper.yaml's
+    STRESS_SMOKE='{"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "vocab_size": 200,
+        "seq_len": 64, "warmup_steps": 2, "early_steps": 2, "logit_queries": 8}'
+else
+    DEVICE=cuda
+    STRESS_BUDGET=${STRESS_BUDGET:-180} STRESS_ARM_SECONDS=${STRESS_ARM_SECONDS:-72}
+    STRESS_MAX_STEPS=${STRESS_MAX_STEPS:-600} WARM_BUDGET=${WARM_BUDGET:-150}
+    CELLS_BUDGET=${CELLS_BUDGET:-45} SPEED_BUDGET=${SPEED_BUDGET:-160}
+    SPEED_TIME_LIMIT=${SPEED_TIME_LIMIT:-115}
+    SPEED_FLAGS=()
+    STRESS_SMOKE='{}'
+    # the paper's kernel, a comparison only: carried as a wheel (.whl/), installed per call
+    if ls .whl/triton_sigmoid-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/triton_sigmoid-*.whl >>"$LOG" 2>&1 &&
+            export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------
+# versions
+{
+    echo "date_utc: $(date -u '+%Y-%m-%d %H:%M:%S')"
+    echo "smoke: $SMOKE"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git in this copy')"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+            --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+    fi
+    "$PY" - <<'EOF' 2>&1
+import platform, torch
+print("python:", platform.python_version())
+print("torch:", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+for name in ("triton", "triton_sigmoid", "numpy", "pandas", "matplotlib"):
+    try:
+        module = __import__(name)
+        print(f"{name}:", getattr(module, "__version__", "installed"))
+    except Exception as exc:  # noqa: BLE001 (report, do not stop)
+        print(f"{name}: not available ({type(exc).__name__})")
+EOF
+    echo "budgets_s: stress $STRESS_BUDGET (arm $STRESS_ARM_SECONDS, max_steps $STRESS_MAX_STEPS)," \
+        "warm $WARM_BUDGET, cells $CELLS_BUDGET, speed $SPEED_BUDGET (no new case after $SPEED_TIME_LIMIT)"
+} >"$OUT/versions.txt"
+log "versions: $(tr '\n' ';' <"$OUT/versions.txt" | cut -c1-400)"
+
+# ------------------------------------------------------------------------------------------
+# part 1: stress test, warmers for part 2 in the background
+
+STRESS_JSON=$("$PY" - "$STRESS_MAX_STEPS" "$STRESS_ARM_SECONDS" "$STRESS_SMOKE" <<'EOF'
+import json, sys
+import yaml
+section = (yaml.safe_load(open("configs/paper.yaml")).get("experiments") or {}).get("stress_test") or {}
+section.update(json.loads(sys.argv[3]))  # smoke only: a tiny model
+section.update(max_steps=int(sys.argv[1]), max_seconds=float(sys.argv[2]))
+print(json.dumps(section, sort_keys=True))
+EOF
+) || { log "cannot read configs/paper.yaml experiments.stress_test"; STRESS_JSON=""; }
+log "stress params: $STRESS_JSON"
+
+WARM_PIDS=()
+warm() {  # warm NAME ARGS...: one train_speed run whose only purpose is compiling kernels
+    local name=$1
+    shift
+    timeout -k 5 "$WARM_BUDGET" "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" --n-layers 1 \
+        --d-models 1024 --warmup 1 --repeats 1 --out-csv "$WORK/warm_$name.csv" \
+        --out-md "$WORK/warm_$name.md" "$@" >"$WORK/warm_$name.log" 2>&1 &
+    WARM_PIDS+=($!)
+}
+warm paper_fixed128 --impls sigmoid_triton_paper --workloads fixed --head-dims 128
+warm paper_fixed64 --impls sigmoid_triton_paper --workloads fixed --head-dims 64
+warm paper_real128 --impls sigmoid_triton_paper --workloads real --head-dims 128
+warm paper_real64 --impls sigmoid_triton_paper --workloads real --head-dims 64
+warm ours --impls sigmoid_ours --workloads fixed real --head-dims 128 64
+log "warmers started: ${WARM_PIDS[*]}"
+
+if [ -n "$STRESS_JSON" ]; then
+    # the stress_test rule's command (workflow/rules/experiments.smk), outputs in $OUT
+    run_part "$STRESS_BUDGET" stress env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$PY" -m sigmoid_sc.cli stress-test --params-json "$STRESS_JSON" --device "$DEVICE" \
+        --log-csv "$OUT/stress_test.csv" --summary "$OUT/stress_test_summary.json" \
+        --png "$OUT/stress_test.png" --pdf "$WORK/stress_test.pdf" --partial-every 25
+fi
+for pid in "${WARM_PIDS[@]}"; do wait "$pid"; done # each ends by its own timeout at the latest
+for f in "$WORK"/warm_*.log; do log "$(basename "$f"): $(tail -n 2 "$f" | tr '\n' ' ' | cut -c1-300)"; done
+
+# ------------------------------------------------------------------------------------------
+# part 2: training speed
+
+# a) the shared-data model, a new batch of 64 real pbmc3k cells every step (the total token
+# count changes each step: an autotune keyed on it would re-tune every step). Vocabulary:
+# pbmc3k keeps ~13.7K genes after prepare's min_cells=3; cells capped at tokenize.max_len 1024.
+run_part "$CELLS_BUDGET" speed_shared_model "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
+    --workloads cells --cells-per-step 64 --lengths-file bench/lengths_pbmc3k.txt \
+    --n-layers 6 --d-models 256 --head-dims 32 --vocab-size 13717 --seq-len 1024 \
+    --impls sigmoid_ours softmax_varlen softmax_sdpa_cudnn --warmup 10 --repeats 40 \
+    --out-csv "$WORK/training_speed_shared_model.csv" --out-md "$WORK/training_speed_shared_model.md"
+
+# b) the issue's comparison (table in $OUT as it goes)
+run_part "$SPEED_BUDGET" speed_width1024 "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
+    --n-layers 12 --d-models 1024 --head-dims 128 64 --workloads fixed real \
+    --impls sigmoid_ours softmax_sdpa_cudnn softmax_sdpa_flash softmax_varlen sigmoid_triton_paper \
+    --warmup 3 --repeats 12 --time-limit "$SPEED_TIME_LIMIT" \
+    --out-csv "$OUT/training_speed.csv" --out-md "$OUT/training_speed.md"
+
+# one table: the width-1024 rows, then the shared-data model's
+run_part 60 speed_merge "$PY" bench/train_speed.py --merge "$OUT/training_speed.csv" \
+    "$WORK/training_speed_shared_model.csv" --out-csv "$OUT/training_speed.csv" \
+    --out-md "$OUT/training_speed.md"
+
+# ------------------------------------------------------------------------------------------
+# pack: everything else in one archive (the run tool brings back at most 8 files)
+cat "$WORK/parts.txt" >>"$OUT/versions.txt"
+log "total $(($(date +%s) - T0))s"
+tar -czf "$OUT/extras.tar.gz" -C "$WORK" . 2>>"$LOG"
+rm -rf "$WORK"
+ls -l "$OUT" >&2
+grep -E '^stress .*: (stable|diverged)' "$LOG" || echo "stress: no verdict (see gpu_experiments.log)"
+[ -f "$OUT/training_speed.md" ] && cat "$OUT/training_speed.md"
+exit 0
