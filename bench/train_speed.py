@@ -367,6 +367,7 @@ def run(args, on_rows=None) -> pd.DataFrame:
             "step_ms_median": float("nan"),
             "step_ms_p10": float("nan"),
             "step_ms_p90": float("nan"),
+            "step_ms_max": float("nan"),
             "tokens_per_s": float("nan"),
             "note": "",
         }
@@ -396,6 +397,7 @@ def run(args, on_rows=None) -> pd.DataFrame:
                 step_ms_median=median,
                 step_ms_p10=float(np.percentile(times, 10)),
                 step_ms_p90=float(np.percentile(times, 90)),
+                step_ms_max=float(np.max(times)),
                 tokens_per_s=tokens / (median / 1000),
             )
             if COPIED:

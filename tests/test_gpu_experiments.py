@@ -78,6 +78,7 @@ def test_smoke_run_leaves_at_most_8_files_with_both_parts(tmp_path):
     timed = cells[cells["step_ms_median"].notna()]
     assert set(timed["impl"]) == {"sigmoid_ours", "softmax_varlen"}
     assert (timed["first_step_ms"] > 0).all() and (timed["step_ms_median"] > 0).all()
+    assert (timed["step_ms_max"] >= timed["step_ms_p90"]).all()
     md = (out / "training_speed.md").read_text()
     assert "| sigmoid_ours |" in md and "warm-up step times" in md
     # the paper's kernel comes after every other implementation of the comparison
@@ -89,6 +90,29 @@ def test_smoke_run_leaves_at_most_8_files_with_both_parts(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert {"stress_test.pdf", "training_speed_shared_model.csv", "parts.txt"} <= names
     assert any(n.startswith("warm_paper") for n in names)
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_a_stress_part_cut_by_its_budget_keeps_its_log_and_gets_a_figure(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        env={**env(), "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
+             "TMPDIR": str(tmp_path), "PARTS": "stress", "STRESS_BUDGET": "20",
+             "STRESS_MAX_STEPS": "1000000", "STRESS_ARM_SECONDS": "1000"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    versions = (out / "versions.txt").read_text()
+    assert "part stress: exit 124" in versions and "part speed" not in versions
+    assert "part stress_figure_from_partial_log: exit 0" in versions
+    log = pd.read_csv(out / "stress_test.csv")
+    assert len(log) >= 25 and set(log["arm"]) == {"softmax"}  # cut inside the first arm
+    summary = json.loads((out / "stress_test_summary.json").read_text())
+    assert summary["partial"] is True and summary["arms"] == {}
+    assert (out / "stress_test.png").stat().st_size > 1000
+    assert not (out / "training_speed.csv").exists()
 
 
 def test_time_limit_skips_what_was_not_started_and_merge_joins_tables(tmp_path):

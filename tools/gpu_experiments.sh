@@ -19,12 +19,20 @@
 #   pack: at most 8 files in $OUT: versions.txt, gpu_experiments.log, training_speed.{csv,md},
 #     stress_test.{csv,png}, stress_test_summary.json, extras.tar.gz (the rest).
 #
+# GPU memory, sized on the CPU (saved tensors of one step, bf16 autocast, a flash-style kernel
+# that keeps q, k, v, o): the stress encoder (160.0M parameters) needs 2.4 GiB for weights,
+# gradients and AdamW state plus 8.2 GiB of activations at 2 x 8K tokens; the width-1024,
+# 12-layer encoder (185M) 2.8 + 9.7 GiB; the padded paths add ~0.3 GiB a layer (real cells:
+# 12 cells padded to 2,611). Warmers are 1-layer models (< 3 GiB each with the CUDA context).
+# Peak while part 1 runs: ~30 GiB of the H200's 139 GiB.
+#
 # Every part has its own time budget (a `timeout`) and writes its results as it goes, so a part
 # cut short still leaves its numbers. Usage, on the device machine from the repository root:
 #
 #   bash tools/gpu_experiments.sh                          # OUT must be set (the run tool's $OUT)
 #   SMOKE=1 OUT=/tmp/x bash tools/gpu_experiments.sh       # tiny, on the CPU (tests)
 #
+# PARTS="stress speed" (default) runs both; PARTS=speed or PARTS=stress one (a second call).
 # Budgets (seconds) can be changed by environment variables: STRESS_BUDGET (whole part 1),
 # STRESS_ARM_SECONDS, STRESS_MAX_STEPS, WARM_BUDGET, CELLS_BUDGET, SPEED_BUDGET (part 2b) and
 # SPEED_TIME_LIMIT (no new implementation starts after this many seconds of part 2b).
@@ -35,6 +43,7 @@ cd "$ROOT" || exit 2
 : "${OUT:?OUT must name the folder for the results}"
 mkdir -p "$OUT"
 SMOKE=${SMOKE:-0}
+PARTS=${PARTS:-stress speed} # a later call can redo one part: PARTS=speed or PARTS=stress
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_experiments.XXXXXX")
 LOG="$OUT/gpu_experiments.log"
@@ -135,50 +144,78 @@ warm() {  # warm NAME ARGS...: one train_speed run whose only purpose is compili
         --out-md "$WORK/warm_$name.md" "$@" >"$WORK/warm_$name.log" 2>&1 &
     WARM_PIDS+=($!)
 }
-warm paper_fixed128 --impls sigmoid_triton_paper --workloads fixed --head-dims 128
-warm paper_fixed64 --impls sigmoid_triton_paper --workloads fixed --head-dims 64
-warm paper_real128 --impls sigmoid_triton_paper --workloads real --head-dims 128
-warm paper_real64 --impls sigmoid_triton_paper --workloads real --head-dims 64
-warm ours --impls sigmoid_ours --workloads fixed real --head-dims 128 64
-log "warmers started: ${WARM_PIDS[*]}"
+if [[ " $PARTS " == *" speed "* ]]; then
+    warm paper_fixed128 --impls sigmoid_triton_paper --workloads fixed --head-dims 128
+    warm paper_fixed64 --impls sigmoid_triton_paper --workloads fixed --head-dims 64
+    warm paper_real128 --impls sigmoid_triton_paper --workloads real --head-dims 128
+    warm paper_real64 --impls sigmoid_triton_paper --workloads real --head-dims 64
+    warm ours --impls sigmoid_ours --workloads fixed real --head-dims 128 64
+    log "warmers started: ${WARM_PIDS[*]}"
+fi
 
-if [ -n "$STRESS_JSON" ]; then
+if [ -n "$STRESS_JSON" ] && [[ " $PARTS " == *" stress "* ]]; then
     # the stress_test rule's command (workflow/rules/experiments.smk), outputs in $OUT
     run_part "$STRESS_BUDGET" stress env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
         "$PY" -m sigmoid_sc.cli stress-test --params-json "$STRESS_JSON" --device "$DEVICE" \
         --log-csv "$OUT/stress_test.csv" --summary "$OUT/stress_test_summary.json" \
         --png "$OUT/stress_test.png" --pdf "$WORK/stress_test.pdf" --partial-every 25
 fi
+if [ -f "$OUT/stress_test.csv" ] && [ ! -f "$OUT/stress_test.png" ]; then
+    # cut short: draw the figure from the partial log (the summary then holds finished arms only)
+    run_part 60 stress_figure_from_partial_log "$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+import pandas as pd
+from sigmoid_sc.experiments_plots import plot_stress, save_figure
+out = Path(sys.argv[1])
+path = out / "stress_test_summary.json"
+summary = json.loads(path.read_text()) if path.is_file() else {}
+if not summary.get("n_params") and "config" in summary:  # no arm finished: count, no weights
+    import torch
+    from sigmoid_sc import stress
+    from sigmoid_sc.model import Encoder
+    config = stress.StressConfig(**summary["config"])
+    with torch.device("meta"):
+        summary["n_params"] = stress.count_parameters(Encoder(stress.model_config(config, "softmax")))
+summary["n_params"] = summary.get("n_params") or 0
+pdf = out / "stress_test_partial.pdf"
+save_figure(plot_stress(pd.read_csv(out / "stress_test.csv"), summary), out / "stress_test.png", pdf)
+pdf.unlink()  # only the PNG: the 8-file limit
+print("stress: figure drawn from the partial log")
+EOF
+fi
 for pid in "${WARM_PIDS[@]}"; do wait "$pid"; done # each ends by its own timeout at the latest
-for f in "$WORK"/warm_*.log; do log "$(basename "$f"): $(tail -n 2 "$f" | tr '\n' ' ' | cut -c1-300)"; done
+for f in "$WORK"/warm_*.log; do [ -f "$f" ] && log "$(basename "$f"): $(tail -n 2 "$f" | tr '\n' ' ' | cut -c1-300)"; done
 
 # ------------------------------------------------------------------------------------------
 # part 2: training speed
 
-# a) the shared-data model, a new batch of 64 real pbmc3k cells every step (the total token
-# count changes each step: an autotune keyed on it would re-tune every step). Vocabulary:
-# pbmc3k keeps ~13.7K genes after prepare's min_cells=3; cells capped at tokenize.max_len 1024.
-run_part "$CELLS_BUDGET" speed_shared_model "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
-    --workloads cells --cells-per-step 64 --lengths-file bench/lengths_pbmc3k.txt \
-    --n-layers 6 --d-models 256 --head-dims 32 --vocab-size 13717 --seq-len 1024 \
-    --impls sigmoid_ours softmax_varlen softmax_sdpa_cudnn --warmup 10 --repeats 40 \
-    --out-csv "$WORK/training_speed_shared_model.csv" --out-md "$WORK/training_speed_shared_model.md"
+if [[ " $PARTS " == *" speed "* ]]; then
+    # a) the shared-data model, a new batch of 64 real pbmc3k cells every step (the total token
+    # count changes each step: an autotune keyed on it would re-tune every step). Vocabulary:
+    # pbmc3k keeps ~13.7K genes after prepare's min_cells=3; cells capped at tokenize.max_len 1024.
+    run_part "$CELLS_BUDGET" speed_shared_model "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
+        --workloads cells --cells-per-step 64 --lengths-file bench/lengths_pbmc3k.txt \
+        --n-layers 6 --d-models 256 --head-dims 32 --vocab-size 13717 --seq-len 1024 \
+        --impls sigmoid_ours softmax_varlen softmax_sdpa_cudnn --warmup 10 --repeats 40 \
+        --out-csv "$WORK/training_speed_shared_model.csv" --out-md "$WORK/training_speed_shared_model.md"
 
-# b) the issue's comparison (table in $OUT as it goes)
-run_part "$SPEED_BUDGET" speed_width1024 "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
-    --n-layers 12 --d-models 1024 --head-dims 128 64 --workloads fixed real \
-    --impls sigmoid_ours softmax_sdpa_cudnn softmax_sdpa_flash softmax_varlen sigmoid_triton_paper \
-    --warmup 3 --repeats 12 --time-limit "$SPEED_TIME_LIMIT" \
-    --out-csv "$OUT/training_speed.csv" --out-md "$OUT/training_speed.md"
+    # b) the issue's comparison (table in $OUT as it goes)
+    run_part "$SPEED_BUDGET" speed_width1024 "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
+        --n-layers 12 --d-models 1024 --head-dims 128 64 --workloads fixed real \
+        --impls sigmoid_ours softmax_sdpa_cudnn softmax_sdpa_flash softmax_varlen sigmoid_triton_paper \
+        --warmup 3 --repeats 12 --time-limit "$SPEED_TIME_LIMIT" \
+        --out-csv "$OUT/training_speed.csv" --out-md "$OUT/training_speed.md"
 
-# one table: the width-1024 rows, then the shared-data model's
-run_part 60 speed_merge "$PY" bench/train_speed.py --merge "$OUT/training_speed.csv" \
-    "$WORK/training_speed_shared_model.csv" --out-csv "$OUT/training_speed.csv" \
-    --out-md "$OUT/training_speed.md"
+    # one table: the width-1024 rows, then the shared-data model's
+    run_part 60 speed_merge "$PY" bench/train_speed.py --merge "$OUT/training_speed.csv" \
+        "$WORK/training_speed_shared_model.csv" --out-csv "$OUT/training_speed.csv" \
+        --out-md "$OUT/training_speed.md"
+fi
 
 # ------------------------------------------------------------------------------------------
 # pack: everything else in one archive (the run tool brings back at most 8 files)
-cat "$WORK/parts.txt" >>"$OUT/versions.txt"
+cat "$WORK/parts.txt" >>"$OUT/versions.txt" 2>/dev/null
 log "total $(($(date +%s) - T0))s"
 tar -czf "$OUT/extras.tar.gz" -C "$WORK" . 2>>"$LOG"
 rm -rf "$WORK"
