@@ -1,0 +1,175 @@
+"""tools/gpu_pipeline.sh, the command the lead runs on the lent GPU, run here on the CPU.
+
+The same script, with SKIP_WHEELS=1 (this Python's own packages), a tiny synthetic config and
+``--config device=cpu``, in a temporary working directory: the whole DAG runs, and $OUT holds
+what the device would send back (at most 8 files, each under 16 MiB, plain names) with the
+per-rule stage times. ``import pulp`` fails in the run, as on the GPU machine where it is not
+carried (tools/gpu_wheels.sh). About a minute and a half on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "gpu_pipeline.sh"
+MiB = 1024 * 1024
+
+TINY = {
+    "seeds": [0],
+    "attentions": ["softmax", "sigmoid"],
+    "device": "cuda",  # replaced by GPU_PIPELINE_EXTRA's --config device=cpu
+    "datasets": {
+        "blobs": {
+            "source": "synthetic",
+            "label_key": "cell_type",
+            "batch_key": "batch",
+            "synthetic": {"n_cells": 240, "n_genes": 80, "n_cell_types": 3, "n_batches": 2},
+        }
+    },
+    "prepare": {"min_genes": 5, "min_cells": 1, "val_fraction": 0.15, "test_fraction": 0.3},
+    "tokenize": {"max_len": 32},
+    "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32},
+    "train": {"steps": 8, "batch_size": 16, "warmup_steps": 2, "eval_every": 4},
+    "evaluate": {"n_neighbors": 10},
+}
+#: rule -> jobs of the tiny DAG (rule all has no benchmark: it runs nothing)
+JOBS = {
+    "download": 1,
+    "prepare": 1,
+    "tokenize": 1,
+    "train": 2,
+    "embed": 2,
+    "pca": 1,
+    "evaluate": 1,
+    "aggregate": 1,
+    "figure_metrics": 1,
+    "figure_umap": 1,
+    "figure_loss": 1,
+}
+
+
+def run_pipeline(tmp: Path, budget_s: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    # a pulp that cannot be imported, first on PYTHONPATH (the rules' jobs inherit it too)
+    blocker = tmp / "no_pulp" / "pulp"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('pulp is not carried')\n")
+    out, workdir = tmp / "out", tmp / "work"
+    workdir.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "SKIP_WHEELS": "1",
+        "PYTHONPATH": str(blocker.parent),
+        "GPU_PIPELINE_WORKDIR": str(workdir),
+        "GPU_PIPELINE_CONFIGS": str(config),
+        "GPU_PIPELINE_EXTRA": "--config device=cpu",
+        "GPU_PIPELINE_PRIORITIZE": "results/blobs/metrics.csv",
+        "GPU_PIPELINE_CORES": "2",
+        "GPU_PIPELINE_BUDGET_S": str(budget_s),
+    }
+    process = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=budget_s + 120
+    )
+    return process, out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    process, out = run_pipeline(tmp_path_factory.mktemp("gpu_bundle"))
+    assert process.returncode == 0, (process.stdout + process.stderr)[-6000:]
+    return out, process.stdout
+
+
+def members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+@pytest.mark.slow
+def test_the_pack_is_what_the_device_sends_back(bundle):
+    out, _ = bundle
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    names = {p.name for p in files}
+    assert {
+        "run_info.txt",
+        "stage_times.md",
+        "tables_figures.tar.gz",
+        "logs.tar.gz",
+        "embeddings.tar.gz",
+    } <= names, names
+    assert len(files) <= 8
+    for p in files:
+        assert p.parent == out  # flat: no folders
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", p.name), p.name
+        assert 0 < p.stat().st_size < 16 * MiB, (p.name, p.stat().st_size)
+    assert sum(p.stat().st_size for p in files) < 64 * MiB
+
+
+@pytest.mark.slow
+def test_the_tarballs_hold_tables_figures_logs_and_embeddings(bundle):
+    out, _ = bundle
+    tables = members(out / "tables_figures.tar.gz")
+    for path in (
+        "results/tables/representation.csv",
+        "results/tables/representation_summary.md",
+        "results/figures/metrics.png",
+        "results/figures/umap_blobs.png",
+        "results/figures/loss_blobs.pdf",
+        "results/report.html",
+        "results/blobs/metrics.csv",
+    ):
+        assert path in tables, path
+    logs = members(out / "logs.tar.gz")
+    assert "results/stage_times.tsv" in logs
+    assert "results/logs/train/blobs/sigmoid_seed0.log" in logs
+    assert "results/benchmarks/train/blobs/softmax_seed0.tsv" in logs
+    assert "results/blobs/train/sigmoid_seed0/history.csv" in logs
+    embeddings = members(out / "embeddings.tar.gz")
+    for method in ("softmax_seed0", "sigmoid_seed0", "pca"):
+        assert f"results/blobs/embed/{method}.npz" in embeddings
+
+
+@pytest.mark.slow
+def test_stage_times_list_every_rule_with_its_jobs(bundle):
+    out, _ = bundle
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in (out / "stage_times.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| rule", "| ---"))
+    ]
+    table = {row[0]: row[1:] for row in rows}
+    assert set(table) == set(JOBS), table
+    for rule, (jobs, total_s, median_s, max_s) in table.items():
+        assert int(jobs) == JOBS[rule], rule
+        assert 0 < float(median_s) <= float(max_s) <= float(total_s), (rule, table[rule])
+
+
+@pytest.mark.slow
+def test_run_info_has_versions_and_the_exit_status(bundle):
+    out, stdout = bundle
+    info = (out / "run_info.txt").read_text()
+    assert "versions: torch " in info and "snakemake 9." in info
+    assert "snakemake exit status: 0;" in info
+    assert "--config device=cpu" in info
+    assert "Finished jobid" in stdout  # snakemake's log is passed through
+
+
+def test_a_run_stopped_at_its_budget_still_packs(tmp_path):
+    """Stopped by the budget (exit 124), what exists is packed and the status says so."""
+    process, out = run_pipeline(tmp_path, budget_s=6)
+    assert process.returncode == 124, (process.stdout + process.stderr)[-4000:]
+    info = (out / "run_info.txt").read_text()
+    assert "snakemake exit status: 124 (stopped at the budget)" in info
+    assert "results/logs/snakemake_run.log" in members(out / "logs.tar.gz")
