@@ -89,18 +89,27 @@ def real_lengths(name: str, scale: int = 1) -> np.ndarray:
     return np.array(picked)
 
 
-def workloads(quick: bool):
-    """(case, head_dim, lengths, dense) tuples of the table."""
+VARLEN_SETS = (("pbmc3k", "pbmc3k", 1), ("baron", "Baron", 1), ("baron", "Baron x4", 4))
+
+
+def workloads(quick: bool, only: str = "", head_dims=HEAD_DIMS):
+    """(case, head_dim, lengths, dense) tuples of the table.
+
+    ``only``: a comma list restricting the cases, dense sizes by N and variable-length sets by
+    label (``"8192,16384,pbmc3k"``), each as ``hd:case`` to name one head dim (``"64:8192"``).
+    """
+    wanted = [w for w in only.split(",") if w]
+
+    def keep(d, label):
+        return not wanted or str(label) in wanted or f"{d}:{label}" in wanted
+
     out = []
-    for d in HEAD_DIMS:
+    for d in head_dims:
         for n in DENSE_N if not quick else DENSE_N[::3]:
-            out.append((f"dense N={n}", d, np.full(DENSE_TOKENS // n, n), True))
-        for name, label, scale in (
-            ("pbmc3k", "pbmc3k", 1),
-            ("baron", "Baron", 1),
-            ("baron", "Baron x4", 4),
-        ):
-            if quick and label != "pbmc3k":
+            if keep(d, n):
+                out.append((f"dense N={n}", d, np.full(DENSE_TOKENS // n, n), True))
+        for name, label, scale in VARLEN_SETS:
+            if (quick and label != "pbmc3k") or not keep(d, label):
                 continue
             lengths = real_lengths(name, scale)
             case = f"{label} (median {int(np.median(lengths))}, max {lengths.max()})"
@@ -258,8 +267,32 @@ def impl_naive(inp: Inputs, dense: bool):
     return fwd, tensors
 
 
+# Kernel options measured beside the default in the table (one fixed launch config each, so
+# they cost one compile, not an autotuning): (options, forward config by head dim, backward
+# config by head dim).
+OURS_VARIANTS = {
+    "ours+pipe": {"pipeline": True},
+    "ours+tma": {"use_tma": True},
+    "ours+bwdtanh": {"bwd_sig_mode": ts.SIG_TANH},
+    "ours+twokernel": {"atomic_dq": False},
+}
+VARIANT_FWD_CONFIG = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3), 32: (128, 64, 4, 3)}
+VARIANT_BWD_CONFIG = {128: (64, 128, 8, 2), 64: (64, 128, 8, 2), 32: (64, 128, 8, 3)}
+VARIANT_DQ_CONFIG = {128: (128, 64, 8, 2), 64: (128, 64, 8, 3), 32: (128, 64, 4, 3)}
+
+
+def impl_ours_variant(inp: Inputs, dense: bool, name: str):
+    d = inp.head_dim
+    return impl_ours(inp, dense, opts=OURS_VARIANTS[name], config=VARIANT_FWD_CONFIG[d],
+                     bwd_config=VARIANT_BWD_CONFIG[d], dq_config=VARIANT_DQ_CONFIG[d])  # fmt: skip
+
+
 IMPLS = {
     "ours": lambda inp, dense: impl_ours(inp, dense),
+    **{
+        name: (lambda inp, dense, name=name: impl_ours_variant(inp, dense, name))
+        for name in OURS_VARIANTS
+    },
     "triton_sigmoid": impl_triton_sigmoid,
     "sdpa_cudnn": lambda inp, dense: impl_sdpa(inp, dense, "CUDNN_ATTENTION"),
     "sdpa_flash": lambda inp, dense: impl_sdpa(inp, dense, "FLASH_ATTENTION"),
@@ -269,8 +302,8 @@ IMPLS = {
     "flex_docmask": impl_flex,
     "naive": impl_naive,
 }
-DENSE_IMPLS = ("ours", "triton_sigmoid", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "naive")
-VARLEN_IMPLS = ("ours", "triton_sigmoid", "njt_flash", "njt_efficient", "flex_docmask")
+DENSE_IMPLS = ("ours", *OURS_VARIANTS, "triton_sigmoid", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "naive")  # fmt: skip
+VARLEN_IMPLS = ("ours", *OURS_VARIANTS, "triton_sigmoid", "njt_flash", "njt_efficient", "flex_docmask")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +680,29 @@ def minimal(out_dir: Path, header: dict):
     write_outputs(out_dir, header, rows, checks, [])
 
 
+def slice_autotune_configs(i: int, n: int) -> None:
+    """Keep every n-th autotune config from the i-th on, for ours and for triton-sigmoid.
+
+    The warm workers then compile disjoint slices of each kernel's configs in parallel (the
+    same kernel's configs compiled in every worker would cost the whole list's compile time
+    in each); the timed pass autotunes over the full lists from the on-disk cache.
+    """
+    for table in (ts._FWD_CONFIGS, ts._BWD_CONFIGS, ts._DQ_CONFIGS):
+        for d in table:
+            table[d] = table[d][i::n]
+    ts._TUNED.clear()
+    try:
+        import triton_sigmoid  # noqa: F401
+        from triton.runtime.autotuner import Autotuner
+    except (ImportError, RuntimeError):  # not installed, or no CUDA device (it checks on import)
+        return
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("triton_sigmoid"):
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, Autotuner):
+                    obj.configs = obj.configs[i::n]
+
+
 def warm(jobs: int, passthrough: list, deadline: float = math.inf):
     """Compile every kernel (all autotune configs) in ``jobs`` subprocesses, untimed.
 
@@ -683,19 +739,30 @@ def main(argv=None):
         "--time-limit", type=float, default=math.inf, help="seconds; later table cases are skipped"
     )
     ap.add_argument("--minimal", action="store_true", help="hd128 only, one config per kernel")
+    ap.add_argument("--cases", default="", help="e.g. 8192,16384,64:8192,pbmc3k (see workloads)")
+    ap.add_argument("--head-dims", default="128,64")
+    ap.add_argument(
+        "--check-dtypes", default="bf16,fp16,fp32", help="GPU correctness checks to run"
+    )
+    ap.add_argument("--warm-limit", type=float, default=math.inf, help="seconds for --warm-jobs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/kernel.py needs a CUDA GPU")
     impls_filter = [s for s in args.impls.split(",") if s]
-    cases = workloads(args.quick)
+    head_dims = tuple(int(d) for d in args.head_dims.split(","))
+    cases = workloads(args.quick, args.cases, head_dims)
     sweep_cases = [c for c in cases if c[0] == SWEEP_DENSE or c[0].startswith("pbmc3k")]
     jobs = [] if args.no_sweep else sweep_jobs(sweep_cases)
+    dtype_names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    wanted = {dtype_names[x] for x in args.check_dtypes.split(",") if x}
+    checks_todo = [c for c in CHECK_COMBOS if c[0] in wanted and c[3] in head_dims]
     if args.warm_part:  # child: compile a slice of every task, results thrown away
         i, n = map(int, args.warm_part.split("/"))
-        check_correctness([], CHECK_COMBOS[i::n])
+        check_correctness([], checks_todo[i::n])
         sweep([], sweep_cases, jobs[i::n], with_reference=False)
         if not args.no_table:
-            run_table(cases[i::n], impls_filter, timed=False)
+            slice_autotune_configs(i, n)
+            run_table(cases, impls_filter, timed=False)
         return
     header = env_header()
     log("env:", header)
@@ -704,13 +771,15 @@ def main(argv=None):
         return minimal(args.out, header)
     if args.warm_jobs:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a in (
-            "--quick", "--no-sweep", "--no-table")] + ([f"--impls={args.impls}"] if args.impls else [])  # fmt: skip
+            "--quick", "--no-sweep", "--no-table")] + [f"--impls={args.impls}", f"--cases={args.cases}",
+            f"--head-dims={args.head_dims}", f"--check-dtypes={args.check_dtypes}"]  # fmt: skip
         # at most half of the time limit: the timed table needs the rest
-        warm(args.warm_jobs, passthrough, deadline=t_start + args.time_limit / 2)
+        limit = min(args.time_limit / 2, args.warm_limit)
+        warm(args.warm_jobs, passthrough, deadline=t_start + limit)
         log(f"warm compile pass: {time.time() - t_start:.0f} s")
     checks: list = []
-    ok = check_correctness(checks)
-    log("GPU correctness:", "OK" if ok else "FAILED")
+    ok = check_correctness(checks, checks_todo)
+    log("GPU correctness:", "OK" if ok else "FAILED", f"({time.time() - t_start:.0f} s)")
     sweep_rows: list = []
     if jobs:
         t0 = time.time()
