@@ -762,7 +762,9 @@ def main(argv=None):
         sweep([], sweep_cases, jobs[i::n], with_reference=False)
         if not args.no_table:
             slice_autotune_configs(i, n)
-            run_table(cases, impls_filter, timed=False)
+            # each fixed-config variant is compiled by one worker only
+            others = {v for j, v in enumerate(OURS_VARIANTS) if j % n != i}
+            run_table(cases, [x for x in impls_filter or IMPLS if x not in others], timed=False)
         return
     header = env_header()
     log("env:", header)
