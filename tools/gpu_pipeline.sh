@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The whole DAG on the lent GPU machine, in one command of at most 10 minutes, results into $OUT.
 #
-# Here, first: bash tools/gpu_wheels.sh   (wheels into .whl/, the six datasets into data/)
-# There:       bash tools/gpu_pipeline.sh  (with $OUT set; carry .whl and data)
+# Here, first: bash tools/gpu_wheels.sh   (wheels into .whl/ and .whl/xz/wheels.tar.xz, the six
+#                                          datasets into data/)
+# There:       bash tools/gpu_pipeline.sh  (with $OUT set; carry .whl/xz and data)
 #
-# 1. installs .whl/*.whl into $GPU_SITE (/tmp/site; pip --target, no index) and puts it first
-#    on PYTHONPATH; a fallback wheel of .whl/fallback/ goes in only where the image's own version
+# 1. installs the wheels (.whl/xz/wheels.tar.xz unpacked, else .whl/*.whl) into $GPU_SITE
+#    (/tmp/site; pip --target, no index) and puts it first on PYTHONPATH; a fallback wheel
+#    (fallback/ beside them) goes in only where the image's own version
 #    breaks a carried package's requirement (pandas 3 vs anndata's pandas<3, packaging 26 vs
 #    snakemake's packaging<26); prints versions and any requirement still unmet.
 # 2. runs snakemake on configs/shared_data.yaml + configs/h200_run.yaml, --keep-going, greedy
-#    scheduler (pulp is not carried), at most $GPU_PIPELINE_GPU_SLOTS GPU jobs at once, the two
-#    big-batch datasets first, stopped after $GPU_PIPELINE_BUDGET_S seconds so packing still runs.
+#    scheduler (pulp is not carried), one retry of a failed job (a training resumes from its
+#    checkpoint), at most $GPU_PIPELINE_GPU_SLOTS jobs on the one GPU at once (they time-share
+#    it: the 12 big-batch trainings of baron_pancreas and pbmc3k, prioritised, beside small ones
+#    that are bound by Python and launches), stopped after $GPU_PIPELINE_BUDGET_S seconds so
+#    packing still runs.
 # 3. packs into $OUT (at most 8 files, each < 16 MiB, names [A-Za-z0-9._-]):
 #      run_info.txt          versions, fallbacks, exit status, wall times
 #      stage_times.md        per rule: jobs, total / median / max seconds (from benchmark:)
@@ -23,7 +28,7 @@
 # GPU_SITE, GPU_PIPELINE_CONFIGS (config files, relative to the repository),
 # GPU_PIPELINE_EXTRA (more snakemake arguments, e.g. "--config device=cpu"),
 # GPU_PIPELINE_WORKDIR (where results/ goes; default the repository), GPU_PIPELINE_CORES (nproc),
-# GPU_PIPELINE_GPU_SLOTS (12), GPU_PIPELINE_BUDGET_S (450), GPU_PIPELINE_PRIORITIZE (targets).
+# GPU_PIPELINE_GPU_SLOTS (18), GPU_PIPELINE_BUDGET_S (450), GPU_PIPELINE_PRIORITIZE (targets).
 # Exit status: snakemake's (124: stopped at the budget); packing happens in every case.
 set -uo pipefail
 
@@ -37,7 +42,7 @@ case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac # 
 SITE=${GPU_SITE:-/tmp/site}
 WORKDIR=${GPU_PIPELINE_WORKDIR:-$REPO}
 CORES=${GPU_PIPELINE_CORES:-$(nproc)}
-GPU_SLOTS=${GPU_PIPELINE_GPU_SLOTS:-12}
+GPU_SLOTS=${GPU_PIPELINE_GPU_SLOTS:-18}
 BUDGET=${GPU_PIPELINE_BUDGET_S:-450}
 CONFIGS=${GPU_PIPELINE_CONFIGS:-configs/shared_data.yaml configs/h200_run.yaml}
 PRIORITIZE=${GPU_PIPELINE_PRIORITIZE-results/baron_pancreas/metrics.csv results/pbmc3k/metrics.csv}
@@ -53,8 +58,13 @@ if [ "${SKIP_WHEELS:-0}" != 1 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" "$@"
   }
-  ls "$REPO"/.whl/*.whl >/dev/null || { echo "no wheels in $REPO/.whl: run tools/gpu_wheels.sh here first" >&2; exit 2; }
-  install_wheels "$REPO"/.whl/*.whl || exit 2
+  WHEELS=$REPO/.whl
+  if [ -f "$REPO/.whl/xz/wheels.tar.xz" ]; then # the carried form (tools/gpu_wheels.sh)
+    WHEELS=$(mktemp -d)
+    tar -xJf "$REPO/.whl/xz/wheels.tar.xz" -C "$WHEELS" || exit 2
+  fi
+  ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run tools/gpu_wheels.sh here first" >&2; exit 2; }
+  install_wheels "$WHEELS"/*.whl || exit 2
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$SITE/bin:$PATH"
 fi
@@ -62,7 +72,7 @@ fi
 # Requirements of the carried distributions that the environment does not meet; with --fix,
 # installs the matching wheel of .whl/fallback/ (repeated: a fallback may bring needs of its own).
 check_requirements() {
-  "$PY" - "$SITE" "$REPO/.whl/fallback" "$@" <<'EOF'
+  "$PY" - "$SITE" "$WHEELS/fallback" "$@" <<'EOF'
 import importlib.metadata as md
 import re
 import subprocess
@@ -161,7 +171,7 @@ T1=$(date +%s)
 timeout --signal=TERM --kill-after=30 "$BUDGET" \
   "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" \
   --cores "$CORES" --resources gpu="$GPU_SLOTS" --scheduler greedy \
-  --keep-going --rerun-incomplete "${PRIORITY_ARGS[@]}" \
+  --keep-going --rerun-incomplete --retries 1 "${PRIORITY_ARGS[@]}" \
   --configfile "${CONFIG_PATHS[@]}" $EXTRA 2>&1 | tee results/logs/snakemake_run.log
 STATUS=${PIPESTATUS[0]}
 T2=$(date +%s)

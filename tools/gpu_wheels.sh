@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Everything the lent GPU machine needs to run the whole DAG, gathered here (it has no package
-# registry): the Python 3.12 wheels its image lacks into .whl/, the six real datasets into data/.
+# registry): the Python 3.12 wheels its image lacks into .whl/ (29.7 MiB, + 12.7 MiB of
+# fallbacks), packed for the trip as .whl/xz/wheels.tar.xz (28.6 MiB), and the six real
+# datasets into data/ (24.3 MiB, checked against their SHA256SUMS).
 #
 #   bash tools/gpu_wheels.sh            # wheels + data + resolution check
 #   NO_CHECK=1 bash tools/gpu_wheels.sh # without the check (it downloads ~300 MB into /tmp)
 #
 # Then, on the device: bash tools/gpu_pipeline.sh (README.md, "On a GPU machine without a
-# package registry"). Both .whl/ and data/ are git-ignored; name them in the device call's carry.
+# package registry"), carrying .whl/xz and data (both git-ignored): ~54 MiB with the repository,
+# of the 64 MiB a call may send; .whl itself (42 MiB) would not fit beside the data.
 #
 # The list below is the closure of snakemake 9.27.1 (the same as .venv), scanpy 1.11.5,
 # anndata 0.12.19, scib-metrics 0.5.10 and the package's own dependencies, resolved for
@@ -20,8 +23,10 @@
 #   snakemake-executor-plugin-slurm(-jobstep): only for --profile profiles/slurm.
 # Fallbacks (.whl/fallback/): the image was built from a newer index than ours and most likely
 # holds pandas 3 and packaging 26 (it has no pytz, which every pandas 2 needs), while
-# anndata 0.12.19 asks for pandas<3 and snakemake 9.27.1 for packaging<26. gpu_pipeline.sh
-# installs a fallback only when the image's own version breaks a carried package's requirement.
+# anndata 0.12.19 asks for pandas<3 and snakemake 9.27.1 for packaging<26. Measured here under
+# Python 3.12 with pandas 3.1.1: anndata 0.12.19 cannot write an h5ad (the download stage fails,
+# "allow_write_nullable_strings"). gpu_pipeline.sh installs a fallback only when the image's own
+# version breaks a carried package's requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -106,6 +111,32 @@ EOF
 du -cb "$WHL"/*.whl | tail -1 | awk '{printf "wheels (.whl/*.whl): %.1f MiB\n", $1 / 1048576}'
 du -cb "$FALLBACK_DIR"/*.whl | tail -1 | awk '{printf "fallbacks (.whl/fallback): %.1f MiB\n", $1 / 1048576}'
 
+# For the trip (64 MiB a call, data and repository included): every wheel re-zipped without
+# compression (pip reads any zip; RECORD hashes the files, not the zip), then xz over them all:
+# ~29 MiB instead of ~42. gpu_pipeline.sh unpacks it and pip-installs the wheels as they are.
+echo "== $WHL/xz/wheels.tar.xz (carry .whl/xz)"
+STORED=$(mktemp -d)
+"$PY" - "$WHL" "$STORED" <<'PYEOF'
+import sys
+import zipfile
+from pathlib import Path
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for wheel in [*src.glob("*.whl"), *src.glob("fallback/*.whl")]:
+    out = dst / wheel.relative_to(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)  # before the change below: zin reads through the same info
+            info.compress_type = zipfile.ZIP_STORED
+            zout.writestr(info, data)
+PYEOF
+mkdir -p "$WHL/xz"
+tar -cf - -C "$STORED" . | xz -T0 -6 >"$WHL/xz/wheels.tar.xz.tmp"
+mv "$WHL/xz/wheels.tar.xz.tmp" "$WHL/xz/wheels.tar.xz"
+rm -rf "$STORED"
+du -b "$WHL/xz/wheels.tar.xz" | awk '{printf "wheels for the trip (.whl/xz/wheels.tar.xz): %.1f MiB\n", $1 / 1048576}'
+
 echo "== data -> data/"
 mkdir -p data
 # verified against the folder's SHA256SUMS, so a truncated copy never travels
@@ -114,7 +145,7 @@ cp -p "$SHARED_DATA"/*.h5ad "$SHARED_DATA"/SHA256SUMS data/
 (cd data && sha256sum -c --quiet SHA256SUMS)
 du -cb data/*.h5ad | tail -1 | awk '{printf "data (data/*.h5ad): %.1f MiB\n", $1 / 1048576}'
 git ls-files -z | xargs -0 du -cb | tail -1 | awk '{printf "repo (tracked files): %.1f MiB\n", $1 / 1048576}'
-du -cb "$WHL" data | tail -1 | awk '{printf "carried (.whl + data): %.1f MiB of the 64 MiB a call may send\n", $1 / 1048576}'
+du -cb "$WHL/xz" data | tail -1 | awk '{printf "carried (.whl/xz + data): %.1f MiB, plus the repository, of the 64 MiB a call may send\n", $1 / 1048576}'
 
 if [ "${NO_CHECK:-0}" = 1 ]; then
   exit 0
