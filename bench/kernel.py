@@ -745,7 +745,17 @@ def main(argv=None):
         "--check-dtypes", default="bf16,fp16,fp32", help="GPU correctness checks to run"
     )
     ap.add_argument("--warm-limit", type=float, default=math.inf, help="seconds for --warm-jobs")
+    ap.add_argument(
+        "--options", default="", help="kernel defaults for this run, e.g. use_tma=1,bwd_sig_mode=1"
+    )
     args = ap.parse_args(argv)
+    for item in filter(None, args.options.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ts.DEFAULT_OPTIONS:
+            sys.exit(
+                f"--options: unknown kernel option {key!r} (known: {sorted(ts.DEFAULT_OPTIONS)})"
+            )
+        ts.DEFAULT_OPTIONS[key] = int(value)
     if not torch.cuda.is_available():
         sys.exit("bench/kernel.py needs a CUDA GPU")
     impls_filter = [s for s in args.impls.split(",") if s]
@@ -767,7 +777,7 @@ def main(argv=None):
             run_table(cases, [x for x in impls_filter or IMPLS if x not in others], timed=False)
         return
     header = env_header()
-    log("env:", header)
+    log("env:", header, "kernel defaults:", ts.DEFAULT_OPTIONS)
     t_start = time.time()
     if args.minimal:
         return minimal(args.out, header)
