@@ -28,7 +28,7 @@
 # GPU_SITE, GPU_PIPELINE_CONFIGS (config files, relative to the repository),
 # GPU_PIPELINE_EXTRA (more snakemake arguments, e.g. "--config device=cpu"),
 # GPU_PIPELINE_WORKDIR (where results/ goes; default the repository), GPU_PIPELINE_CORES (nproc),
-# GPU_PIPELINE_GPU_SLOTS (18), GPU_PIPELINE_BUDGET_S (450), GPU_PIPELINE_PRIORITIZE (targets).
+# GPU_PIPELINE_GPU_SLOTS (18), GPU_PIPELINE_BUDGET_S (420), GPU_PIPELINE_PRIORITIZE (targets).
 # Exit status: snakemake's (124: stopped at the budget); packing happens in every case.
 set -uo pipefail
 
@@ -43,7 +43,7 @@ SITE=${GPU_SITE:-/tmp/site}
 WORKDIR=${GPU_PIPELINE_WORKDIR:-$REPO}
 CORES=${GPU_PIPELINE_CORES:-$(nproc)}
 GPU_SLOTS=${GPU_PIPELINE_GPU_SLOTS:-18}
-BUDGET=${GPU_PIPELINE_BUDGET_S:-450}
+BUDGET=${GPU_PIPELINE_BUDGET_S:-420}
 CONFIGS=${GPU_PIPELINE_CONFIGS:-configs/shared_data.yaml configs/h200_run.yaml}
 PRIORITIZE=${GPU_PIPELINE_PRIORITIZE-results/baron_pancreas/metrics.csv results/pbmc3k/metrics.csv}
 EXTRA=${GPU_PIPELINE_EXTRA:-}
@@ -61,7 +61,9 @@ if [ "${SKIP_WHEELS:-0}" != 1 ]; then
   WHEELS=$REPO/.whl
   if [ -f "$REPO/.whl/xz/wheels.tar.xz" ]; then # the carried form (tools/gpu_wheels.sh)
     WHEELS=$(mktemp -d)
-    tar -xJf "$REPO/.whl/xz/wheels.tar.xz" -C "$WHEELS" || exit 2
+    # Python's lzma, not tar -J: the image need not have xz
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+      "$REPO/.whl/xz/wheels.tar.xz" "$WHEELS" || exit 2
   fi
   ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run tools/gpu_wheels.sh here first" >&2; exit 2; }
   install_wheels "$WHEELS"/*.whl || exit 2
@@ -162,6 +164,7 @@ for c in $CONFIGS; do
   case $c in /*) CONFIG_PATHS+=("$c") ;; *) CONFIG_PATHS+=("$REPO/$c") ;; esac
 done
 PRIORITY_ARGS=()
+# shellcheck disable=SC2206  # a list of targets, split on spaces
 [ -n "$PRIORITIZE" ] && PRIORITY_ARGS=(--prioritize $PRIORITIZE)
 mkdir -p "$WORKDIR/results/logs"
 cd "$WORKDIR" || exit 2
@@ -177,7 +180,7 @@ STATUS=${PIPESTATUS[0]}
 T2=$(date +%s)
 say "snakemake exit status: $STATUS$([ "$STATUS" = 124 ] && echo ' (stopped at the budget)'); wall $((T2 - T1)) s"
 if [ -f results/tables/representation.csv ]; then
-  timeout 90 "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" \
+  timeout 60 "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" \
     --configfile "${CONFIG_PATHS[@]}" $EXTRA --report results/report.html \
     >results/logs/snakemake_report.log 2>&1 || say "report: failed (results/logs/snakemake_report.log)"
 fi
