@@ -319,3 +319,24 @@ def test_padded_reference_consistent_with_varlen_reference():
     packed = sigmoid_attention_varlen_reference(q, k, v, cu, max_seqlen)
     valid = torch.arange(max_seqlen)[None, :] < lengths[:, None].long()
     assert torch.allclose(padded[valid], packed)
+
+
+def test_encoder_attention_reads_no_value_on_the_host(monkeypatch):
+    """The encoder's layers call the kernel without the host-side cu_seqlens check (one
+    device sync per layer per step on a GPU); the public entry point still checks."""
+    from sigmoid_sc.model import Encoder, ModelConfig
+
+    monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", "triton")
+    reads = []
+    monkeypatch.setattr(ts, "_checking_values", lambda: reads.append(1) or True)
+    config = ModelConfig(vocab_size=20, max_len=16, d_model=64, n_heads=2, n_layers=2, d_ff=64,
+                         dropout=0.0, attention="sigmoid")  # fmt: skip
+    model = Encoder(config)
+    ids = torch.randint(3, 20, (21,))
+    cu = torch.tensor([0, 5, 21], dtype=torch.int32)
+    hidden = model(ids, cu, 16)
+    assert hidden.shape == (21, 64) and torch.isfinite(hidden).all()
+    assert reads == []
+    cu_seq, max_seqlen, (q, k, v, _) = _packed_inputs([5, 16], 32, torch.float32, 0)
+    attention_varlen("sigmoid", q, k, v, cu_seq, max_seqlen)
+    assert reads == [1]

@@ -66,7 +66,9 @@ class SelfAttention(nn.Module):
         """x: ``[T, d_model]`` packed tokens -> ``[T, d_model]``; attention stays within a cell."""
         total, d_model = x.shape
         q, k, v = self.qkv(x).view(total, 3, self.n_heads, d_model // self.n_heads).unbind(1)
-        y = attention_varlen(self.attention, q, k, v, cu_seqlens, max_seqlen)  # [T, H, D]
+        # cu_seqlens come from the packer (sigmoid_sc.train.pack), valid by construction: no
+        # host-side value check (a device sync) in every layer of every step
+        y = attention_varlen(self.attention, q, k, v, cu_seqlens, max_seqlen, validate=False)
         return self.dropout(self.proj(y.reshape(total, d_model)))
 
 

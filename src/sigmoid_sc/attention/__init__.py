@@ -127,17 +127,23 @@ def attention_varlen(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention over packed tokens ``[total, H, D]``; ``kind`` is ``softmax`` or ``sigmoid``.
 
     ``cu_seqlens``: int32 ``[B + 1]``. Sigmoid uses the per-sequence bias ``-log(n_i)``.
+    ``validate=False`` skips the Triton kernel's check of ``cu_seqlens``' values, which reads
+    them on the host (a device sync): for callers whose ``cu_seqlens`` are valid by
+    construction, such as the encoder, where a sync in every layer would stall the GPU.
     Returns ``[total, H, D]`` in q's dtype.
     """
     if kind == "sigmoid":
         if sigmoid_backend(q.device, q.shape[-1], q.dtype) == "triton":
             from .triton_sigmoid import sigmoid_attention_varlen
 
-            return sigmoid_attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+            return sigmoid_attention_varlen(
+                q, k, v, cu_seqlens, max_seqlen, scale=scale, validate=validate
+            )
         return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     if kind == "softmax":
         backend = softmax_backend(q.device)
