@@ -57,7 +57,9 @@ JOBS = {
 }
 
 
-def run_pipeline(tmp: Path, budget_s: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
+def run_pipeline(
+    tmp: Path, budget_s: int = 600, **extra_env: str
+) -> tuple[subprocess.CompletedProcess, Path]:
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     # a pulp that cannot be imported, first on PYTHONPATH (the rules' jobs inherit it too)
@@ -78,6 +80,7 @@ def run_pipeline(tmp: Path, budget_s: int = 600) -> tuple[subprocess.CompletedPr
         "GPU_PIPELINE_PRIORITIZE": "results/blobs/metrics.csv",
         "GPU_PIPELINE_CORES": "2",
         "GPU_PIPELINE_BUDGET_S": str(budget_s),
+        **extra_env,
     }
     process = subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=budget_s + 120
@@ -173,3 +176,22 @@ def test_a_run_stopped_at_its_budget_still_packs(tmp_path):
     info = (out / "run_info.txt").read_text()
     assert "snakemake exit status: 124 (stopped at the budget)" in info
     assert "results/logs/snakemake_run.log" in members(out / "logs.tar.gz")
+
+
+def test_targets_run_a_subset_of_the_dag(tmp_path):
+    """GPU_PIPELINE_TARGETS: one call runs part of the DAG (e.g. three datasets of six)."""
+    process, out = run_pipeline(
+        tmp_path,
+        budget_s=300,
+        GPU_PIPELINE_TARGETS="results/blobs/embed/pca.npz",
+        GPU_PIPELINE_PRIORITIZE="",  # --prioritize would pull its targets into the run
+    )
+    assert process.returncode == 0, (process.stdout + process.stderr)[-4000:]
+    info = (out / "run_info.txt").read_text()
+    assert "targets: results/blobs/embed/pca.npz" in info
+    rules = {
+        line.strip("|").split("|")[0].strip()
+        for line in (out / "stage_times.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| rule", "| ---"))
+    }
+    assert rules == {"download", "prepare", "pca"}, rules

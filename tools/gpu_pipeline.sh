@@ -28,7 +28,13 @@
 # GPU_SITE, GPU_PIPELINE_CONFIGS (config files, relative to the repository),
 # GPU_PIPELINE_EXTRA (more snakemake arguments, e.g. "--config device=cpu"),
 # GPU_PIPELINE_WORKDIR (where results/ goes; default the repository), GPU_PIPELINE_CORES (nproc),
-# GPU_PIPELINE_GPU_SLOTS (18), GPU_PIPELINE_BUDGET_S (420), GPU_PIPELINE_PRIORITIZE (targets).
+# GPU_PIPELINE_GPU_SLOTS (8), GPU_PIPELINE_BUDGET_S (420), GPU_PIPELINE_PRIORITIZE (targets),
+# GPU_PIPELINE_TARGETS (snakemake targets: a subset of the DAG for this call, e.g.
+# "results/bladder/metrics.csv results/cbmc/metrics.csv results/kidney/metrics.csv"; default
+# the whole DAG). Measured 2026-11-29 (docs/results/2026-11-29_h200): the 36 trainings of
+# 1,000 steps need ~9.5 min of GPU in all, more than one 10-minute call, and 18 jobs sharing
+# the GPU ran no faster in sum than fewer: split the datasets over two calls with TARGETS and
+# aggregate their metrics.csv files afterwards (`sigmoid-sc aggregate --metrics ...`).
 # Exit status: snakemake's (124: stopped at the budget); packing happens in every case.
 set -uo pipefail
 
@@ -42,11 +48,14 @@ case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac # 
 SITE=${GPU_SITE:-/tmp/site}
 WORKDIR=${GPU_PIPELINE_WORKDIR:-$REPO}
 CORES=${GPU_PIPELINE_CORES:-$(nproc)}
-GPU_SLOTS=${GPU_PIPELINE_GPU_SLOTS:-18}
+GPU_SLOTS=${GPU_PIPELINE_GPU_SLOTS:-8}
 BUDGET=${GPU_PIPELINE_BUDGET_S:-420}
 CONFIGS=${GPU_PIPELINE_CONFIGS:-configs/shared_data.yaml configs/h200_run.yaml}
 PRIORITIZE=${GPU_PIPELINE_PRIORITIZE-results/baron_pancreas/metrics.csv results/pbmc3k/metrics.csv}
 EXTRA=${GPU_PIPELINE_EXTRA:-}
+TARGETS=${GPU_PIPELINE_TARGETS:-}
+# the default priorities name datasets a subset may leave out
+[ -n "$TARGETS" ] && [ -z "${GPU_PIPELINE_PRIORITIZE+set}" ] && PRIORITIZE=""
 INFO=$OUT/run_info.txt
 : >"$INFO"
 
@@ -168,11 +177,11 @@ PRIORITY_ARGS=()
 [ -n "$PRIORITIZE" ] && PRIORITY_ARGS=(--prioritize $PRIORITIZE)
 mkdir -p "$WORKDIR/results/logs"
 cd "$WORKDIR" || exit 2
-say "== snakemake (budget ${BUDGET}s, ${GPU_SLOTS} GPU slots): configs ${CONFIGS}; extra: ${EXTRA:-none}"
+say "== snakemake (budget ${BUDGET}s, ${GPU_SLOTS} GPU slots): configs ${CONFIGS}; extra: ${EXTRA:-none}; targets: ${TARGETS:-all}"
 T1=$(date +%s)
 # shellcheck disable=SC2086  # EXTRA is a list of words
 timeout --signal=TERM --kill-after=30 "$BUDGET" \
-  "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" \
+  "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" $TARGETS \
   --cores "$CORES" --resources gpu="$GPU_SLOTS" --scheduler greedy \
   --keep-going --rerun-incomplete --retries 1 "${PRIORITY_ARGS[@]}" \
   --configfile "${CONFIG_PATHS[@]}" $EXTRA 2>&1 | tee results/logs/snakemake_run.log
