@@ -111,7 +111,7 @@ def _padded_sdpa(backend: str | None, dense: bool):
     """SDPA on the padded batch; ``dense``: all lengths equal, a plain reshape and no mask."""
     name = backend or "default"
 
-    def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None, validate=True):  # noqa: ARG001 (the model's keyword)
         scale = default_scale(q.shape[-1], scale)
         batch = cu_seqlens.numel() - 1
         ctx = _sdpa_backend(backend) if backend else contextlib.nullcontext()
@@ -138,7 +138,7 @@ def _paper_sigmoid(dense: bool):
     except ImportError as exc:
         raise NotApplicable("triton-sigmoid is not installed") from exc
 
-    def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None, validate=True):  # noqa: ARG001 (the model's keyword)
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
         if dense:
             batch = lengths.numel()
