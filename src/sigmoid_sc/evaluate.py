@@ -54,6 +54,7 @@ from .errors import ConfigError, DataError
 from .io import write_csv
 from .prepare import check_params
 from .sources import log_to_stderr, parse_json_arg
+from .validate import entry_keys
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,7 @@ def evaluate(
         raise ConfigError(
             f"evaluate: n_neighbors must be an integer >= 2, got {p['n_neighbors']!r}"
         )
-    label_key = entry.get("label_key")
-    if not label_key:
-        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
-    batch_key = entry.get("batch_key") or None
+    label_key, batch_key = entry_keys(entry, dataset)
     for key, what in ((label_key, "label_key"), (batch_key, "batch_key")):
         if key is not None and key not in obs.columns:
             raise DataError(

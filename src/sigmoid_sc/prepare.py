@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, DataError
 from .io import write_h5ad
 from .sources import log_to_stderr, parse_json_arg
-from .validate import expressed_genes_per_cell, validate_raw
+from .validate import entry_keys, expressed_genes_per_cell, validate_raw
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
 
     p = check_params(params, DEFAULTS, "prepare")
     _check_prepare_params(p)
-    label_key = entry.get("label_key")
-    if not label_key:
-        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
-    batch_key = entry.get("batch_key") or None
+    label_key, batch_key = entry_keys(entry, dataset)
     normalized = bool(entry.get("normalized", False))
     validate_raw(adata, dataset, label_key, batch_key)
 

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_h5ad
-from .validate import validate_raw
+from .validate import entry_keys, validate_raw
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +200,7 @@ def load_dataset(
         raise ConfigError(
             f"dataset {dataset!r}: source {source!r} is not one of {', '.join(SOURCES)}"
         )
-    label_key = entry.get("label_key")
-    if not label_key:
-        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
-    batch_key = entry.get("batch_key") or None
+    label_key, batch_key = entry_keys(entry, dataset)
 
     if source == "scanpy":
         adata = _from_scanpy(dataset, entry)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 #: how many offending cell names an error message lists
 N_EXAMPLES = 5
@@ -37,6 +37,14 @@ def expressed_genes_per_cell(X) -> np.ndarray:
         rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
         return np.bincount(rows[positive], minlength=X.shape[0]).astype(np.int64)
     return (np.asarray(X) > 0).sum(axis=1).astype(np.int64)
+
+
+def entry_keys(entry: dict, dataset: str) -> tuple[str, str | None]:
+    """``(label_key, batch_key)`` of a dataset's config entry; ``batch_key`` None when unset."""
+    label_key = entry.get("label_key")
+    if not label_key:
+        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
+    return label_key, entry.get("batch_key") or None
 
 
 def check_obs_key(adata, dataset: str, key: str, what: str) -> None:
