@@ -14,6 +14,16 @@ from pathlib import Path
 import numpy as np
 
 N_SPECIAL = 3
+#: the model and training settings of the tests that train on these tokens (a few seconds)
+TINY_MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
+TINY_TRAIN = {
+    "steps": 12,
+    "batch_size": 16,
+    "lr": 3.0e-3,
+    "warmup_steps": 3,
+    "eval_every": 5,
+    "checkpoint_every": 4,
+}
 
 
 def make_tokens(

@@ -19,19 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest_tokens import TINY_MODEL, TINY_TRAIN
 
 from sigmoid_sc.train import shard_batch, shard_bounds, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
-TRAIN = {
-    "steps": 12,
-    "batch_size": 16,
-    "lr": 3.0e-3,
-    "warmup_steps": 3,
-    "eval_every": 5,
-    "checkpoint_every": 4,
-}
 RTOL = 1e-5
 
 
@@ -42,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def single(tokens_path, tmp_path_factory):
     """The reference: the same config in one process."""
     out = tmp_path_factory.mktemp("single")
-    train("toy", tokens_path, "sigmoid", 0, MODEL, TRAIN, "cpu", out)
+    train("toy", tokens_path, "sigmoid", 0, TINY_MODEL, TINY_TRAIN, "cpu", out)
     return out
 
 
@@ -51,8 +43,8 @@ def torchrun(tokens_path, out_dir, nproc=2, train_params=None, **popen):
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc_per_node", str(nproc),
         "-m", "sigmoid_sc.cli", "train", "--dataset", "toy", "--tokens", str(tokens_path),
-        "--attention", "sigmoid", "--seed", "0", "--model-json", json.dumps(MODEL),
-        "--train-json", json.dumps(TRAIN if train_params is None else train_params),
+        "--attention", "sigmoid", "--seed", "0", "--model-json", json.dumps(TINY_MODEL),
+        "--train-json", json.dumps(TINY_TRAIN if train_params is None else train_params),
         "--device", "cpu", "--out-dir", str(out_dir),
     ]  # fmt: skip
     pythonpath = os.pathsep.join(p for p in [str(SRC), os.environ.get("PYTHONPATH")] if p)
@@ -104,7 +96,7 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
     tokens_path, single, tmp_path
 ):
     """SIGTERM to torchrun mid-run: rank 0 saves, all stop; the rerun (2 processes) resumes."""
-    params = {**TRAIN, "steps": 400, "eval_every": 10, "checkpoint_every": 1000}
+    params = {**TINY_TRAIN, "steps": 400, "eval_every": 10, "checkpoint_every": 1000}
     proc = torchrun(tokens_path, tmp_path, train_params=params, stderr=subprocess.PIPE)
     for line in proc.stderr:  # training is under way once step 10 is reported
         if "step 10/" in line:
@@ -122,7 +114,7 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
     assert done.returncode == 0, done.stderr
     assert f"at step {state['step']}" in done.stderr and "resuming from" in done.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
-    train("toy", tokens_path, "sigmoid", 0, MODEL, params, "cpu", tmp_path / "full")
+    train("toy", tokens_path, "sigmoid", 0, TINY_MODEL, params, "cpu", tmp_path / "full")
     assert_close_runs(tmp_path / "full", tmp_path, rtol=1e-4)
 
 

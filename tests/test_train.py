@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest_tokens import TINY_MODEL, TINY_TRAIN
 
 from sigmoid_sc import train as train_mod
 from sigmoid_sc.embed import embed
@@ -26,17 +27,6 @@ from sigmoid_sc.train import (
     train,
 )
 
-MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
-TRAIN = {
-    "steps": 12,
-    "batch_size": 16,
-    "lr": 3.0e-3,
-    "warmup_steps": 3,
-    "eval_every": 5,
-    "checkpoint_every": 4,
-}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,8 +36,8 @@ def run(tokens_path, out_dir, attention="sigmoid", seed=0, model=None, train_par
         tokens_path,
         attention,
         seed,
-        MODEL if model is None else model,
-        TRAIN if train_params is None else train_params,
+        TINY_MODEL if model is None else model,
+        TINY_TRAIN if train_params is None else train_params,
         "cpu",
         out_dir,
         **kw,
@@ -107,7 +97,7 @@ def test_lr_warmup_then_cosine_to_ten_percent():
 
 
 def test_training_loss_falls_on_structured_data(tokens_path, tmp_path):
-    params = {**TRAIN, "steps": 80, "eval_every": 20, "checkpoint_every": 1000}
+    params = {**TINY_TRAIN, "steps": 80, "eval_every": 20, "checkpoint_every": 1000}
     run(tokens_path, tmp_path, train_params=params)
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.columns) == ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
@@ -134,7 +124,7 @@ def test_softmax_and_sigmoid_see_the_same_batches(tokens_path, tmp_path, monkeyp
         return original(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction)
 
     monkeypatch.setattr(train_mod, "masked_gene_loss", spy)
-    params = {**TRAIN, "steps": 4}
+    params = {**TINY_TRAIN, "steps": 4}
     for attention in ("softmax", "sigmoid"):
         run(tokens_path, tmp_path / attention, attention=attention, train_params=params)
     assert len(seen["softmax"]) == len(seen["sigmoid"]) == 4
@@ -162,7 +152,7 @@ def test_same_seed_same_init_inside_train(tokens_path, tmp_path, monkeypatch):
             tokens_path,
             tmp_path / attention,
             attention=attention,
-            train_params={**TRAIN, "steps": 1},
+            train_params={**TINY_TRAIN, "steps": 1},
         )
     for name, value in built["softmax"].items():
         assert torch.equal(value, built["sigmoid"][name]), name
@@ -170,7 +160,7 @@ def test_same_seed_same_init_inside_train(tokens_path, tmp_path, monkeypatch):
 
 # --- preemption and resume -----------------------------------------------------------------
 
-RESUME_MODEL = {**MODEL, "dropout": 0.1}  # dropout: the torch RNG state must be restored too
+RESUME_MODEL = {**TINY_MODEL, "dropout": 0.1}  # dropout: the torch RNG state must be restored too
 
 
 def test_resume_after_sigterm_equals_uninterrupted(tokens_path, tmp_path):
@@ -209,7 +199,7 @@ def test_resume_after_crash_from_last_periodic_checkpoint(tokens_path, tmp_path)
         tokens_path,
         tmp_path / "cut",
         model=RESUME_MODEL,
-        train_params={**TRAIN, "checkpoint_every": 3},
+        train_params={**TINY_TRAIN, "checkpoint_every": 3},
     )
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
@@ -223,18 +213,18 @@ def test_checkpoint_of_another_config_is_refused(tokens_path, tmp_path):
         run(tokens_path, tmp_path, on_step=crash)
     assert (tmp_path / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match=r"train\.lr"):
-        run(tokens_path, tmp_path, train_params={**TRAIN, "lr": 1e-2})
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "lr": 1e-2})
     with pytest.raises(ConfigError, match="attention"):
         run(tokens_path, tmp_path, attention="softmax")
 
 
 def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     """The real thing: a `sigmoid-sc train` process killed with SIGTERM, then rerun."""
-    params = {**TRAIN, "steps": 150, "eval_every": 10, "checkpoint_every": 1000}
+    params = {**TINY_TRAIN, "steps": 150, "eval_every": 10, "checkpoint_every": 1000}
     cli = [
         sys.executable, "-m", "sigmoid_sc.cli", "train", "--dataset", "toy",
         "--tokens", str(tokens_path), "--attention", "softmax", "--seed", "2",
-        "--model-json", json.dumps(MODEL), "--train-json", json.dumps(params),
+        "--model-json", json.dumps(TINY_MODEL), "--train-json", json.dumps(params),
         "--device", "cpu", "--out-dir", str(tmp_path / "cut"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process run (one_thread)
@@ -252,7 +242,7 @@ def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"at step {step}" in done.stderr and "resuming from" in done.stderr
-    train("toy", tokens_path, "softmax", 2, MODEL, params, "cpu", tmp_path / "full")
+    train("toy", tokens_path, "softmax", 2, TINY_MODEL, params, "cpu", tmp_path / "full")
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
@@ -264,8 +254,8 @@ def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     [("train", "learning_rate"), ("model", "n_layer"), ("model", "attention")],
 )
 def test_unknown_config_key_is_named(tokens_path, tmp_path, section, key):
-    model = {**MODEL, key: 1} if section == "model" else MODEL
-    params = {**TRAIN, key: 1} if section == "train" else TRAIN
+    model = {**TINY_MODEL, key: 1} if section == "model" else TINY_MODEL
+    params = {**TINY_TRAIN, key: 1} if section == "train" else TINY_TRAIN
     with pytest.raises(ConfigError, match=rf"{section}\.{key}\b"):
         run(tokens_path, tmp_path, model=model, train_params=params)
     assert not list(tmp_path.iterdir())  # nothing written
@@ -273,11 +263,11 @@ def test_unknown_config_key_is_named(tokens_path, tmp_path, section, key):
 
 def test_bad_config_values_are_named(tokens_path, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.steps"):
-        run(tokens_path, tmp_path, train_params={**TRAIN, "steps": "many"})
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "steps": "many"})
     with pytest.raises(ConfigError, match=r"train\.precision"):
-        run(tokens_path, tmp_path, train_params={**TRAIN, "precision": "fp8"})
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "precision": "fp8"})
     with pytest.raises(ConfigError, match=r"n_heads"):
-        run(tokens_path, tmp_path, model={**MODEL, "n_heads": 5})
+        run(tokens_path, tmp_path, model={**TINY_MODEL, "n_heads": 5})
     with pytest.raises(ConfigError, match=r"seed"):
         run(tokens_path, tmp_path, seed=-1)
 
@@ -292,7 +282,7 @@ def test_embed_writes_test_cells_and_recomputes_val_loss(tokens_path, tmp_path):
     tokens = load_tokens(tokens_path, "toy")
     test_cells = tokens.cells("test")
     with np.load(out, allow_pickle=False) as npz:
-        assert npz["X_emb"].shape == (test_cells.size, MODEL["d_model"])
+        assert npz["X_emb"].shape == (test_cells.size, TINY_MODEL["d_model"])
         assert npz["X_emb"].dtype == np.float32 and np.isfinite(npz["X_emb"]).all()
         np.testing.assert_array_equal(npz["obs_names"], tokens.obs_names[test_cells])
         assert str(npz["method"]) == "softmax" and int(npz["seed"]) == 1
