@@ -31,6 +31,16 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
+def run_speed(tmp_path: Path, name: str, *args: str):
+    """bench/train_speed.py with ``args``, its table in ``<name>.csv`` / ``<name>.md``."""
+    csv, md = tmp_path / f"{name}.csv", tmp_path / f"{name}.md"
+    process = subprocess.run(
+        [sys.executable, str(SPEED), *args, "--out-csv", str(csv), "--out-md", str(md)],
+        env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return process, csv, md
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_smoke_run_leaves_at_most_8_files_with_both_parts(tmp_path):
     out = tmp_path / "out"
@@ -116,24 +126,18 @@ def test_a_stress_part_cut_by_its_budget_keeps_its_log_and_gets_a_figure(tmp_pat
 
 
 def test_time_limit_skips_what_was_not_started_and_merge_joins_tables(tmp_path):
-    a_csv, a_md = tmp_path / "a.csv", tmp_path / "a.md"
-    process = subprocess.run(
-        [sys.executable, str(SPEED), "--smoke", "--workloads", "fixed", "--impls",
-         "sigmoid_ours", "softmax_varlen", "--time-limit", "1e-9",
-         "--out-csv", str(a_csv), "--out-md", str(a_md)],
-        env=env(), capture_output=True, text=True, timeout=120,
+    process, a_csv, _ = run_speed(
+        tmp_path, "a", "--smoke", "--workloads", "fixed",
+        "--impls", "sigmoid_ours", "softmax_varlen", "--time-limit", "1e-9",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
     skipped = pd.read_csv(a_csv)
     assert skipped["step_ms_median"].isna().all()
     assert skipped["note"].str.startswith("skipped: --time-limit").all()
 
-    b_csv, b_md = tmp_path / "b.csv", tmp_path / "b.md"
-    process = subprocess.run(
-        [sys.executable, str(SPEED), "--smoke", "--workloads", "cells", "--impls",
-         "sigmoid_ours", "softmax_varlen", "--head-dims", "8",
-         "--out-csv", str(b_csv), "--out-md", str(b_md)],
-        env=env(), capture_output=True, text=True, timeout=120,
+    process, b_csv, _ = run_speed(
+        tmp_path, "b", "--smoke", "--workloads", "cells",
+        "--impls", "sigmoid_ours", "softmax_varlen", "--head-dims", "8",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
     cells = pd.read_csv(b_csv)
@@ -141,12 +145,9 @@ def test_time_limit_skips_what_was_not_started_and_merge_joins_tables(tmp_path):
     assert (cells["n_cells"] == 4).all() and (cells["step_ms_median"] > 0).all()
     assert cells["warmup_steps_ms"].astype(str).str.len().gt(0).all()
 
-    m_csv, m_md = tmp_path / "m.csv", tmp_path / "m.md"
-    process = subprocess.run(
-        [sys.executable, str(SPEED), "--merge", str(a_csv), str(b_csv), str(tmp_path / "none.csv"),
-         "--out-csv", str(m_csv), "--out-md", str(m_md)],
-        env=env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    process, m_csv, m_md = run_speed(
+        tmp_path, "m", "--merge", str(a_csv), str(b_csv), str(tmp_path / "none.csv")
+    )
     assert process.returncode == 0, process.stderr
     assert "none.csv is missing" in process.stderr
     merged = pd.read_csv(m_csv)
