@@ -73,6 +73,7 @@ IMPLS = (
     "softmax_sdpa_padded",
     "sigmoid_triton_paper",
 )
+CUDA_ONLY = ("softmax_sdpa_cudnn", "softmax_sdpa_flash", "sigmoid_triton_paper")
 MASK_ID = 1
 N_SPECIAL = 3
 
@@ -158,7 +159,8 @@ def _paper_sigmoid(dense: bool):
 
 def attention_for(impl: str, dense: bool, device: torch.device):
     """(model attention kind, attention function) of one implementation on one workload."""
-    cuda = device.type == "cuda"
+    if impl in CUDA_ONLY and device.type != "cuda":
+        raise NotApplicable("needs CUDA")
     if impl == "sigmoid_ours":
         return "sigmoid", attention_varlen
     if impl == "softmax_varlen":
@@ -166,18 +168,12 @@ def attention_for(impl: str, dense: bool, device: torch.device):
     if impl == "softmax_sdpa_padded":
         return "softmax", _padded_sdpa(None, dense)
     if impl == "softmax_sdpa_cudnn":
-        if not cuda:
-            raise NotApplicable("needs CUDA")
         return "softmax", _padded_sdpa("CUDNN_ATTENTION", dense)
     if impl == "softmax_sdpa_flash":
-        if not cuda:
-            raise NotApplicable("needs CUDA")
         if not dense:
             raise NotApplicable("flash takes no key mask; varlen flash is softmax_varlen")
         return "softmax", _padded_sdpa("FLASH_ATTENTION", dense)
     if impl == "sigmoid_triton_paper":
-        if not cuda:
-            raise NotApplicable("needs CUDA")
         return "sigmoid", _paper_sigmoid(dense)
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
