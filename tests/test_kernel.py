@@ -124,7 +124,7 @@ def test_constant_bias_tensor_bias_and_scale():
     [
         {"atomic_dq": False},
         {"atomic_dq": True},
-        {"pipeline": True},
+        {"pipeline": True, "use_tma": False},  # the pipelined form is the pointer-load path's
     ],
 )
 def test_kernel_variants(options):
@@ -175,6 +175,8 @@ def test_sigmoid_form_choice():
     assert ts._sig_mode(opts, True, torch.bfloat16) == ts.SIG_EXACT
     assert ts._sig_mode(opts, False, torch.bfloat16) == ts.SIG_TANH
     assert ts._sig_mode({"sig_mode": ts.SIG_NEWTON}, True, torch.float16) == ts.SIG_NEWTON
+    # TMA loads (a default since run 6) only where the GPU has them; never on the CPU
+    assert not ts._tma_ok(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
