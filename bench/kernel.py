@@ -605,6 +605,8 @@ def env_header() -> dict:
         "triton": triton.__version__,
         "triton_sigmoid": ts_version,
         "cuda": torch.version.cuda,
+        # `ours` runs with these (after --options), so a table says which kernel it timed
+        "kernel_defaults": " ".join(f"{k}={int(v)}" for k, v in ts.DEFAULT_OPTIONS.items()),
     }
 
 
@@ -748,7 +750,7 @@ def main(argv=None):
     )
     ap.add_argument("--warm-limit", type=float, default=math.inf, help="seconds for --warm-jobs")
     ap.add_argument(
-        "--options", default="", help="kernel defaults for this run, e.g. use_tma=1,bwd_sig_mode=1"
+        "--options", default="", help="kernel defaults for this run, e.g. use_tma=0,bwd_sig_mode=0 (the pre-run-6 kernel)"
     )
     args = ap.parse_args(argv)
     for item in filter(None, args.options.split(",")):
@@ -786,7 +788,8 @@ def main(argv=None):
     if args.warm_jobs:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a in (
             "--quick", "--no-sweep", "--no-table")] + [f"--impls={args.impls}", f"--cases={args.cases}",
-            f"--head-dims={args.head_dims}", f"--check-dtypes={args.check_dtypes}"]  # fmt: skip
+            f"--head-dims={args.head_dims}", f"--check-dtypes={args.check_dtypes}",
+            f"--options={args.options}"]  # fmt: skip  (workers compile the same kernel variants)
         # at most half of the time limit: the timed table needs the rest
         limit = min(args.time_limit / 2, args.warm_limit)
         warm(args.warm_jobs, passthrough, deadline=t_start + limit)
