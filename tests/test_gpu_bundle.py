@@ -195,3 +195,76 @@ def test_targets_run_a_subset_of_the_dag(tmp_path):
         if line.startswith("| ") and not line.startswith(("| rule", "| ---"))
     }
     assert rules == {"download", "prepare", "pca"}, rules
+
+
+COLLECT = REPO / "tools" / "gpu_collect.sh"
+
+
+def run_collect(workdir: Path, *bundles: Path, config: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "COLLECT_CONFIGS": str(config),
+        "COLLECT_EXTRA": "--config device=cpu",
+        "COLLECT_CORES": "2",
+    }
+    return subprocess.run(
+        ["bash", str(COLLECT), str(workdir), *map(str, bundles)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_collect_finishes_the_dag_here_from_the_device_embeddings(tmp_path):
+    """tools/gpu_collect.sh: a call that stopped at the embeddings (as the device's did) is
+    unpacked and finished here: evaluate, aggregate and figures run; nothing trains again."""
+    embeddings = "results/blobs/embed/softmax_seed0.npz results/blobs/embed/sigmoid_seed0.npz"
+    process, out = run_pipeline(
+        tmp_path,
+        budget_s=400,
+        GPU_PIPELINE_TARGETS=f"{embeddings} results/blobs/embed/pca.npz",
+        GPU_PIPELINE_PRIORITIZE="",
+    )
+    assert process.returncode == 0, (process.stdout + process.stderr)[-4000:]
+    assert not (tmp_path / "work" / "results" / "blobs" / "metrics.csv").exists()
+    sent = {p: (tmp_path / "work" / p).read_bytes() for p in embeddings.split()}
+
+    work = tmp_path / "collected"
+    done = run_collect(work, out, config=tmp_path / "tiny.yaml")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", log, re.M))
+    assert jobs.get("evaluate") == "1" and jobs.get("aggregate") == "1", jobs
+    assert not {"train", "tokenize", "embed"} & set(jobs), jobs
+    for name in ("representation_summary.md", "representation.csv"):
+        assert (work / "results" / "tables" / name).stat().st_size > 0
+    assert (work / "results" / "figures" / "umap_blobs.png").is_file()
+    metrics = (work / "results" / "blobs" / "metrics.csv").read_text()
+    assert "sigmoid" in metrics and "softmax" in metrics
+    # the models' embeddings are the device's, byte for byte
+    assert all((work / p).read_bytes() == data for p, data in sent.items())
+    assert not list(work.glob(".gpu_collect.*")), "the staging folder was left behind"
+
+
+def test_collect_refuses_a_bad_bundle_and_writes_nothing(tmp_path):
+    """No embeddings: a clear error. A truncated tarball: a clear error, WORKDIR untouched."""
+    work, config = tmp_path / "work", tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    process = run_collect(work, empty, config=config)
+    assert process.returncode == 2 and "has no embeddings.tar.gz" in process.stderr
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    payload = tmp_path / "payload" / "results" / "blobs" / "embed"
+    payload.mkdir(parents=True)
+    (payload / "softmax_seed0.npz").write_bytes(os.urandom(200_000))  # incompressible
+    with tarfile.open(bundle / "embeddings.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "payload" / "results", arcname="results")
+    whole = (bundle / "embeddings.tar.gz").read_bytes()
+    (bundle / "embeddings.tar.gz").write_bytes(whole[: len(whole) // 2])
+    process = run_collect(work, bundle, config=config)
+    assert process.returncode == 2, process.stdout + process.stderr
+    assert "cannot unpack" in process.stderr and "embeddings.tar.gz" in process.stderr
+    assert not (work / "results").exists()
+    assert not list(work.glob(".gpu_collect.*"))
