@@ -31,10 +31,10 @@
 # GPU_PIPELINE_GPU_SLOTS (8), GPU_PIPELINE_BUDGET_S (420), GPU_PIPELINE_PRIORITIZE (targets),
 # GPU_PIPELINE_TARGETS (snakemake targets: a subset of the DAG for this call, e.g.
 # "results/bladder/metrics.csv results/cbmc/metrics.csv results/kidney/metrics.csv"; default
-# the whole DAG). Measured 2026-11-29 (docs/results/2026-11-29_h200): the 36 trainings of
-# 1,000 steps need ~9.5 min of GPU in all, more than one 10-minute call, and 18 jobs sharing
-# the GPU ran no faster in sum than fewer: split the datasets over two calls with TARGETS and
-# aggregate their metrics.csv files afterwards (`sigmoid-sc aggregate --metrics ...`).
+# the whole DAG). Measured 2026-11-29 (docs/results/2026-11-29_h200/session3): the 36
+# trainings of 1,000 steps do not fit one 10-minute call; two did it (pbmc3k + baron_pancreas
+# with 8 slots, 530 s; the four short-cell datasets' embeddings with 12 slots, 332 s). Finish
+# here with tools/gpu_collect.sh (evaluate, aggregate and figures on the CPU, from the bundles).
 # Exit status: snakemake's (124: stopped at the budget); packing happens in every case.
 set -uo pipefail
 
