@@ -1,0 +1,169 @@
+"""Registers, spills and shared memory of the sigmoid-attention kernels, without a GPU.
+
+Compiles each kernel of ``sigmoid_sc.attention.triton_sigmoid`` for Hopper (sm_90a) with the
+installed Triton, exactly as a launch would specialise it (pointers and strides divisible by
+16, the launch config's warps and stages), and reads the cubin's resource usage with the
+``cuobjdump`` that ships inside Triton's wheel. Also counts, in the TTGIR, the asynchronous
+copies (pointer loads that Triton's pipeliner turned into multi-stage prefetches), TMA loads
+and warpgroup MMAs: a loop whose loads are not pipelined shows ``async`` 0.
+
+    python bench/register_report.py                      # every kernel, the autotune configs
+    python bench/register_report.py --kernels dkdv --head-dims 128 --configs 32x128x8x3
+
+Indicative only: the GPU machine may run another Triton version than this one (the header
+prints both what compiled and the target); ``STACK`` bytes are the per-thread local memory
+(register spills), the number to watch. Without the divisibility hints a compile looks much
+worse than a launch (no vectorised or asynchronous loads, more spills): bench/NOTES.md's first
+register table was made that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a checkout without installing the package
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sigmoid_sc.attention import triton_sigmoid as ts  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+KERNELS = {
+    "fwd": (ts._attn_fwd, ts._FWD_CONFIGS),
+    "dkdv": (ts._attn_bwd_dkdv, ts._BWD_CONFIGS),
+    "dq": (ts._attn_bwd_dq, ts._DQ_CONFIGS),
+}
+_INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket", "total_rows")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _cuobjdump() -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.is_file():
+        raise SystemExit(f"register_report: no cuobjdump at {path} (Triton's NVIDIA backend)")
+    return str(path)
+
+
+def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+    """Argument types and the divisibility hints a launch on contiguous [T, H, D] tensors gets."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("SeqStart", "SeqLen", "SeqOrder"):
+            sig[name] = "*i32"
+        elif name in ("Bias", "DQ"):  # dq: the fp32 buffer of the atomic path
+            sig[name] = "*fp32" if name == "Bias" or constexprs.get("ATOMIC_DQ") else f"*{dtype}"
+        elif name[0].isupper():
+            sig[name] = f"*{dtype}"
+        elif name.startswith("stride") or name in _INT_ARGS:
+            sig[name] = "i32"
+        elif name in ("qk_scale_u", "scale"):
+            sig[name] = "fp32"
+        else:
+            raise KeyError(f"register_report: no type for argument {name!r} of {fn.__name__}")
+        if sig[name].startswith("*") or name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = "bf16") -> dict:
+    """Compile one kernel at one (BLOCK_M, BLOCK_N, warps, stages); return its resource use."""
+    fn, _ = KERNELS[kind]
+    bm, bn, warps, stages = config
+    opts = {**ts.DEFAULT_OPTIONS, **options}
+    if kind != "fwd" and opts.get("bwd_sig_mode") is not None:
+        opts["sig_mode"] = opts["bwd_sig_mode"]
+    # the launch wrappers' own choice (fp32 inputs always get the exact form)
+    sig_mode = ts._sig_mode(opts, False, _TORCH_DTYPES[dtype])
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "SIG_MODE": sig_mode,
+                  "IN_PREC": ts._in_prec(_TORCH_DTYPES[dtype])}  # fmt: skip
+    if kind == "fwd":
+        constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
+                          PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False)  # fmt: skip
+    elif kind == "dkdv":
+        constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False)
+    sig, attrs = signature(fn, dtype, constexprs)
+    src = ASTSource(
+        fn=fn,
+        signature=sig,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs=attrs,
+    )
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+        ).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if "REG" not in usage:
+        raise RuntimeError(f"register_report: cannot read cuobjdump's output:\n{text}")
+    ttgir = compiled.asm["ttgir"]
+    return {
+        "kernel": kind,
+        "hd": head_dim,
+        "config": "x".join(map(str, config)),
+        "registers": int(usage["REG"]),
+        "spill_bytes": int(usage["STACK"]),
+        "shared_kib": compiled.metadata.shared // 1024,
+        "async": ttgir.count("async_copy_global_to_local"),
+        "tma": ttgir.count("async_tma_copy"),
+        "wgmma": ttgir.count("warp_group_dot "),
+    }
+
+
+def _options(text: str) -> dict:
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ts.DEFAULT_OPTIONS:
+            raise SystemExit(f"--options: unknown kernel option {key!r} ({sorted(ts.DEFAULT_OPTIONS)})")
+        options[key] = int(value)
+    return options
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--head-dims", default="128,64")
+    ap.add_argument("--configs", default="", help="BMxBNxWARPSxSTAGES,...; default: the autotune lists")
+    ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,atomic_dq=0")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    args = ap.parse_args(argv)
+    options = _options(args.options)
+    configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, args.configs.split(","))]
+    if any(len(c) != 4 for c in configs):
+        raise SystemExit("--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x128x8x2")
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch}a, options "
+          f"{ {**ts.DEFAULT_OPTIONS, **options} }, dtype {args.dtype}")  # fmt: skip
+    print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for kind in filter(None, args.kernels.split(",")):
+        if kind not in KERNELS:
+            raise SystemExit(f"--kernels: {kind!r} is not one of {sorted(KERNELS)}")
+        for d in (int(x) for x in args.head_dims.split(",")):
+            for config in configs or KERNELS[kind][1][d]:
+                r = report(kind, d, config, options, args.dtype)
+                rows.append(r)
+                print(f"| {r['kernel']} | {r['hd']} | {r['config']} | {r['registers']} | "
+                      f"{r['spill_bytes']} | {r['shared_kib']} | {r['async']} | {r['tma']} | "
+                      f"{r['wgmma']} |", flush=True)  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+    main()
