@@ -461,6 +461,15 @@ def plot_jacobian(result: dict):
     ax_off.set_xlabel("layer")
     ax_off.set_ylabel("off-diagonal share of |dp/ds|")
     ax_off.set_title("(c) off-diagonal Jacobian mass", fontsize=10)
+    # the L1 bar is 1/2 for any softmax row by construction, and the Frobenius shares of
+    # long rows sit near 0 on this axis: say both in numbers
+    frob_all = table.groupby("attention")["offdiag_frob_share_mean"]
+    lines = ["softmax L1 share: 1/2 for any row (rows sum to 0)"] + [
+        f"{attention} Frobenius share {lo:.3g}-{hi:.3g}"
+        for attention, (lo, hi) in zip(frob_all.min().index, zip(frob_all.min(), frob_all.max()))
+        if np.isfinite(lo)
+    ]
+    ax_off.text(0.02, 0.72, "\n".join(lines), transform=ax_off.transAxes, fontsize=7, va="top")
     ax_off.legend(fontsize=7, frameon=False, loc="upper right")
 
     for j, attention in enumerate(attentions):
