@@ -270,12 +270,13 @@ def impl_naive(inp: Inputs, dense: bool):
 # Kernel options measured beside the default in the table (one fixed launch config each, so
 # they cost one compile, not an autotuning), each on top of ts.DEFAULT_OPTIONS (TMA forward
 # and tanh backward since run 6): the pointer-load forward (hand-pipelined or not), the exact
-# backward sigmoid, the two-kernel dq path.
+# backward sigmoid, the two-kernel dq path, q/dO through TMA in the backward.
 OURS_VARIANTS = {
     "ours+notma": {"use_tma": False},
     "ours+pipe": {"use_tma": False, "pipeline": True},
     "ours+bwdexact": {"bwd_sig_mode": ts.SIG_EXACT},
     "ours+twokernel": {"atomic_dq": False},
+    "ours+bwdtma": {"bwd_tma": True},
 }
 VARIANT_FWD_CONFIG = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3), 32: (128, 64, 4, 3)}
 VARIANT_BWD_CONFIG = {128: (64, 128, 8, 2), 64: (64, 128, 8, 2), 32: (64, 128, 8, 3)}

@@ -92,7 +92,8 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
         constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
                           PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False)  # fmt: skip
     elif kind == "dkdv":
-        constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False)
+        constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
+                          USE_TMA=bool(opts["bwd_tma"]))  # fmt: skip
     sig, attrs = signature(fn, dtype, constexprs)
     src = ASTSource(
         fn=fn,

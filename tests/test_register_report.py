@@ -50,6 +50,20 @@ def test_report_reads_registers_spills_and_pipelining():
     assert two_kernel[5] < wgmma
 
 
+def test_tma_paths_compile_for_hopper():
+    """The TMA paths (forward k/v, backward q/dO) never run under the interpreter: here they
+    at least compile for sm_90a and their loop loads become TMA copies (no async copies)."""
+    process = run("--kernels", "fwd,dkdv", "--head-dims", "128", "--configs", "64x128x8x2",
+                  "--options", "use_tma=1,bwd_tma=1")  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    rows = re.findall(r"^\| (fwd|dkdv) \| 128 \| 64x128x8x2 \| (\d+) \| (\d+) \| \d+ \| (\d+) \| (\d+) \|",
+                      process.stdout, re.M)  # fmt: skip
+    assert {r[0] for r in rows} == {"fwd", "dkdv"}, process.stdout
+    for kind, regs, spill, asyncs, tma in rows:
+        assert int(tma) > 0 and int(asyncs) == 0, (kind, process.stdout)
+        assert 0 < int(regs) <= 255 and int(spill) >= 0
+
+
 def test_bad_arguments_are_named():
     process = run("--kernels", "dkdv", "--configs", "64x128x8")
     assert process.returncode != 0 and "BLOCK_MxBLOCK_NxWARPSxSTAGES" in process.stderr

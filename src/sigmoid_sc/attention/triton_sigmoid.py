@@ -257,15 +257,18 @@ def _attn_bwd_dkdv(
     qk_scale_u, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    pad_rows, seqlen_bucket,
+    total_rows, pad_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(max_seqlen, BLOCK_N), H, B)``; one program = one key block of one head.
 
     Loops over the sequence's query blocks accumulating dk, dv in fp32 registers. With
     ATOMIC_DQ the same tiles also give dq (``dS K``), added into an fp32 buffer with atomics;
-    otherwise :func:`_attn_bwd_dq` recomputes them.
+    otherwise :func:`_attn_bwd_dq` recomputes them. USE_TMA reads the full query blocks' q and
+    dO through tensor descriptors (as the forward reads k and v); the last, partial block
+    always through masked pointer loads.
     """
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -285,10 +288,25 @@ def _attn_bwd_dkdv(
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         m_full = (n // BLOCK_M) * BLOCK_M
+        if USE_TMA:
+            # whole-tensor descriptors: only full blocks (wholly inside this sequence) use them
+            q_desc = tl.make_tensor_descriptor(
+                Q + h * stride_qh, shape=[total_rows, HEAD_DIM], strides=[stride_qt, 1],
+                block_shape=[BLOCK_M, HEAD_DIM],
+            )  # fmt: skip
+            do_desc = tl.make_tensor_descriptor(
+                DO + h * stride_doh, shape=[total_rows, HEAD_DIM], strides=[stride_dot, 1],
+                block_shape=[BLOCK_M, HEAD_DIM],
+            )  # fmt: skip
+            start32 = tl.load(SeqStart + b)  # descriptor coordinates are 32-bit
         for start_m in range(0, m_full, BLOCK_M):
             rows = start_m + offs_m
-            q = _load_rows(q_base, rows, stride_qt, offs_d, n, False)
-            do = _load_rows(do_base, rows, stride_dot, offs_d, n, False)
+            if USE_TMA:
+                q = q_desc.load([start32 + start_m, 0])
+                do = do_desc.load([start32 + start_m, 0])
+            else:
+                q = _load_rows(q_base, rows, stride_qt, offs_d, n, False)
+                do = _load_rows(do_base, rows, stride_dot, offs_d, n, False)
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale,
@@ -427,6 +445,8 @@ DEFAULT_OPTIONS = {
     "warp_spec": False,
     "pipeline": False,
     "atomic_dq": True,
+    # q and dO of the dk/dv kernel through TMA (sm90+): an option to measure, not yet measured
+    "bwd_tma": False,
 }
 
 
@@ -574,18 +594,20 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
         q, k, v, do, dq, dk, dv, *common,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), max_seqlen if zero_fill else 0, bucket,
+        dv.stride(0), dv.stride(1), rows, max_seqlen if zero_fill else 0, bucket,
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
+    bwd_tma = bool(opts["bwd_tma"]) and not interp and _tma_ok(q.device)
+    if bwd_tma:
+        _ensure_tma_allocator()
+    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": bwd_tma}
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
         grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_heads, batch)
-        _attn_bwd_dkdv[grid](*kv_args, **meta, ATOMIC_DQ=atomic, ZERO_FILL=bool(zero_fill), **cfg)
+        _attn_bwd_dkdv[grid](*kv_args, **kv_meta, **cfg)
     else:
         grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_heads, batch)  # noqa: E731
-        _tuned("dkdv", head_dim)[grid](
-            *kv_args, **meta, ATOMIC_DQ=atomic, ZERO_FILL=bool(zero_fill)
-        )
+        _tuned("dkdv", head_dim)[grid](*kv_args, **kv_meta)
     if atomic:
         dq = dq.to(q.dtype)
     else:
