@@ -758,7 +758,9 @@ def main(argv=None):
     )
     ap.add_argument("--warm-limit", type=float, default=math.inf, help="seconds for --warm-jobs")
     ap.add_argument(
-        "--options", default="", help="kernel defaults for this run, e.g. use_tma=0,bwd_sig_mode=0 (the pre-run-6 kernel)"
+        "--options",
+        default="",
+        help="kernel defaults for this run, e.g. use_tma=0,bwd_sig_mode=0 (the pre-run-6 kernel)",
     )
     args = ap.parse_args(argv)
     for item in filter(None, args.options.split(",")):
@@ -794,10 +796,17 @@ def main(argv=None):
     if args.minimal:
         return minimal(args.out, header)
     if args.warm_jobs:
-        passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a in (
-            "--quick", "--no-sweep", "--no-table")] + [f"--impls={args.impls}", f"--cases={args.cases}",
-            f"--head-dims={args.head_dims}", f"--check-dtypes={args.check_dtypes}",
-            f"--options={args.options}"]  # fmt: skip  (workers compile the same kernel variants)
+        passthrough = [
+            a
+            for a in (argv if argv is not None else sys.argv[1:])
+            if a.startswith("--") and a in ("--quick", "--no-sweep", "--no-table")
+        ] + [
+            f"--impls={args.impls}",
+            f"--cases={args.cases}",
+            f"--head-dims={args.head_dims}",
+            f"--check-dtypes={args.check_dtypes}",
+            f"--options={args.options}",
+        ]  # fmt: skip  (workers compile the same kernel variants)
         # at most half of the time limit: the timed table needs the rest
         limit = min(args.time_limit / 2, args.warm_limit)
         warm(args.warm_jobs, passthrough, deadline=t_start + limit)

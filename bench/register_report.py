@@ -101,7 +101,9 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
         attrs=attrs,
     )
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(
+        src, target=TARGET, options={"num_warps": warps, "num_stages": stages}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -130,7 +132,9 @@ def _options(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in ts.DEFAULT_OPTIONS:
-            raise SystemExit(f"--options: unknown kernel option {key!r} ({sorted(ts.DEFAULT_OPTIONS)})")
+            raise SystemExit(
+                f"--options: unknown kernel option {key!r} ({sorted(ts.DEFAULT_OPTIONS)})"
+            )
         options[key] = int(value)
     return options
 
@@ -139,7 +143,9 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--head-dims", default="128,64")
-    ap.add_argument("--configs", default="", help="BMxBNxWARPSxSTAGES,...; default: the autotune lists")
+    ap.add_argument(
+        "--configs", default="", help="BMxBNxWARPSxSTAGES,...; default: the autotune lists"
+    )
     ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,atomic_dq=0")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     args = ap.parse_args(argv)

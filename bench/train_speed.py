@@ -5,10 +5,11 @@ masked-gene loss, backward, fused AdamW), bf16 autocast, per attention implement
 
 - ``sigmoid_ours``: the model's sigmoid path (``attention_varlen("sigmoid")``: our Triton kernel
   on the packed tokens, no padding);
-- ``softmax_varlen``: the model's softmax path (``attention_varlen("softmax")``: SDPA on nested
-  jagged tensors, FA2-class varlen);
+- ``softmax_varlen``: SDPA on nested jagged tensors (FA2-class varlen; the model's softmax path
+  on CUDA until 2026-11-29, ``SIGMOID_SC_SOFTMAX_BACKEND=njt`` now);
 - ``softmax_sdpa_cudnn``: SDPA's cuDNN backend on the padded ``[B, N, H, D]`` batch (a key
-  mask when lengths differ);
+  mask when lengths differ), through the package's ``softmax_attention_varlen_padded``: the
+  model's softmax path on CUDA since it measured fastest here;
 - ``softmax_sdpa_flash``: SDPA's flash backend on the dense batch (fixed lengths only: it
   takes no mask);
 - ``softmax_sdpa_padded``: SDPA's default dispatch on the padded batch with a key mask;
@@ -59,8 +60,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a checkout without installing the package
 
 import sigmoid_sc.model as model_module  # noqa: E402
-from sigmoid_sc.attention import attention_varlen  # noqa: E402
-from sigmoid_sc.attention.reference import default_scale, pad_packed, unpad  # noqa: E402
+from sigmoid_sc.attention import (  # noqa: E402
+    SDPA_REFUSED_VIEWS,
+    attention_varlen,
+    softmax_attention_varlen_njt,
+    softmax_attention_varlen_padded,
+)
+from sigmoid_sc.attention.reference import pad_packed, unpad  # noqa: E402
 from sigmoid_sc.io import write_csv, write_text  # noqa: E402
 from sigmoid_sc.model import Encoder, ModelConfig  # noqa: E402
 from sigmoid_sc.train import choose_masked, masked_gene_loss  # noqa: E402
@@ -86,51 +92,20 @@ class NotApplicable(Exception):
 # attention implementations: (kind, q, k, v, cu_seqlens, max_seqlen, scale) -> [T, H, D]
 
 
-def _sdpa_backend(name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name)])
-
-
-#: implementations that needed contiguous q, k, v copies (a backend refused the strided views)
-COPIED = set()
-
-
-def _sdpa(name: str, q, k, v, **kwargs):
-    """SDPA on the model's strided q/k/v views; if the backend refuses them, on copies (from
-    then on directly, so a refused first try is never timed)."""
-    if name not in COPIED:
-        try:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-        except RuntimeError:
-            COPIED.add(name)
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def _padded_sdpa(backend: str | None, dense: bool):
-    """SDPA on the padded batch; ``dense``: all lengths equal, a plain reshape and no mask."""
-    name = backend or "default"
+def _padded_sdpa(backend: str | None):
+    """The package's padded SDPA softmax restricted to one SDPA backend (None: SDPA's own
+    dispatch); all lengths equal (the fixed workload) is a plain reshape and no mask there."""
 
     def attend(kind, q, k, v, cu_seqlens, max_seqlen, scale=None, validate=True):  # noqa: ARG001 (the model's keyword)
-        scale = default_scale(q.shape[-1], scale)
-        batch = cu_seqlens.numel() - 1
-        ctx = _sdpa_backend(backend) if backend else contextlib.nullcontext()
-        if dense:
-            qp, kp, vp = (
-                t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
-            )
-            with ctx:
-                out = _sdpa(name, qp, kp, vp, scale=scale)
-            return out.transpose(1, 2).reshape(q.shape)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
-        valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths.long()[:, None]
-        with ctx:
-            out = _sdpa(name, qp, kp, vp, attn_mask=valid[:, None, None, :], scale=scale)
-        return unpad(out.transpose(1, 2), lengths)
+        return softmax_attention_varlen_padded(
+            q, k, v, cu_seqlens, max_seqlen, scale=scale, backends=[backend] if backend else None
+        )
 
     return attend
+
+
+def _njt_softmax(kind, q, k, v, cu_seqlens, max_seqlen, scale=None, validate=True):  # noqa: ARG001 (the model's keyword)
+    return softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=scale)
 
 
 def _paper_sigmoid(dense: bool):
@@ -163,16 +138,16 @@ def attention_for(impl: str, dense: bool, device: torch.device):
         raise NotApplicable("needs CUDA")
     if impl == "sigmoid_ours":
         return "sigmoid", attention_varlen
-    if impl == "softmax_varlen":
-        return "softmax", attention_varlen
+    if impl == "softmax_varlen":  # on the CPU (smoke runs): the model's varlen reference
+        return "softmax", _njt_softmax if device.type == "cuda" else attention_varlen
     if impl == "softmax_sdpa_padded":
-        return "softmax", _padded_sdpa(None, dense)
+        return "softmax", _padded_sdpa(None)
     if impl == "softmax_sdpa_cudnn":
-        return "softmax", _padded_sdpa("CUDNN_ATTENTION", dense)
+        return "softmax", _padded_sdpa("CUDNN_ATTENTION")
     if impl == "softmax_sdpa_flash":
         if not dense:
             raise NotApplicable("flash takes no key mask; varlen flash is softmax_varlen")
-        return "softmax", _padded_sdpa("FLASH_ATTENTION", dense)
+        return "softmax", _padded_sdpa("FLASH_ATTENTION")
     if impl == "sigmoid_triton_paper":
         return "sigmoid", _paper_sigmoid(dense)
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
@@ -367,7 +342,7 @@ def run(args, on_rows=None) -> pd.DataFrame:
             "tokens_per_s": float("nan"),
             "note": "",
         }
-        COPIED.clear()
+        SDPA_REFUSED_VIEWS.clear()  # a row notes its own copies
         model = optimizer = None
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -396,7 +371,7 @@ def run(args, on_rows=None) -> pd.DataFrame:
                 step_ms_max=float(np.max(times)),
                 tokens_per_s=tokens / (median / 1000),
             )
-            if COPIED:
+            if SDPA_REFUSED_VIEWS:
                 row["note"] = "q, k, v copied to contiguous (strided views refused)"
         except NotApplicable as exc:
             row["note"] = str(exc) if str(exc).startswith("skipped") else f"not applicable: {exc}"

@@ -314,6 +314,29 @@ def test_softmax_nested_path_matches_reference(monkeypatch):
     assert torch.allclose(nested, reference, rtol=0, atol=1e-5), f"seed {seed}"
 
 
+@pytest.mark.parametrize("lengths", [[1, 17, 40], [24, 24, 24]])  # mixed; all max (no mask)
+@pytest.mark.parametrize("backends", ["auto", ["MATH"]])  # CPU: SDPA's dispatch; math forced
+def test_softmax_padded_path_matches_reference(lengths, backends, monkeypatch):
+    """The CUDA default for softmax: SDPA on the padded batch (tokens scattered by index, no
+    host sync) equals the reference, forward and all three gradients; auto picks it on CUDA."""
+    from sigmoid_sc.attention import softmax_attention_varlen_padded, softmax_backend
+
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs(lengths, 32, torch.float32, seed)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = softmax_attention_varlen_padded(*leaves, cu, max_seqlen, backends=backends)
+    out.backward(do)
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "reference")
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_varlen("softmax", *ref_leaves, cu, max_seqlen)
+    ref.backward(do)
+    errors = [_rel(out, ref)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
+    assert max(errors) < 1e-5, f"seed {seed}, lengths {lengths}: {errors}"
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "auto")
+    assert softmax_backend(torch.device("cuda")) == "padded"
+    assert softmax_backend(torch.device("cpu")) == "reference"
+
+
 def test_padded_reference_consistent_with_varlen_reference():
     """Sanity of the ground truth itself: its two layouts agree."""
     cu, max_seqlen, (q, k, v, _) = _packed_inputs([4, 11], 32, torch.float64, _fresh_seed())

@@ -4,14 +4,18 @@ The model calls only :func:`attention_varlen`. Which implementation runs:
 
 - sigmoid on CUDA: the project's Triton kernel on the packed tokens (no compute on padding);
   elsewhere the PyTorch reference.
-- softmax on CUDA: SDPA on nested jagged tensors (FlashAttention-2-class varlen), measured the
-  fastest forward+backward varlen path on real cell lengths (bench/NOTES.md); FlexAttention
-  with a document mask on request; elsewhere the PyTorch reference.
+- softmax on CUDA: SDPA on the padded ``[B, N, H, D]`` batch with a key mask, cuDNN first:
+  measured the fastest softmax for the pipeline's own training steps on the H200
+  (bench/train_speed.py, docs/results/2026-11-29_h200: 6 x 256 model on 64 pbmc3k cells a
+  step 41.2-44.6 ms vs 98.7-112.7 ms on nested jagged tensors; 12 x 1024 on real cell lengths
+  115.8-146.3 ms vs 144.6-225.1 ms). On request: SDPA on nested jagged tensors
+  (FlashAttention-2-class varlen, no compute on padding), FlexAttention with a document mask;
+  elsewhere the PyTorch reference.
 
 Environment overrides (read at each call, so tests can switch):
 ``SIGMOID_SC_ATTENTION_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference`` for sigmoid
 (``triton`` on CPU needs ``TRITON_INTERPRET=1``); ``SIGMOID_SC_SOFTMAX_BACKEND`` = ``auto`` |
-``njt`` | ``flex`` | ``reference`` for softmax.
+``padded`` | ``njt`` | ``flex`` | ``reference`` for softmax.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .reference import (
 
 ATTENTION_KINDS = ("softmax", "sigmoid")
 SIGMOID_BACKENDS = ("auto", "triton", "reference")
-SOFTMAX_BACKENDS = ("auto", "njt", "flex", "reference")
+SOFTMAX_BACKENDS = ("auto", "padded", "njt", "flex", "reference")
 
 
 def _backend(env: str, allowed: tuple[str, ...]) -> str:
@@ -67,11 +71,90 @@ def sigmoid_backend(
 
 
 def softmax_backend(device: torch.device) -> str:
-    """``njt``, ``flex`` or ``reference``: what softmax attention runs on ``device`` now."""
+    """``padded``, ``njt``, ``flex`` or ``reference``: what softmax runs on ``device`` now."""
     choice = _backend("SIGMOID_SC_SOFTMAX_BACKEND", SOFTMAX_BACKENDS)
     if choice == "auto":
-        return "njt" if device.type == "cuda" else "reference"
+        return "padded" if device.type == "cuda" else "reference"
     return choice
+
+
+def _padded_rows(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """Row of each packed token in the ``[B * max_seqlen]`` padded layout (no host sync)."""
+    from ..model import cell_index  # the encoder's own token -> cell map
+
+    cells = cell_index(cu_seqlens, total)
+    rank = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[cells]
+    return cells * max_seqlen + rank
+
+
+#: SDPA backend lists that refused the model's strided q/k/v views (then given copies)
+SDPA_REFUSED_VIEWS: set = set()
+
+
+def _sdpa(backends, q, k, v, **kwargs):
+    """SDPA restricted to ``backends`` (SDPBackend names, in priority order; None: SDPA's own
+    dispatch). Views a backend refuses are copied, from then on directly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(*tensors):
+        if backends is None:
+            return torch.nn.functional.scaled_dot_product_attention(*tensors, **kwargs)
+        chosen = [getattr(SDPBackend, name) for name in backends]
+        try:
+            context = sdpa_kernel(chosen, set_priority=True)
+        except TypeError:  # torch < 2.6: no priority order, only the allowed set
+            context = sdpa_kernel(chosen)
+        with context:
+            return torch.nn.functional.scaled_dot_product_attention(*tensors, **kwargs)
+
+    key = tuple(backends or ())
+    if key not in SDPA_REFUSED_VIEWS:
+        try:
+            return call(q, k, v)
+        except RuntimeError:
+            SDPA_REFUSED_VIEWS.add(key)
+    return call(*(t.contiguous() for t in (q, k, v)))
+
+
+def softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=None, backends="auto"):
+    """Softmax attention through SDPA on the padded batch; ``[total, H, D]`` in and out.
+
+    Tokens are scattered into ``[B, max_seqlen, H, D]`` (zeros elsewhere) and attend with a key
+    mask; when every sequence has ``max_seqlen`` tokens (known from the shapes alone) the
+    packed rows are viewed as the batch, no copy and no mask. ``backends``: ``auto`` = cuDNN,
+    then memory-efficient, then math for 16-bit inputs on CUDA (cuDNN takes no fp32), SDPA's
+    own dispatch otherwise; or a list of ``torch.nn.attention.SDPBackend`` names.
+    """
+    total, n_heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    max_seqlen = int(max_seqlen)
+    if backends == "auto":
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        backends = (
+            ["CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+            if q.device.type == "cuda" and half
+            else None
+        )
+    scale = default_scale(head_dim, scale)
+    if total == batch * max_seqlen:  # every sequence is max_seqlen long
+        out = _sdpa(
+            backends, *(t.view(batch, max_seqlen, n_heads, head_dim).transpose(1, 2) for t in (q, k, v)),
+            scale=scale,
+        )  # fmt: skip
+        return out.transpose(1, 2).reshape(total, n_heads, head_dim)
+    rows = _padded_rows(cu_seqlens, total, max_seqlen)
+
+    def pad(t):
+        out = t.new_zeros((batch * max_seqlen, n_heads, head_dim))
+        return out.index_copy(0, rows, t).view(batch, max_seqlen, n_heads, head_dim)
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
+    out = _sdpa(
+        backends, *(pad(t).transpose(1, 2) for t in (q, k, v)),
+        attn_mask=valid[:, None, None, :], scale=scale,
+    )  # fmt: skip
+    return out.transpose(1, 2).reshape(batch * max_seqlen, n_heads, head_dim)[rows]
 
 
 def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=None):
@@ -147,6 +230,8 @@ def attention_varlen(
         return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     if kind == "softmax":
         backend = softmax_backend(q.device)
+        if backend == "padded":
+            return softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=scale)
         if backend == "njt":
             return softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=scale)
         if backend == "flex":
@@ -163,6 +248,7 @@ __all__ = [
     "sigmoid_backend",
     "softmax_attention_varlen_flex",
     "softmax_attention_varlen_njt",
+    "softmax_attention_varlen_padded",
     "softmax_attention_varlen_reference",
     "softmax_backend",
 ]
