@@ -335,6 +335,9 @@ def test_softmax_padded_path_matches_reference(lengths, backends, monkeypatch):
     monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "auto")
     assert softmax_backend(torch.device("cuda")) == "padded"
     assert softmax_backend(torch.device("cpu")) == "reference"
+    # padding to at most PADDED_MAX_RATIO x the tokens: padded; more: nested tensors
+    assert softmax_backend(torch.device("cuda"), 64 * 850, 64, 1024) == "padded"
+    assert softmax_backend(torch.device("cuda"), 64 * 150, 64, 1024) == "njt"
 
 
 def test_padded_reference_consistent_with_varlen_reference():

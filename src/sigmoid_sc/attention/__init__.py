@@ -8,9 +8,11 @@ The model calls only :func:`attention_varlen`. Which implementation runs:
   measured the fastest softmax for the pipeline's own training steps on the H200
   (bench/train_speed.py, docs/results/2026-11-29_h200: 6 x 256 model on 64 pbmc3k cells a
   step 41.2-44.6 ms vs 98.7-112.7 ms on nested jagged tensors; 12 x 1024 on real cell lengths
-  115.8-146.3 ms vs 144.6-225.1 ms). On request: SDPA on nested jagged tensors
-  (FlashAttention-2-class varlen, no compute on padding), FlexAttention with a document mask;
-  elsewhere the PyTorch reference.
+  115.8-146.3 ms vs 144.6-225.1 ms), as long as padding at most multiplies the rows by
+  ``PADDED_MAX_RATIO``; batches of short cells beside a long one (padding beyond that) take
+  SDPA on nested jagged tensors (FlashAttention-2-class varlen, no compute on padding), which
+  can also be requested, as can FlexAttention with a document mask; elsewhere the PyTorch
+  reference.
 
 Environment overrides (read at each call, so tests can switch):
 ``SIGMOID_SC_ATTENTION_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference`` for sigmoid
@@ -70,11 +72,30 @@ def sigmoid_backend(
     return choice
 
 
-def softmax_backend(device: torch.device) -> str:
-    """``padded``, ``njt``, ``flex`` or ``reference``: what softmax runs on ``device`` now."""
+#: ``auto`` pads (cuDNN) while the padded batch holds at most this many times the real tokens:
+#: the padded path was measured faster than nested tensors at ratios 1.2 (64 pbmc3k cells
+#: capped at 1,024 genes) and 2.2 (12 cells, median 1,002, max 2,611); beyond, its attention
+#: work grows with B * max_len^2 against sum(n_i^2), unmeasured, and varlen spends none on it
+PADDED_MAX_RATIO = 2.5
+
+
+def softmax_backend(
+    device: torch.device, total: int | None = None, batch: int | None = None,
+    max_seqlen: int | None = None,
+) -> str:  # fmt: skip
+    """``padded``, ``njt``, ``flex`` or ``reference``: what softmax runs on ``device`` now.
+
+    ``auto`` on CUDA: ``padded`` unless the batch's shape (``total`` tokens in ``batch``
+    sequences of at most ``max_seqlen``) would pad to more than ``PADDED_MAX_RATIO`` x
+    ``total`` rows, then ``njt``.
+    """
     choice = _backend("SIGMOID_SC_SOFTMAX_BACKEND", SOFTMAX_BACKENDS)
     if choice == "auto":
-        return "padded" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        if None not in (total, batch, max_seqlen) and batch * max_seqlen > PADDED_MAX_RATIO * total:
+            return "njt"
+        return "padded"
     return choice
 
 
@@ -229,7 +250,7 @@ def attention_varlen(
             )
         return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     if kind == "softmax":
-        backend = softmax_backend(q.device)
+        backend = softmax_backend(q.device, q.shape[0], cu_seqlens.numel() - 1, int(max_seqlen))
         if backend == "padded":
             return softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=scale)
         if backend == "njt":
