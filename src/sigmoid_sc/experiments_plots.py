@@ -463,10 +463,10 @@ def plot_jacobian(result: dict):
     ax_off.set_title("(c) off-diagonal Jacobian mass", fontsize=10)
     # the L1 bar is 1/2 for any softmax row by construction, and the Frobenius shares of
     # long rows sit near 0 on this axis: say both in numbers
-    frob_all = table.groupby("attention")["offdiag_frob_share_mean"]
+    frob = table.groupby("attention")["offdiag_frob_share_mean"].agg(["min", "max"])
     lines = ["softmax L1 share: 1/2 for any row (rows sum to 0)"] + [
         f"{attention} Frobenius share {lo:.3g}-{hi:.3g}"
-        for attention, (lo, hi) in zip(frob_all.min().index, zip(frob_all.min(), frob_all.max()))
+        for attention, (lo, hi) in frob.iterrows()
         if np.isfinite(lo)
     ]
     ax_off.text(0.02, 0.72, "\n".join(lines), transform=ax_off.transAxes, fontsize=7, va="top")
