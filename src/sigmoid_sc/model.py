@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ATTENTION_KINDS, attention_varlen
+from .attention.reference import cell_and_rank, cell_index
 
 
 @dataclass
@@ -43,13 +44,6 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-
-
-def cell_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """The cell each packed token belongs to: int64 ``[total]``."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    cells = torch.arange(lengths.numel(), device=cu_seqlens.device)
-    return torch.repeat_interleave(cells, lengths, output_size=total)  # output_size: no GPU sync
 
 
 class SelfAttention(nn.Module):
@@ -129,9 +123,7 @@ class Encoder(nn.Module):
         max_seqlen: the longest cell (an int, so the GPU never has to be asked).
         Returns float ``[T, d_model]`` after the final layer norm.
         """
-        total = input_ids.shape[0]
-        starts = cu_seqlens[:-1].long()[cell_index(cu_seqlens, total)]
-        rank = torch.arange(total, device=input_ids.device) - starts
+        _, rank = cell_and_rank(cu_seqlens, input_ids.shape[0])
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(rank))
         for block in self.blocks:
             x = block(x, cu_seqlens, max_seqlen)

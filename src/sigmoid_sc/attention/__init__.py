@@ -27,6 +27,8 @@ import os
 import torch
 
 from .reference import (
+    cell_and_rank,
+    cell_index,
     default_scale,
     sigmoid_attention_padded_reference,
     sigmoid_attention_varlen_reference,
@@ -99,15 +101,6 @@ def softmax_backend(
     return choice
 
 
-def _padded_rows(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
-    """Row of each packed token in the ``[B * max_seqlen]`` padded layout (no host sync)."""
-    from ..model import cell_index  # the encoder's own token -> cell map
-
-    cells = cell_index(cu_seqlens, total)
-    rank = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[cells]
-    return cells * max_seqlen + rank
-
-
 #: SDPA backend lists that refused the model's strided q/k/v views (then given copies)
 SDPA_REFUSED_VIEWS: set = set()
 
@@ -163,7 +156,8 @@ def softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=None,
             scale=scale,
         )  # fmt: skip
         return out.transpose(1, 2).reshape(total, n_heads, head_dim)
-    rows = _padded_rows(cu_seqlens, total, max_seqlen)
+    cells, rank = cell_and_rank(cu_seqlens, total)
+    rows = cells * max_seqlen + rank  # each token's row in the [B * max_seqlen] padded layout
 
     def pad(t):
         out = t.new_zeros((batch * max_seqlen, n_heads, head_dim))
@@ -206,10 +200,7 @@ def softmax_attention_varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale=None):
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     total = q.shape[0]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    doc = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=q.device), lengths, output_size=total
-    )
+    doc = cell_index(cu_seqlens, total)
 
     def same_cell(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]

@@ -34,6 +34,20 @@ def sequence_bias(lengths: torch.Tensor, bias: float | torch.Tensor | None) -> t
     return torch.full_like(lengths, float(bias))
 
 
+def cell_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The sequence each packed token belongs to: int64 ``[total]``."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cells = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    return torch.repeat_interleave(cells, lengths, output_size=total)  # output_size: no GPU sync
+
+
+def cell_and_rank(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed token's sequence and its position in it (0 first): two int64 ``[total]``."""
+    cells = cell_index(cu_seqlens, total)
+    rank = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[cells]
+    return cells, rank
+
+
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """``[total, ...]`` -> ``[B, max_seqlen, ...]``, zeros at padded positions."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
