@@ -763,13 +763,10 @@ def main(argv=None):
         help="kernel defaults for this run, e.g. use_tma=0,bwd_sig_mode=0 (the pre-run-6 kernel)",
     )
     args = ap.parse_args(argv)
-    for item in filter(None, args.options.split(",")):
-        key, _, value = item.partition("=")
-        if key not in ts.DEFAULT_OPTIONS:
-            sys.exit(
-                f"--options: unknown kernel option {key!r} (known: {sorted(ts.DEFAULT_OPTIONS)})"
-            )
-        ts.DEFAULT_OPTIONS[key] = int(value)
+    try:
+        ts.DEFAULT_OPTIONS.update(ts.parse_options(args.options))
+    except ValueError as exc:
+        sys.exit(f"--options: {exc}")
     if not torch.cuda.is_available():
         sys.exit("bench/kernel.py needs a CUDA GPU")
     impls_filter = [s for s in args.impls.split(",") if s]

@@ -127,18 +127,6 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
     }
 
 
-def _options(text: str) -> dict:
-    options = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in ts.DEFAULT_OPTIONS:
-            raise SystemExit(
-                f"--options: unknown kernel option {key!r} ({sorted(ts.DEFAULT_OPTIONS)})"
-            )
-        options[key] = int(value)
-    return options
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
@@ -149,7 +137,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,atomic_dq=0")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     args = ap.parse_args(argv)
-    options = _options(args.options)
+    try:
+        options = ts.parse_options(args.options)
+    except ValueError as exc:
+        raise SystemExit(f"--options: {exc}") from None
     configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, args.configs.split(","))]
     if any(len(c) != 4 for c in configs):
         raise SystemExit("--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x128x8x2")

@@ -371,3 +371,13 @@ def test_encoder_attention_reads_no_value_on_the_host(monkeypatch):
     cu_seq, max_seqlen, (q, k, v, _) = _packed_inputs([5, 16], 32, torch.float32, 0)
     attention_varlen("sigmoid", q, k, v, cu_seq, max_seqlen)
     assert reads == [1]
+
+
+def test_parse_options_names_what_is_wrong():
+    """The benches' --options: known keys with integer values, else a ValueError naming it."""
+    assert ts.parse_options("use_tma=0,bwd_sig_mode=1") == {"use_tma": 0, "bwd_sig_mode": 1}
+    assert ts.parse_options("") == {}
+    with pytest.raises(ValueError, match="unknown kernel option 'tma'"):
+        ts.parse_options("tma=1")
+    with pytest.raises(ValueError, match="'use_tma' needs an integer, got 'yes'"):
+        ts.parse_options("use_tma=yes")

@@ -450,6 +450,21 @@ DEFAULT_OPTIONS = {
 }
 
 
+def parse_options(text: str) -> dict:
+    """``"use_tma=0,bwd_sig_mode=1"`` -> ``{"use_tma": 0, "bwd_sig_mode": 1}`` (the benches'
+    ``--options``); an unknown key or a value that is not an integer raises ValueError."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in DEFAULT_OPTIONS:
+            raise ValueError(f"unknown kernel option {key!r} (known: {sorted(DEFAULT_OPTIONS)})")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"kernel option {key!r} needs an integer, got {value!r}") from None
+    return options
+
+
 def _configs(table, head_dim):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
