@@ -29,13 +29,11 @@ if [ $# -lt 2 ]; then
 fi
 WORKDIR=$1
 shift
-PY=${PYTHON:-python3}
-case $PY in # an absolute path (we cd later), and its folder first on PATH: the rules run `python`
-  */*)
-    PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
-    export PATH="$(dirname "$PY"):$PATH"
-    ;;
-esac
+# shellcheck source=tools/lib.sh
+source "$REPO/tools/lib.sh"
+PY=$(abs_path "${PYTHON:-python3}")
+# a PYTHON given as a path: its folder first on PATH, for the rules' `python`
+case $PY in */*) export PATH="$(dirname "$PY"):$PATH" ;; esac
 CORES=${COLLECT_CORES:-$(nproc)}
 CONFIGS=${COLLECT_CONFIGS:-configs/shared_data.yaml configs/h200_run.yaml}
 EXTRA=${COLLECT_EXTRA:-}
@@ -89,10 +87,8 @@ done
 cp -a "$STAGE"/. "$WORKDIR"/
 rm -rf "$STAGE"
 
-CONFIG_PATHS=()
-for c in $CONFIGS; do
-  case $c in /*) CONFIG_PATHS+=("$c") ;; *) CONFIG_PATHS+=("$REPO/$c") ;; esac
-done
+# shellcheck disable=SC2086  # a list of config files, split on spaces
+config_paths "$REPO" $CONFIGS
 cd "$WORKDIR"
 # the rules that read embeddings and data only; train, tokenize, embed and the GPU experiments
 # are left out, so their outputs (or their absence) are taken as they are. pca is allowed: the

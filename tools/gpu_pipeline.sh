@@ -43,8 +43,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 : "${OUT:?set OUT to the folder the packed results go to}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
-case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac # we cd later
+# shellcheck source=tools/lib.sh
+source "$REPO/tools/lib.sh"
+PY=$(abs_path "${PYTHON:-python3}")
 SITE=${GPU_SITE:-/tmp/site}
 WORKDIR=${GPU_PIPELINE_WORKDIR:-$REPO}
 CORES=${GPU_PIPELINE_CORES:-$(nproc)}
@@ -168,10 +169,8 @@ import sigmoid_sc  # noqa: F401  (the rules import it from src/)
 EOF
 
 # --- 2. the DAG ---------------------------------------------------------------------------
-CONFIG_PATHS=()
-for c in $CONFIGS; do
-  case $c in /*) CONFIG_PATHS+=("$c") ;; *) CONFIG_PATHS+=("$REPO/$c") ;; esac
-done
+# shellcheck disable=SC2086  # a list of config files, split on spaces
+config_paths "$REPO" $CONFIGS
 PRIORITY_ARGS=()
 # shellcheck disable=SC2206  # a list of targets, split on spaces
 [ -n "$PRIORITIZE" ] && PRIORITY_ARGS=(--prioritize $PRIORITIZE)
