@@ -31,6 +31,24 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
+#: a one-layer stress test on 16 tokens: a few CPU seconds (tests add max_steps, early_steps)
+TINY_STRESS = {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "vocab_size": 60,
+               "seq_len": 16, "warmup_steps": 1, "precision": "fp32", "logit_queries": 0}  # fmt: skip
+
+
+def run_script(tmp_path: Path, **extra_env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """tools/gpu_experiments.sh in smoke mode, its $OUT in ``tmp_path/out``."""
+    out = tmp_path / "out"
+    process = subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        env={**env(), "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
+             "TMPDIR": str(tmp_path), **extra_env},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return process, out
+
+
 def run_speed(tmp_path: Path, name: str, *args: str):
     """bench/train_speed.py with ``args``, its table in ``<name>.csv`` / ``<name>.md``."""
     csv, md = tmp_path / f"{name}.csv", tmp_path / f"{name}.md"
@@ -43,14 +61,7 @@ def run_speed(tmp_path: Path, name: str, *args: str):
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_smoke_run_leaves_at_most_8_files_with_both_parts(tmp_path):
-    out = tmp_path / "out"
-    process = subprocess.run(
-        ["bash", str(SCRIPT)],
-        cwd=ROOT,
-        env={**env(), "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
-             "TMPDIR": str(tmp_path)},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    process, out = run_script(tmp_path)
     assert process.returncode == 0, process.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(
@@ -104,14 +115,9 @@ def test_smoke_run_leaves_at_most_8_files_with_both_parts(tmp_path):
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_a_stress_part_cut_by_its_budget_keeps_its_log_and_gets_a_figure(tmp_path):
-    out = tmp_path / "out"
-    process = subprocess.run(
-        ["bash", str(SCRIPT)],
-        cwd=ROOT,
-        env={**env(), "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
-             "TMPDIR": str(tmp_path), "PARTS": "stress", "STRESS_BUDGET": "20",
-             "STRESS_MAX_STEPS": "1000000", "STRESS_ARM_SECONDS": "1000"},
-        capture_output=True, text=True, timeout=300,
+    process, out = run_script(
+        tmp_path, PARTS="stress", STRESS_BUDGET="20", STRESS_MAX_STEPS="1000000",
+        STRESS_ARM_SECONDS="1000",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
     versions = (out / "versions.txt").read_text()
@@ -171,9 +177,7 @@ def test_stress_log_and_summary_are_on_disk_before_the_run_ends(tmp_path, monkey
         return loss(*args, **kwargs)
 
     monkeypatch.setattr(stress, "masked_gene_loss", loss_then_kill)
-    params = {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "vocab_size": 60,
-              "seq_len": 16, "max_steps": 3, "early_steps": 2, "warmup_steps": 1,
-              "precision": "fp32", "logit_queries": 0}  # fmt: skip
+    params = {**TINY_STRESS, "max_steps": 3, "early_steps": 2}
     args = Namespace(
         params_json=json.dumps(params), device="cpu", log_csv=str(tmp_path / "log.csv"),
         summary=str(tmp_path / "summary.json"), png=str(tmp_path / "s.png"),
@@ -195,11 +199,7 @@ def test_stress_log_and_summary_are_on_disk_before_the_run_ends(tmp_path, monkey
 
 
 def test_progress_callback_sees_every_step_and_each_finished_arm():
-    cfg = stress.parse_stress_config(
-        {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "vocab_size": 60,
-         "seq_len": 16, "max_steps": 2, "early_steps": 1, "warmup_steps": 1,
-         "precision": "fp32", "logit_queries": 0}
-    )  # fmt: skip
+    cfg = stress.parse_stress_config({**TINY_STRESS, "max_steps": 2, "early_steps": 1})
     calls = []
     rows, summary = stress.run_stress_test(
         cfg,
