@@ -164,6 +164,7 @@ def test_time_limit_skips_what_was_not_started_and_merge_joins_tables(tmp_path):
     assert "skipped: --time-limit" in m_md.read_text()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_stress_log_and_summary_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     """A stress run stopped from outside in its second arm (here: its second step fails)
     keeps the per-step log so far and a summary of the finished arm, marked partial."""
@@ -183,13 +184,8 @@ def test_stress_log_and_summary_are_on_disk_before_the_run_ends(tmp_path, monkey
         summary=str(tmp_path / "summary.json"), png=str(tmp_path / "s.png"),
         pdf=str(tmp_path / "s.pdf"), partial_every=1,
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            stress._run(args)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(KeyboardInterrupt):
+        stress._run(args)
     log = pd.read_csv(tmp_path / "log.csv")
     assert log["arm"].tolist() == ["softmax"] * 3 + ["sigmoid"]
     summary = json.loads((tmp_path / "summary.json").read_text())

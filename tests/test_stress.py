@@ -36,12 +36,7 @@ def quiet(*_args):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core box
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
 
 def test_default_model_is_the_160m_parameter_encoder():
