@@ -45,6 +45,8 @@ mkdir -p "$OUT"
 SMOKE=${SMOKE:-0}
 PARTS=${PARTS:-stress speed} # a later call can redo one part: PARTS=speed or PARTS=stress
 PY=${PYTHON:-python3}
+# shellcheck source=tools/lib.sh
+source "$ROOT/tools/lib.sh"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_experiments.XXXXXX")
 LOG="$OUT/gpu_experiments.log"
 T0=$(date +%s)
@@ -86,8 +88,7 @@ else
     STRESS_SMOKE='{}'
     # the paper's kernel, a comparison only: carried as a wheel (.whl/), installed per call
     if ls .whl/triton_sigmoid-*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/triton_sigmoid-*.whl >>"$LOG" 2>&1 &&
+        install_wheels "$PY" /tmp/site .whl/triton_sigmoid-*.whl >>"$LOG" 2>&1 &&
             export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
 fi

@@ -64,10 +64,6 @@ say() { echo "$*" | tee -a "$INFO"; }
 
 # --- 1. packages --------------------------------------------------------------------------
 if [ "${SKIP_WHEELS:-0}" != 1 ]; then
-  install_wheels() {
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" "$@"
-  }
   WHEELS=$REPO/.whl
   if [ -f "$REPO/.whl/xz/wheels.tar.xz" ]; then # the carried form (tools/gpu_wheels.sh)
     WHEELS=$(mktemp -d)
@@ -76,7 +72,7 @@ if [ "${SKIP_WHEELS:-0}" != 1 ]; then
       "$REPO/.whl/xz/wheels.tar.xz" "$WHEELS" || exit 2
   fi
   ls "$WHEELS"/*.whl >/dev/null || { echo "no wheels in $WHEELS: run tools/gpu_wheels.sh here first" >&2; exit 2; }
-  install_wheels "$WHEELS"/*.whl || exit 2
+  install_wheels "$PY" "$SITE" "$WHEELS"/*.whl || exit 2
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$SITE/bin:$PATH"
 fi

@@ -19,3 +19,12 @@ config_paths() {
     case $c in /*) CONFIG_PATHS+=("$c") ;; *) CONFIG_PATHS+=("$repo/$c") ;; esac
   done
 }
+
+# install_wheels PYTHON SITE WHEEL...: the wheels into SITE with PYTHON's pip, offline (no index,
+# no dependency resolution: the lent GPU machine reaches no registry), no bytecode
+install_wheels() {
+  local py=$1 site=$2
+  shift 2
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" "$@"
+}
