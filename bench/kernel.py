@@ -420,15 +420,29 @@ SWEEP_FWD_CONFIGS = {
 }
 
 
-def sweep_jobs(cases):
-    """Flat list of (case index, stage, variant, config, dq config): sliceable across workers."""
+# ... and more backward configs than it autotunes over: 0-spill BLOCK_M=32 tiles, 4 warps
+SWEEP_BWD_CONFIGS = {
+    **ts._BWD_CONFIGS,
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3),
+          (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 2)],
+    64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3),
+         (64, 64, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+}  # fmt: skip
+
+
+def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None):
+    """Flat list of (case index, stage, variant, config, dq config): sliceable across workers.
+    ``variants``: names to keep (None: all)."""
     jobs = []
+    keep = (lambda name: True) if not variants else (lambda name: name in variants)
     for ci, (_, d, _, _) in enumerate(cases):
-        for name in FWD_VARIANTS:
+        for name in filter(keep, FWD_VARIANTS if "fwd" in stages else ()):
             for cfg in SWEEP_FWD_CONFIGS[d]:
                 jobs.append((ci, "fwd", name, cfg, None))
-        for name, opts in BWD_VARIANTS.items():
-            for cfg in ts._BWD_CONFIGS[d][:3]:
+        for name, opts in BWD_VARIANTS.items() if "bwd" in stages else ():
+            if not keep(name):
+                continue
+            for cfg in SWEEP_BWD_CONFIGS[d]:
                 for dq_cfg in ts._DQ_CONFIGS[d][:3] if not opts["atomic_dq"] else [None]:
                     jobs.append((ci, "bwd", name, cfg, dq_cfg))
     return jobs
@@ -656,9 +670,7 @@ def write_outputs(out_dir: Path, header: dict, rows: list, checks: list, sweep_r
 def minimal(out_dir: Path, header: dict):
     """A short validation run: hd128 only, one launch config per kernel (a handful of
     compiles, no autotuning), bf16 correctness, dense N=8K and pbmc3k against SDPA/NJT."""
-    t0 = time.time()
-    ts._FWD_CONFIGS[128] = [(128, 64, 8, 3)]
-    ts._BWD_CONFIGS[128] = [(64, 128, 8, 2)]
+    t0 = time.time()  # hd128's forward and backward have one config each (triton_sigmoid.py)
     checks: list = []
     ok = check_correctness(checks, [(torch.bfloat16, torch.float32, 2e-2, 128)])
     log(f"GPU correctness: {'OK' if ok else 'FAILED'} ({time.time() - t0:.0f} s)")
@@ -756,6 +768,13 @@ def main(argv=None):
     ap.add_argument(
         "--check-dtypes", default="bf16,fp16,fp32", help="GPU correctness checks to run"
     )
+    ap.add_argument("--sweep-stages", default="fwd,bwd", help="stages the sweep times")
+    ap.add_argument(
+        "--sweep-variants",
+        default="",
+        help="comma list of sweep variants to keep, e.g. 'atomic-dq tanh' (default: all); a "
+        "restricted sweep only reports, it chooses no options for the table",
+    )
     ap.add_argument("--warm-limit", type=float, default=math.inf, help="seconds for --warm-jobs")
     ap.add_argument(
         "--options",
@@ -773,7 +792,13 @@ def main(argv=None):
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
     cases = workloads(args.quick, args.cases, head_dims)
     sweep_cases = [c for c in cases if c[0] == SWEEP_DENSE or c[0].startswith("pbmc3k")]
-    jobs = [] if args.no_sweep else sweep_jobs(sweep_cases)
+    stages = tuple(x for x in args.sweep_stages.split(",") if x)
+    variants = [x for x in args.sweep_variants.split(",") if x]
+    unknown = set(stages) - {"fwd", "bwd"} | set(variants) - {*FWD_VARIANTS, *BWD_VARIANTS}
+    if unknown:
+        sys.exit(f"--sweep-stages/--sweep-variants: unknown {sorted(unknown)}")
+    jobs = [] if args.no_sweep else sweep_jobs(sweep_cases, stages, variants)
+    full_sweep = set(stages) == {"fwd", "bwd"} and not variants
     dtype_names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     wanted = {dtype_names[x] for x in args.check_dtypes.split(",") if x}
     checks_todo = [c for c in CHECK_COMBOS if c[0] in wanted and c[3] in head_dims]
@@ -803,6 +828,8 @@ def main(argv=None):
             f"--head-dims={args.head_dims}",
             f"--check-dtypes={args.check_dtypes}",
             f"--options={args.options}",
+            f"--sweep-stages={args.sweep_stages}",
+            f"--sweep-variants={args.sweep_variants}",
         ]  # fmt: skip  (workers compile the same kernel variants)
         # at most half of the time limit: the timed table needs the rest
         limit = min(args.time_limit / 2, args.warm_limit)
@@ -817,7 +844,7 @@ def main(argv=None):
         # the sweep gets up to 60% of the time limit from the start; the table the rest
         sweep(sweep_rows, sweep_cases, jobs, deadline=t_start + 0.6 * args.time_limit)
         summary = sweep_summary(sweep_rows)
-        for d in HEAD_DIMS:
+        for d in HEAD_DIMS if full_sweep else ():
             options, bwd_mode, chosen = choose_options(sweep_rows, d)
             OPTIONS_BY_HD[d] = {**options, "bwd_sig_mode": bwd_mode}
             summary.append(
@@ -840,9 +867,8 @@ def main(argv=None):
     write_outputs(args.out, header, rows, checks, sweep_rows)
     # what the autotuner chose for `ours` (run 6's forward at N=8K picked a config slower than
     # the fixed one): key = (length bucket[, rows bucket], then Triton's dtype entries)
-    for (kind, d), fn in sorted(ts._TUNED.items()):
-        for key, cfg in getattr(fn, "cache", {}).items():
-            log(f"autotuned {kind} hd{d} {key[:2]}: {cfg}")
+    for line in ts.autotuned_configs():
+        log(f"autotuned {line}")
     log(f"total {time.time() - t_start:.0f} s; wrote {args.out}")
 
 

@@ -381,3 +381,33 @@ def test_parse_options_names_what_is_wrong():
         ts.parse_options("tma=1")
     with pytest.raises(ValueError, match="'use_tma' needs an integer, got 'yes'"):
         ts.parse_options("use_tma=yes")
+
+
+def test_tma_allocator_is_set_in_each_launching_thread():
+    """Triton keeps its allocator per thread (a context variable) and autograd runs the backward
+    in its own thread: the device-side descriptors' scratch allocator must be set where the
+    kernel is launched, and an allocator the caller set is kept."""
+    import threading
+
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    seen = {}
+
+    def launch_thread(name, own=None):
+        seen[name + "_before"] = _allocator.get()
+        if own is not None:
+            triton.set_allocator(own)
+        ts._ensure_tma_allocator()
+        seen[name] = _allocator.get()
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    ts._ensure_tma_allocator()  # this thread first, as a forward would be
+    for name, own in (("fresh", None), ("callers", mine)):
+        thread = threading.Thread(target=launch_thread, args=(name, own))
+        thread.start()
+        thread.join()
+    assert isinstance(seen["fresh_before"], NullAllocator)  # a new thread starts without one
+    assert seen["fresh"] is ts._tma_scratch
+    assert seen["callers"] is mine

@@ -418,10 +418,15 @@ _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
 }
-# backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block
+# backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block.
+# Session 4's sweep (bench/NOTES.md, bf16, tanh, atomic dq; 9-10 configs per head dim, N=8K
+# and pbmc3k lengths): hd128 (64, 128, 8, 3) won both by 14-18% (405 / 322 TFLOPS; the autotuner
+# also chose it at every length bucket from 2K to 16K in run 7), so it is the one config; hd64
+# (64, 64, 4, 3) won both (364 / 287) ahead of (64, 128, 8, 3) (342 / 271), which the
+# autotuner chose at the 4K bucket: those two. BLOCK_M = 32 tiles (no spills) were slower.
 _BWD_CONFIGS = {
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2)],
-    64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+    128: [(64, 128, 8, 3)],
+    64: [(64, 64, 4, 3), (64, 128, 8, 3)],
     32: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
 }
 _DQ_CONFIGS = {
@@ -496,23 +501,36 @@ def _tuned(kind: str, head_dim: int):
     return _TUNED[key]
 
 
+def autotuned_configs() -> list[str]:
+    """What the autotuner chose in this process, a line per kernel and key: ``"dkdv hd128
+    (8192, 'torch.bfloat16'): BLOCK_M: 64, ..."`` (key: length bucket[, rows bucket], dtype)."""
+    lines = []
+    for (kind, head_dim), fn in sorted(_TUNED.items()):
+        for key, cfg in getattr(fn, "cache", {}).items():
+            lines.append(f"{kind} hd{head_dim} {key[:2]}: {cfg}")
+    return lines
+
+
 def _seqlen_bucket(max_seqlen: int) -> int:
     return 1 << max(6, math.ceil(math.log2(max(max_seqlen, 1))))
 
 
-_ALLOCATOR_SET = False
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _ensure_tma_allocator():
-    """Device-side tensor descriptors need scratch memory from a Triton allocator."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
+    """Device-side tensor descriptors need scratch memory from a Triton allocator. Triton keeps
+    the allocator in a context variable, one per thread: set it in the launching thread (the
+    backward runs in autograd's own thread) unless that thread has one already."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
 
-        def alloc(size: int, alignment: int, stream):
-            return torch.empty(size, device="cuda", dtype=torch.int8)
-
-        triton.set_allocator(alloc)
-        _ALLOCATOR_SET = True
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another Triton layout: set it every time (a context variable's set)
+        pass
+    triton.set_allocator(_tma_scratch)
 
 
 def _tma_ok(device: torch.device) -> bool:
