@@ -119,15 +119,36 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
 
 
 def test_bench_ddp_scaling_smoke(tmp_path):
-    """bench/ddp_scaling.py --smoke: 1 and 2 CPU processes of the tiny model, a full table."""
+    """bench/ddp_scaling.py --smoke: 1 and 2 CPU processes of the tiny model, two rounds, the
+    default DDP and the no-all-reduce diagnosis, a full table and rank 0's profiles."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "ddp_scaling.py"
     out_csv, out_md = tmp_path / "scaling.csv", tmp_path / "scaling.md"
     cmd = [sys.executable, str(bench), "--smoke", "--attentions", "sigmoid", "--repeats", "2"]
+    cmd += ["--ddp", "default", "no_sync", "--rounds", "2", "--profile-dir", str(tmp_path / "p")]
     cmd += ["--out-csv", str(out_csv), "--out-md", str(out_md)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out_csv)
-    assert table.gpus.tolist() == [1, 2] and (table.tokens_per_s > 0).all()
-    assert table.tokens_per_step.tolist() == [48, 96]  # weak scaling: a sequence per process
+    assert table.gpus.tolist() == [1, 2, 2] and table.ddp.tolist() == ["none", "default", "no_sync"]
+    assert (table.tokens_per_s > 0).all() and (table.rounds == 2).all()
+    assert table.tokens_per_step.tolist() == [48, 96, 96]  # weak scaling: a sequence per process
     assert table.scaling_efficiency.iloc[0] == 1.0
-    assert "| sigmoid | 2 | 96 |" in out_md.read_text()
+    # the median of the rounds, each round's slowest rank
+    assert (table.step_ms_min <= table.step_ms).all() and (table.step_ms <= table.step_ms_max).all()
+    per_round = [[float(t) for t in r.split()] for r in table.rank_step_ms.iloc[1].split(" / ")]
+    assert [len(r) for r in per_round] == [2, 2]
+    assert sorted(max(r) for r in per_round) == pytest.approx(
+        [table.step_ms_min.iloc[1], table.step_ms_max.iloc[1]], abs=0.051
+    )
+    assert "| sigmoid | 2 | default | 96 |" in out_md.read_text()
+    profile = (tmp_path / "p" / "profile_2gpu.md").read_text()
+    assert "## sigmoid, 2 GPU(s), DDP no_sync" in profile and "| aten::" in profile
+
+
+def test_bench_ddp_scaling_refuses_bf16_gradients_on_gloo(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ddp_scaling.py"
+    cmd = [sys.executable, str(bench), "--smoke", "--ddp", "bf16_grads"]
+    cmd += ["--out-csv", str(tmp_path / "x.csv"), "--out-md", str(tmp_path / "x.md")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "bf16_grads needs NCCL" in done.stderr
+    assert not (tmp_path / "x.csv").exists()

@@ -251,12 +251,13 @@ class MaskedGeneLoss(torch.nn.Module):
         )
 
 
-def wrap_ddp(model: Encoder, dev: torch.device) -> torch.nn.Module:
-    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``."""
+def wrap_ddp(model: Encoder, dev: torch.device, **options) -> torch.nn.Module:
+    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``;
+    ``options`` go to ``DistributedDataParallel`` (bench/ddp_scaling.py compares some)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(
-        MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None
+        MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None, **options
     )
 
 
