@@ -43,7 +43,7 @@ KERNELS = {
     "dkdv": (ts._attn_bwd_dkdv, ts._BWD_CONFIGS),
     "dq": (ts._attn_bwd_dq, ts._DQ_CONFIGS),
 }
-_INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket", "total_rows")
+_INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket", "total_rows", "n_seqs")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -90,10 +90,11 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
                   "IN_PREC": ts._in_prec(_TORCH_DTYPES[dtype])}  # fmt: skip
     if kind == "fwd":
         constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
-                          PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False)  # fmt: skip
+                          PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False,
+                          COMPACT=bool(opts["compact_grid"]))  # fmt: skip
     elif kind == "dkdv":
         constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
-                          USE_TMA=bool(opts["bwd_tma"]))  # fmt: skip
+                          USE_TMA=bool(opts["bwd_tma"]), COMPACT=bool(opts["compact_grid"]))  # fmt: skip
     sig, attrs = signature(fn, dtype, constexprs)
     src = ASTSource(
         fn=fn,

@@ -128,6 +128,7 @@ def test_constant_bias_tensor_bias_and_scale():
         # the option's plumbing; under the interpreter the descriptors give way to pointer
         # loads (bench/kernel.py checks the TMA path itself on the GPU)
         {"bwd_tma": True},
+        {"compact_grid": True},  # a grid over the sequences' blocks (one scan chunk here)
     ],
 )
 def test_kernel_variants(options):
@@ -411,3 +412,26 @@ def test_tma_allocator_is_set_in_each_launching_thread():
     assert isinstance(seen["fresh_before"], NullAllocator)  # a new thread starts without one
     assert seen["fresh"] is ts._tma_scratch
     assert seen["callers"] is mine
+
+
+def test_compact_grid_over_many_sequences():
+    """The compact grid finds each program's sequence by scanning the sequences 128 at a time:
+    130 short sequences (two chunks; 1-40 tokens, so 1-3 blocks each of the interpreter's 16
+    keys) give the float64 reference's output and gradients, and the same as the block grid."""
+    seed = _fresh_seed()
+    lengths = random.Random(seed).choices(range(1, 41), k=130)
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs(lengths, 32, torch.float32, seed)
+    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    order = torch.argsort(seq_len, descending=True).to(torch.int32)
+    bias, scale = -torch.log(seq_len.float()), 32**-0.5
+    results = {}
+    for compact in (True, False):
+        args = (seq_start, seq_len, order, bias, scale, max_seqlen, False)
+        out = ts.launch_fwd(q, k, v, *args, compact_grid=compact)
+        grads = ts.launch_bwd(do, q, k, v, *args, compact_grid=compact)
+        results[compact] = [out, *grads]
+    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    errors = [_rel(x, r) for x, r in zip(results[True], [ref, *ref_grads])]
+    assert max(errors) < FP32_TOL, f"seed {seed}: {errors}"
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

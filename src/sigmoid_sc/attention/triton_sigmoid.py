@@ -128,26 +128,65 @@ def _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC
 
 
 @triton.jit
+def _grid_item(SeqLen, SeqOrder, n_seqs, item, BLOCK: tl.constexpr):
+    """The compact grid's work item ``item`` -> ``(j, block)``: items are the ``cdiv(n, BLOCK)``
+    blocks of every sequence, sequences in ``SeqOrder`` order (longest first), so ``j`` is the
+    position in ``SeqOrder`` and ``block`` the block within that sequence; ``j == n_seqs`` past
+    the last item (the grid is an upper bound). Sequences are scanned 128 at a time."""
+    j = n_seqs * 0
+    done_blocks = n_seqs * 0  # blocks of the sequences wholly before ``item``
+    seen_blocks = n_seqs * 0  # blocks of the chunks scanned so far
+    for c in range(0, n_seqs, 128):
+        idx = c + tl.arange(0, 128)
+        inside = idx < n_seqs
+        b = tl.load(SeqOrder + idx, mask=inside, other=0)
+        n = tl.load(SeqLen + b, mask=inside, other=0)
+        blocks = tl.where(inside, (n + BLOCK - 1) // BLOCK, 0)
+        ends = seen_blocks + tl.cumsum(blocks, 0)
+        before = inside & (ends <= item)
+        j += tl.sum(before.to(tl.int32), 0)
+        done_blocks += tl.sum(tl.where(before, blocks, 0), 0)
+        seen_blocks += tl.sum(blocks, 0)
+    return j, item - done_blocks
+
+
+@triton.jit
+def _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+    """``(block, head, sequence b, its length n)`` of this program. Grid ``(cdiv(max_seqlen,
+    BLOCK), H, B)``: blocks past a sequence's end are programs that exit at once. COMPACT: grid
+    ``(cdiv(total rows, BLOCK) + B, H)`` over the sequences' blocks only (:func:`_grid_item`);
+    ``n = 0`` for the items past the last block."""
+    if COMPACT:
+        h = tl.program_id(1)
+        j, block = _grid_item(SeqLen, SeqOrder, n_seqs, tl.program_id(0), BLOCK)
+        b = tl.load(SeqOrder + tl.minimum(j, n_seqs - 1))
+        n = tl.where(j < n_seqs, tl.load(SeqLen + b), 0)
+    else:
+        block = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.load(SeqOrder + tl.program_id(2))
+        n = tl.load(SeqLen + b)
+    return block, h, b, n
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out,
     SeqStart, SeqLen, SeqOrder, Bias,
     qk_scale_u,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_rows, pad_rows, seqlen_bucket, rows_bucket,
+    total_rows, pad_rows, seqlen_bucket, rows_bucket, n_seqs,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr,
+    PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``; one program = one query block of one head.
+    """One program = one query block of one head (grid: :func:`_program_seq`).
 
     Sequences are visited longest first (``SeqOrder``) so the long programs start early and
-    the short ones fill the tail of the launch. ZERO_FILL (padded layout): rows ``n..pad_rows``
-    of the sequence's slot are written as zeros here, which saves a memset of the output.
+    the short ones fill the tail of the launch. ZERO_FILL (padded layout, never COMPACT): rows
+    ``n..pad_rows`` of the sequence's slot are written as zeros here, which saves a memset.
     """
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.load(SeqOrder + tl.program_id(2))
-    n = tl.load(SeqLen + b)
+    pid_m, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_M, COMPACT)
     if pid_m * BLOCK_M < n:
         start = tl.load(SeqStart + b)
         bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
@@ -257,12 +296,12 @@ def _attn_bwd_dkdv(
     qk_scale_u, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_rows, pad_rows, seqlen_bucket,
+    total_rows, pad_rows, seqlen_bucket, n_seqs,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(max_seqlen, BLOCK_N), H, B)``; one program = one key block of one head.
+    """One program = one key block of one head (grid: :func:`_program_seq`).
 
     Loops over the sequence's query blocks accumulating dk, dv in fp32 registers. With
     ATOMIC_DQ the same tiles also give dq (``dS K``), added into an fp32 buffer with atomics;
@@ -270,10 +309,7 @@ def _attn_bwd_dkdv(
     dO through tensor descriptors (as the forward reads k and v); the last, partial block
     always through masked pointer loads.
     """
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.load(SeqOrder + tl.program_id(2))
-    n = tl.load(SeqLen + b)
+    pid_n, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_N, COMPACT)
     if pid_n * BLOCK_N < n:
         start = tl.load(SeqStart + b).to(tl.int64)
         bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
@@ -450,8 +486,12 @@ DEFAULT_OPTIONS = {
     "warp_spec": False,
     "pipeline": False,
     "atomic_dq": True,
-    # q and dO of the dk/dv kernel through TMA (sm90+): an option to measure, not yet measured
+    # q and dO of the dk/dv kernel through TMA (sm90+): a slower backward at the same launch
+    # config, 3% at hd128 N=8K to 19% at hd64 on pbmc3k lengths (run 8)
     "bwd_tma": False,
+    # packed tokens: a grid over the sequences' blocks only, not max_seqlen's blocks for every
+    # sequence. Heads-fastest order measured no gain (run 8); this heads-outer order: unmeasured
+    "compact_grid": False,
 }
 
 
@@ -538,6 +578,20 @@ def _tma_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _compact(opts: dict, zero_fill: bool) -> bool:
+    """The compact grid (:func:`_program_seq`) for packed tokens; the padded layout keeps the
+    block grid, whose programs past a sequence's end write its padded rows' zeros."""
+    return bool(opts["compact_grid"]) and not zero_fill
+
+
+def _grid(compact: bool, block: str, max_seqlen: int, rows: int, n_heads: int, batch: int):
+    """The launch grid of a config ``m`` (``m[block]`` rows a program), see :func:`_program_seq`:
+    compact, an upper bound of the blocks (each sequence rounds up at most one block)."""
+    if compact:
+        return lambda m: (triton.cdiv(rows, m[block]) + batch, n_heads)
+    return lambda m: (triton.cdiv(max_seqlen, m[block]), n_heads, batch)
+
+
 def _explicit(cfg):
     bm, bn, w, s = cfg
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
@@ -585,7 +639,7 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         q, k, v, o, seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0,
-        _seqlen_bucket(max_seqlen), _seqlen_bucket(rows),
+        _seqlen_bucket(max_seqlen), _seqlen_bucket(rows), batch,
     )  # fmt: skip
     meta = {
         "HEAD_DIM": head_dim,
@@ -595,13 +649,13 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         "WARP_SPEC": use_tma and bool(opts["warp_spec"]),
         "PIPELINE": bool(opts["pipeline"]),
         "ZERO_FILL": bool(zero_fill),
+        "COMPACT": _compact(opts, zero_fill),
     }
+    grid = _grid(meta["COMPACT"], "BLOCK_M", max_seqlen, rows, n_heads, batch)
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
-        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, batch)
-        _attn_fwd[grid](*args, **meta, **cfg)
+        _attn_fwd[grid(cfg)](*args, **meta, **cfg)
     else:
-        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_heads, batch)  # noqa: E731
         _tuned("fwd", head_dim)[grid](*args, **meta)
     return o
 
@@ -627,19 +681,19 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
         q, k, v, do, dq, dk, dv, *common,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), rows, max_seqlen if zero_fill else 0, bucket,
+        dv.stride(0), dv.stride(1), rows, max_seqlen if zero_fill else 0, bucket, batch,
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
     bwd_tma = bool(opts["bwd_tma"]) and not interp and _tma_ok(q.device)
     if bwd_tma:
         _ensure_tma_allocator()
-    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": bwd_tma}
+    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": bwd_tma,
+               "COMPACT": _compact(opts, zero_fill)}  # fmt: skip
+    grid = _grid(kv_meta["COMPACT"], "BLOCK_N", max_seqlen, rows, n_heads, batch)
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
-        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_heads, batch)
-        _attn_bwd_dkdv[grid](*kv_args, **kv_meta, **cfg)
+        _attn_bwd_dkdv[grid(cfg)](*kv_args, **kv_meta, **cfg)
     else:
-        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_heads, batch)  # noqa: E731
         _tuned("dkdv", head_dim)[grid](*kv_args, **kv_meta)
     if atomic:
         dq = dq.to(q.dtype)
