@@ -24,14 +24,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny dataset's tokens and a trained softmax and sigmoid model of the same seed."""
+    """A tiny dataset's tokens and a trained softmax and sigmoid model of the same seed
+    (trained on one torch thread, as the module's tests run; the count is restored after)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("jacobian")
-    tokens = make_tokens(root / "tokens.npz", n_cells=80, n_genes=40, max_len=24)
-    models = {}
-    for attention in ("softmax", "sigmoid"):
-        out = train("toy", tokens, attention, 0, TINY_MODEL, TINY_TRAIN, "cpu", root / attention)
-        models[attention] = out / "model.pt"
+    try:
+        root = tmp_path_factory.mktemp("jacobian")
+        tokens = make_tokens(root / "tokens.npz", n_cells=80, n_genes=40, max_len=24)
+        models = {}
+        for attention in ("softmax", "sigmoid"):
+            out = train(
+                "toy", tokens, attention, 0, TINY_MODEL, TINY_TRAIN, "cpu", root / attention
+            )
+            models[attention] = out / "model.pt"
+    finally:
+        torch.set_num_threads(threads)
     return tokens, models
 
 
