@@ -358,3 +358,32 @@ def test_editing_one_dataset_entry_reruns_only_its_branch(run_copy, tmp_path):
     # the edited dataset has more cells, hence more test cells; the other one is as it was
     assert n_cells[chosen] > cells_before[chosen]
     assert n_cells[other] == cells_before[other]
+
+
+@pytest.mark.parametrize(
+    "args, launcher",
+    [
+        ((), "python"),  # device cpu: no GPU asked for
+        (("--config", "device=cuda"), "python"),
+        (
+            ("--config", "device=cuda", "train_gpus=2"),
+            "python -m torch.distributed.run --standalone --nproc_per_node 2",
+        ),
+        (  # a profile's or the command line's override of the rule's resources
+            ("--config", "device=cuda", "--set-resources", "train:gpu=3"),
+            "python -m torch.distributed.run --standalone --nproc_per_node 3",
+        ),
+    ],
+)
+def test_train_jobs_launch_one_process_per_gpu(tmp_path, args, launcher):
+    """Every train job's command starts with what its resources.gpu asks for: one process,
+    or torchrun with one DDP process per GPU (the shell decides; this runs that part)."""
+    process = snakemake(tmp_path, "--dry-run", "--printshellcmds", *args)
+    assert process.returncode == 0, output_of(process)
+    commands = re.findall(
+        r"^Shell command: .*? (\$\(.*?\)) -m sigmoid_sc\.cli train ", process.stdout, re.M
+    )
+    assert len(commands) == len(DATASETS) * len(SEEDS) * len(ATTENTIONS), process.stdout[-3000:]
+    for command in set(commands):
+        words = subprocess.run(["bash", "-c", f"echo {command}"], capture_output=True, text=True)
+        assert words.stdout.strip() == launcher, command
