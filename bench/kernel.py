@@ -270,7 +270,8 @@ def impl_naive(inp: Inputs, dense: bool):
 # Kernel options measured beside the default in the table (one fixed launch config each, so
 # they cost one compile, not an autotuning), each on top of ts.DEFAULT_OPTIONS (TMA forward
 # and tanh backward since run 6): the pointer-load forward (hand-pipelined or not), the exact
-# backward sigmoid, the two-kernel dq path, q/dO through TMA in the backward, the compact grid.
+# backward sigmoid, the two-kernel dq path, q/dO through TMA in the backward, the compact grid,
+# the warp-specialised forward.
 OURS_VARIANTS = {
     "ours+notma": {"use_tma": False},
     "ours+pipe": {"use_tma": False, "pipeline": True},
@@ -278,18 +279,20 @@ OURS_VARIANTS = {
     "ours+twokernel": {"atomic_dq": False},
     "ours+bwdtma": {"bwd_tma": True},
     "ours+compact": {"compact_grid": True},
+    "ours+ws": {"warp_spec": True},
 }
 # the variants' fixed configs: the first (measured best) of the kernel's own lists, so that a
 # variant row differs from `ours` by its option only (until session 4 the backward's was
 # (64, 128, 8, 2), 15% slower at hd128 than the autotuned (64, 128, 8, 3) whatever the option)
-VARIANT_FWD_CONFIG = {d: configs[0] for d, configs in ts._FWD_CONFIGS.items()}
 VARIANT_BWD_CONFIG = {d: configs[0] for d, configs in ts._BWD_CONFIGS.items()}
 VARIANT_DQ_CONFIG = {128: (128, 64, 8, 2), 64: (128, 64, 8, 3), 32: (128, 64, 4, 3)}
 
 
 def impl_ours_variant(inp: Inputs, dense: bool, name: str):
-    d = inp.head_dim
-    return impl_ours(inp, dense, opts=OURS_VARIANTS[name], config=VARIANT_FWD_CONFIG[d],
+    d, opts = inp.head_dim, OURS_VARIANTS[name]
+    # warp specialisation happens at num_warps=4 only: its own (first) forward config
+    fwd_config = (ts._WS_FWD_CONFIGS if opts.get("warp_spec") else ts._FWD_CONFIGS)[d][0]
+    return impl_ours(inp, dense, opts=opts, config=fwd_config,
                      bwd_config=VARIANT_BWD_CONFIG[d], dq_config=VARIANT_DQ_CONFIG[d])  # fmt: skip
 
 

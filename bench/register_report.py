@@ -91,7 +91,8 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
     if kind == "fwd":
         constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
                           PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False,
-                          COMPACT=bool(opts["compact_grid"]))  # fmt: skip
+                          COMPACT=bool(opts["compact_grid"]),
+                          TAIL_IN_LOOP=bool(opts["warp_spec"]) and not opts["pipeline"])  # fmt: skip
     elif kind == "dkdv":
         constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
                           USE_TMA=bool(opts["bwd_tma"]), COMPACT=bool(opts["compact_grid"]))  # fmt: skip
@@ -125,6 +126,8 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
         "async": ttgir.count("async_copy_global_to_local"),
         "tma": ttgir.count("async_tma_copy"),
         "wgmma": ttgir.count("warp_group_dot "),
+        # loops split into producer/consumer warp partitions (Triton's warp specialisation)
+        "ws": ttgir.count("ttg.warp_specialize("),
     }
 
 
@@ -147,19 +150,20 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x128x8x2")
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}a, options "
           f"{ {**ts.DEFAULT_OPTIONS, **options} }, dtype {args.dtype}")  # fmt: skip
-    print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma | ws |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     for kind in filter(None, args.kernels.split(",")):
         if kind not in KERNELS:
             raise SystemExit(f"--kernels: {kind!r} is not one of {sorted(KERNELS)}")
         for d in (int(x) for x in args.head_dims.split(",")):
-            for config in configs or KERNELS[kind][1][d]:
+            ws = kind == "fwd" and options.get("warp_spec")  # its own (4-warp) configs
+            for config in configs or (ts._WS_FWD_CONFIGS if ws else KERNELS[kind][1])[d]:
                 r = report(kind, d, config, options, args.dtype)
                 rows.append(r)
                 print(f"| {r['kernel']} | {r['hd']} | {r['config']} | {r['registers']} | "
                       f"{r['spill_bytes']} | {r['shared_kib']} | {r['async']} | {r['tma']} | "
-                      f"{r['wgmma']} |", flush=True)  # fmt: skip
+                      f"{r['wgmma']} | {r['ws']} |", flush=True)  # fmt: skip
     return rows
 
 

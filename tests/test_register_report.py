@@ -40,7 +40,7 @@ def test_report_reads_registers_spills_and_pipelining():
     rows = []
     for process in (atomic, two):
         assert process.returncode == 0, process.stderr[-3000:]
-        row = re.search(r"^\| dkdv \| 64 \| 64x128x8x2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
+        row = re.search(r"^\| dkdv \| 64 \| 64x128x8x2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| 0 \|$",
                         process.stdout, re.M)  # fmt: skip
         assert row, process.stdout
         rows.append([int(x) for x in row.groups()])
@@ -71,3 +71,18 @@ def test_bad_arguments_are_named():
     assert process.returncode != 0 and "'bwd' is not one of" in process.stderr
     process = run("--options", "use_tmaa=1")
     assert process.returncode != 0 and "unknown kernel option 'use_tmaa'" in process.stderr
+
+
+def test_warp_spec_splits_the_forward_loop_into_partitions():
+    """With ``warp_spec`` the forward's key loop is the kernel's only loop (the last key block
+    masked inside it) and Triton splits it into producer and consumer warps at num_warps=4:
+    the TTGIR holds a ``ttg.warp_specialize`` op; without the option, none."""
+    rows = {}
+    for options in ("warp_spec=1", "warp_spec=0"):
+        process = run("--kernels", "fwd", "--head-dims", "128", "--configs", "128x64x4x2",
+                      "--options", options)  # fmt: skip
+        assert process.returncode == 0, process.stderr[-3000:]
+        row = re.search(r"^\| fwd \| 128 \| 128x64x4x2 \|.* \| (\d+) \|$", process.stdout, re.M)
+        assert row, process.stdout
+        rows[options] = int(row.group(1))
+    assert rows == {"warp_spec=1": 1, "warp_spec=0": 0}

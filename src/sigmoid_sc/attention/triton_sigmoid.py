@@ -116,14 +116,20 @@ def _load_rows(base, rows, stride_t, offs_d, n, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr):
+def _fwd_block(
+    acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
+):
     """One key block: ``acc += sigmoid(q k^T * scale + b) v``.
 
-    Key rows past the sequence were loaded as zeros, so their P (= sigmoid(b)) meets a zero
-    row of v and adds nothing: no column mask is needed.
+    ``key_ok`` None: key rows past the sequence were loaded as zeros, so their P (=
+    sigmoid(b)) meets a zero row of v and adds nothing. Else ``key_ok[j]`` says whether key
+    row j is the sequence's (rows past it may hold the next sequence's tokens): P is zeroed
+    outside.
     """
     s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
     p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
+    if key_ok is not None:
+        p = tl.where(key_ok[None, :], p, 0.0)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
 
 
@@ -179,12 +185,17 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr, COMPACT: tl.constexpr,
+    TAIL_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
     """One program = one query block of one head (grid: :func:`_program_seq`).
 
     Sequences are visited longest first (``SeqOrder``) so the long programs start early and
     the short ones fill the tail of the launch. ZERO_FILL (padded layout, never COMPACT): rows
     ``n..pad_rows`` of the sequence's slot are written as zeros here, which saves a memset.
+    TAIL_IN_LOOP: the partial last key block runs inside the key loop, its keys past the
+    sequence masked there, instead of after it; with TMA, q comes through a descriptor too.
+    The loop is then the kernel's only one, the shape Triton's Hopper warp specialisation
+    (WARP_SPEC) needs (bench/NOTES.md, session 4).
     """
     pid_m, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_M, COMPACT)
     if pid_m * BLOCK_M < n:
@@ -196,9 +207,21 @@ def _attn_fwd(
         q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
         k_base = K + start.to(tl.int64) * stride_kt + h * stride_kh
         v_base = V + start.to(tl.int64) * stride_vt + h * stride_vh
-        q = _load_rows(q_base, offs_m, stride_qt, offs_d, n, True)
+        if USE_TMA and TAIL_IN_LOOP:
+            # rows past the sequence are the next one's (or zeros): their outputs are not stored
+            q_desc = tl.make_tensor_descriptor(
+                Q + h * stride_qh, shape=[total_rows, HEAD_DIM], strides=[stride_qt, 1],
+                block_shape=[BLOCK_M, HEAD_DIM],
+            )  # fmt: skip
+            q = q_desc.load([start + pid_m * BLOCK_M, 0])
+        elif TAIL_IN_LOOP:  # as TMA reads: past the sequence the next one's rows, then zeros
+            q = _load_rows(q_base, offs_m, stride_qt, offs_d, total_rows - start, True)
+        else:
+            q = _load_rows(q_base, offs_m, stride_qt, offs_d, n, True)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         n_full = (n // BLOCK_N) * BLOCK_N
+        if TAIL_IN_LOOP:
+            n_full = tl.cdiv(n, BLOCK_N) * BLOCK_N
         if USE_TMA:
             # whole-tensor descriptors: a block may run into the next sequence's rows, which
             # is why only full blocks (wholly inside this sequence) are read through them
@@ -214,7 +237,11 @@ def _attn_fwd(
             for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
                 k = k_desc.load([start + start_n, 0])
                 v = v_desc.load([start + start_n, 0])
-                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
+                if TAIL_IN_LOOP:
+                    key_ok = start_n + offs_n < n
+                    acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE, IN_PREC)
+                else:
+                    acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
         elif PIPELINE:
             # software pipelining by hand: S of block j+1 is issued to the tensor cores before
             # the sigmoid of block j runs on the FMA/MUFU pipes, so the two can overlap
@@ -231,15 +258,24 @@ def _attn_fwd(
                 v = _load_rows(v_base, n_full - BLOCK_N + offs_n, stride_vt, offs_d, n, False)
                 p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
+        elif TAIL_IN_LOOP:
+            # without TMA (the CPU interpreter's path) the loads read what TMA reads, so the key
+            # mask is what keeps the next sequence's rows out, here as on the GPU
+            rows_left = total_rows - start
+            for start_n in range(0, n_full, BLOCK_N):
+                k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, rows_left, True)
+                v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, rows_left, True)
+                key_ok = start_n + offs_n < n
+                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE, IN_PREC)
         else:
             for start_n in range(0, n_full, BLOCK_N):
                 k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
                 v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
-                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
-        if n_full < n:
+                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
+        if not TAIL_IN_LOOP and n_full < n:
             k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
             v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
-            acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
+            acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
         o_ptrs = (
             Out
             + (start + offs_m).to(tl.int64)[:, None] * stride_ot
@@ -454,6 +490,13 @@ _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
 }
+# the warp-specialised forward (warp_spec option): Triton 3.9 splits a Hopper loop into
+# producer and consumer warps only at num_warps=4 (bench/NOTES.md, session 4); unmeasured
+_WS_FWD_CONFIGS = {
+    128: [(128, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
+    32: [(128, 64, 4, 3), (64, 64, 4, 3)],
+}
 # backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block.
 # Session 4's sweep (bench/NOTES.md, bf16, tanh, atomic dq; 9-10 configs per head dim, N=8K
 # and pbmc3k lengths): hd128 (64, 128, 8, 3) won both by 14-18% (405 / 322 TFLOPS; the autotuner
@@ -483,6 +526,10 @@ DEFAULT_OPTIONS = {
     "sig_mode": SIG_TANH,
     "bwd_sig_mode": SIG_TANH,
     "use_tma": True,  # only where the GPU has TMA (compute capability 9.0+), see _tma_ok
+    # forward key loop split into TMA-producer and MMA-consumer warps by Triton (sm90+), the
+    # sequence's last key block masked inside the loop (TAIL_IN_LOOP); packed tokens only.
+    # Rows past a sequence are then read (never used): a NaN or Inf in the next sequence's
+    # values would reach this one's output. Unmeasured on the GPU (NOTES, session 4)
     "warp_spec": False,
     "pipeline": False,
     "atomic_dq": True,
@@ -524,10 +571,11 @@ def _tuned(kind: str, head_dim: int):
     """The autotuned kernel of ``kind`` for ``head_dim``, built once (keyed on the length bucket)."""
     key = (kind, head_dim)
     if key not in _TUNED:
-        if kind == "fwd":
-            fn = triton.autotune(
-                _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "rows_bucket"]
-            )(_attn_fwd)
+        if kind in ("fwd", "fwd_ws"):
+            table = _WS_FWD_CONFIGS if kind == "fwd_ws" else _FWD_CONFIGS
+            fn = triton.autotune(_configs(table, head_dim), key=["seqlen_bucket", "rows_bucket"])(
+                _attn_fwd
+            )
         elif kind == "dkdv":
             # dq accumulates with atomics: every timed trial must start from zeros
             fn = triton.autotune(
@@ -650,13 +698,16 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         "PIPELINE": bool(opts["pipeline"]),
         "ZERO_FILL": bool(zero_fill),
         "COMPACT": _compact(opts, zero_fill),
+        # packed tokens only: in the padded layout the rows past a sequence are its padding,
+        # whatever the caller left there, and must not be read
+        "TAIL_IN_LOOP": bool(opts["warp_spec"]) and not zero_fill and not opts["pipeline"],
     }
     grid = _grid(meta["COMPACT"], "BLOCK_M", max_seqlen, rows, n_heads, batch)
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
         _attn_fwd[grid(cfg)](*args, **meta, **cfg)
     else:
-        _tuned("fwd", head_dim)[grid](*args, **meta)
+        _tuned("fwd_ws" if meta["TAIL_IN_LOOP"] else "fwd", head_dim)[grid](*args, **meta)
     return o
 
 
