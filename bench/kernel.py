@@ -718,7 +718,7 @@ def slice_autotune_configs(i: int, n: int) -> None:
     same kernel's configs compiled in every worker would cost the whole list's compile time
     in each); the timed pass autotunes over the full lists from the on-disk cache.
     """
-    for table in (ts._FWD_CONFIGS, ts._BWD_CONFIGS, ts._DQ_CONFIGS):
+    for table in (ts._FWD_CONFIGS, ts._WS_FWD_CONFIGS, ts._BWD_CONFIGS, ts._DQ_CONFIGS):
         for d in table:
             table[d] = table[d][i::n]
     ts._TUNED.clear()

@@ -224,7 +224,8 @@ def _attn_fwd(
             n_full = tl.cdiv(n, BLOCK_N) * BLOCK_N
         if USE_TMA:
             # whole-tensor descriptors: a block may run into the next sequence's rows, which
-            # is why only full blocks (wholly inside this sequence) are read through them
+            # is why only full blocks (wholly inside this sequence) are read through them,
+            # unless TAIL_IN_LOOP masks the last block's keys past the sequence
             k_desc = tl.make_tensor_descriptor(
                 K + h * stride_kh, shape=[total_rows, HEAD_DIM], strides=[stride_kt, 1],
                 block_shape=[BLOCK_N, HEAD_DIM],
