@@ -271,7 +271,8 @@ def impl_naive(inp: Inputs, dense: bool):
 # they cost one compile, not an autotuning), each on top of ts.DEFAULT_OPTIONS (TMA forward
 # and tanh backward since run 6): the pointer-load forward (hand-pipelined or not), the exact
 # backward sigmoid, the two-kernel dq path, q/dO through TMA in the backward, the compact grid,
-# the warp-specialised forward.
+# the warp-specialised forward, the forward's descriptors made on the host (with and without
+# warp specialisation), the lean tanh backward.
 OURS_VARIANTS = {
     "ours+notma": {"use_tma": False},
     "ours+pipe": {"use_tma": False, "pipeline": True},
@@ -280,6 +281,9 @@ OURS_VARIANTS = {
     "ours+bwdtma": {"bwd_tma": True},
     "ours+compact": {"compact_grid": True},
     "ours+ws": {"warp_spec": True},
+    "ours+host": {"host_desc": True},
+    "ours+host+ws": {"host_desc": True, "warp_spec": True},
+    "ours+lean": {"bwd_lean": True},
 }
 # the variants' fixed configs: the first (measured best) of the kernel's own lists, so that a
 # variant row differs from `ours` by its option only (until session 4 the backward's was
@@ -411,20 +415,32 @@ FWD_VARIANTS = {
     "newton+pipe": {"sig_mode": ts.SIG_NEWTON, "use_tma": False, "pipeline": True},
     "tanh+tma": {"sig_mode": ts.SIG_TANH, "use_tma": True},
     "tanh+tma+ws": {"sig_mode": ts.SIG_TANH, "use_tma": True, "warp_spec": True},
+    "tanh+tma+host": {"sig_mode": ts.SIG_TANH, "use_tma": True, "host_desc": True},
+    "tanh+tma+host+ws": {
+        "sig_mode": ts.SIG_TANH,
+        "use_tma": True,
+        "host_desc": True,
+        "warp_spec": True,
+    },
 }
 BWD_VARIANTS = {
     "atomic-dq exact": {"bwd_sig_mode": ts.SIG_EXACT, "atomic_dq": True},
     "atomic-dq tanh": {"bwd_sig_mode": ts.SIG_TANH, "atomic_dq": True},
+    "atomic-dq tanh lean": {"bwd_sig_mode": ts.SIG_TANH, "atomic_dq": True, "bwd_lean": True},
     "atomic-dq newton": {"bwd_sig_mode": ts.SIG_NEWTON, "atomic_dq": True},
     "two-kernel tanh": {"bwd_sig_mode": ts.SIG_TANH, "atomic_dq": False},
 }
 
 
 # the sweep explores more forward configs than the kernel autotunes over (hd128: one since run 6)
+# BLOCK_M = 64 at 4 warps (session 5): two CTAs an SM where shared memory allows (hd128 64x64,
+# 2-3 stages: 80-112 KiB), so one CTA's sigmoid can overlap the other's matmuls
 SWEEP_FWD_CONFIGS = {
     **ts._FWD_CONFIGS,
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)],
-}
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+          (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)],
+    64: [*ts._FWD_CONFIGS[64], (64, 64, 4, 2), (64, 64, 4, 3)],
+}  # fmt: skip
 
 
 # ... and more backward configs than it autotunes over: 0-spill BLOCK_M=32 tiles, 4 warps
@@ -444,7 +460,9 @@ def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None):
     keep = (lambda name: True) if not variants else (lambda name: name in variants)
     for ci, (_, d, _, _) in enumerate(cases):
         for name in filter(keep, FWD_VARIANTS if "fwd" in stages else ()):
-            for cfg in SWEEP_FWD_CONFIGS[d]:
+            # the warp-specialised forward splits at 4 warps only: its own configs
+            ws = FWD_VARIANTS[name].get("warp_spec")
+            for cfg in (ts._WS_FWD_CONFIGS if ws else SWEEP_FWD_CONFIGS)[d]:
                 jobs.append((ci, "fwd", name, cfg, None))
         for name, opts in BWD_VARIANTS.items() if "bwd" in stages else ():
             if not keep(name):

@@ -55,11 +55,19 @@ def _cuobjdump() -> str:
 
 
 def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """Argument types and the divisibility hints a launch on contiguous [T, H, D] tensors gets."""
+    """Argument types and the divisibility hints a launch on contiguous [T, H, D] tensors gets.
+
+    The forward's host tensor descriptors (``QDesc``...) are typed with their block shapes
+    when HOST_DESC is on; otherwise the launch passes None, a constant (set in ``constexprs``).
+    """
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name.endswith("Desc"):
+            rows = constexprs["BLOCK_M" if name == "QDesc" else "BLOCK_N"]
+            sig[name] = f"tensordesc<{dtype}[{rows}, {constexprs['HEAD_DIM']}]>"
+            continue
         elif name in ("SeqStart", "SeqLen", "SeqOrder"):
             sig[name] = "*i32"
         elif name in ("Bias", "DQ"):  # dq: the fp32 buffer of the atomic path
@@ -85,17 +93,21 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
     if kind != "fwd" and opts.get("bwd_sig_mode") is not None:
         opts["sig_mode"] = opts["bwd_sig_mode"]
     # the launch wrappers' own choice (fp32 inputs always get the exact form)
-    sig_mode = ts._sig_mode(opts, False, _TORCH_DTYPES[dtype])
+    sig_mode = ts._sig_mode(opts, _TORCH_DTYPES[dtype])
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "SIG_MODE": sig_mode,
                   "IN_PREC": ts._in_prec(_TORCH_DTYPES[dtype])}  # fmt: skip
     if kind == "fwd":
         constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
                           PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False,
                           COMPACT=bool(opts["compact_grid"]),
-                          TAIL_IN_LOOP=bool(opts["warp_spec"]) and not opts["pipeline"])  # fmt: skip
+                          TAIL_IN_LOOP=bool(opts["warp_spec"]) and not opts["pipeline"],
+                          HOST_DESC=bool(opts["host_desc"]) and bool(opts["use_tma"]))  # fmt: skip
+        if not constexprs["HOST_DESC"]:
+            constexprs.update(QDesc=None, KDesc=None, VDesc=None)
     elif kind == "dkdv":
         constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
-                          USE_TMA=bool(opts["bwd_tma"]), COMPACT=bool(opts["compact_grid"]))  # fmt: skip
+                          USE_TMA=bool(opts["bwd_tma"]), COMPACT=bool(opts["compact_grid"]),
+                          LEAN=bool(opts["bwd_lean"]) and sig_mode == ts.SIG_TANH)  # fmt: skip
     sig, attrs = signature(fn, dtype, constexprs)
     src = ASTSource(
         fn=fn,

@@ -77,11 +77,13 @@ def test_forward_and_gradients_match_float64(head_dim):
     assert all(e < FP32_TOL for e in errors.values()), f"seed {seed}: relative errors {errors}"
 
 
-@pytest.mark.parametrize("warp_spec", [False, True])
-def test_padded_layout_equals_packed_and_never_reads_padding(warp_spec, monkeypatch):
+@pytest.mark.parametrize("option", ["", "warp_spec", "host_desc"])
+def test_padded_layout_equals_packed_and_never_reads_padding(option, monkeypatch):
     """NaN padding never reaches an output; with ``warp_spec`` too, whose packed-token
-    forward reads rows past a sequence (the padded layout keeps the masked loads)."""
-    monkeypatch.setitem(ts.DEFAULT_OPTIONS, "warp_spec", warp_spec)
+    forward reads rows past a sequence (the padded layout keeps the masked loads), and with
+    ``host_desc``, whose q tiles run into the padding (only the rows it zero-fills)."""
+    if option:
+        monkeypatch.setitem(ts.DEFAULT_OPTIONS, option, True)
     seed = _fresh_seed()
     head_dim = 64
     cu, max_seqlen, (q, k, v, do) = _packed_inputs(LENGTHS, head_dim, torch.float32, seed)
@@ -136,6 +138,10 @@ def test_constant_bias_tensor_bias_and_scale():
         # the last key block inside the loop, keys read past the sequence (as TMA does) and
         # masked: the neighbours in this packed batch would show through a wrong mask
         {"warp_spec": True},
+        # q, k, v through host tensor descriptors: the interpreter runs the TMA path itself
+        # (reads past a sequence, zero rows past the tensor), with and without the tail in loop
+        {"host_desc": True},
+        {"host_desc": True, "warp_spec": True},
     ],
 )
 def test_kernel_variants(options):
@@ -179,13 +185,22 @@ def test_sigmoid_forms_elementwise(mode, tol):
     assert torch.isfinite(p).all() and relative < tol, relative
 
 
+def test_tanh_form_elementwise():
+    """``(1 + tanh(x/2)) / 2`` in its unit (x/2): an absolute error at fp32 rounding under the
+    interpreter (exact tanh); its relative error near 0 is the form's, on the GPU too."""
+    x = torch.linspace(-30, 30, 4001, dtype=torch.float32)
+    z = x * ts.logit_unit(ts.SIG_TANH)
+    p = torch.empty_like(z)
+    _sigmoid_kernel[(triton.cdiv(z.numel(), 1024),)](z, p, z.numel(), MODE=ts.SIG_TANH, BLOCK=1024)
+    assert (p.double() - torch.sigmoid(x.double())).abs().max().item() < 1e-6
+
+
 def test_sigmoid_form_choice():
-    """fp32 inputs always get the exact form; the interpreter never gets inline PTX."""
+    """fp32 inputs always get the exact form; 16-bit inputs the option's."""
     opts = {"sig_mode": ts.SIG_TANH}
-    assert ts._sig_mode(opts, False, torch.float32) == ts.SIG_EXACT
-    assert ts._sig_mode(opts, True, torch.bfloat16) == ts.SIG_EXACT
-    assert ts._sig_mode(opts, False, torch.bfloat16) == ts.SIG_TANH
-    assert ts._sig_mode({"sig_mode": ts.SIG_NEWTON}, True, torch.float16) == ts.SIG_NEWTON
+    assert ts._sig_mode(opts, torch.float32) == ts.SIG_EXACT
+    assert ts._sig_mode(opts, torch.bfloat16) == ts.SIG_TANH
+    assert ts._sig_mode({"sig_mode": ts.SIG_NEWTON}, torch.float16) == ts.SIG_NEWTON
     # TMA loads (a default since run 6) only where the GPU has them; never on the CPU
     assert not ts._tma_ok(torch.device("cpu"))
 
@@ -442,3 +457,47 @@ def test_compact_grid_over_many_sequences():
     assert max(errors) < FP32_TOL, f"seed {seed}: {errors}"
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["heads_strided", "misaligned"])
+def test_host_descriptors_on_strided_and_misaligned_inputs(layout):
+    """q, k, v sliced from a fused ``[T, H, 3, D]`` projection (head stride 3 D: a head's
+    columns are not at ``h * D``), or starting 4 bytes past a 16-byte boundary (no TMA: the
+    pointer loads take over), give the reference's answer with ``host_desc`` on."""
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([7, 40, 23], 32, torch.float32, seed)
+    if layout == "heads_strided":
+        fused = torch.stack([q, k, v], dim=2)  # [T, H, 3, D]
+        q, k, v = fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]
+        assert q.stride(1) == 3 * 32 and ts._tma_aligned(q, k, v)
+    else:
+        q, k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v))
+        assert not ts._tma_aligned(q, k, v)
+    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    order = torch.argsort(seq_len, descending=True).to(torch.int32)
+    bias = -torch.log(seq_len.float())
+    out = ts.launch_fwd(
+        q, k, v, seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False, host_desc=True
+    )
+    ref, _ = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    assert _rel(out, ref) < FP32_TOL, f"seed {seed}"
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_tanh_form_and_lean_backward(lean, monkeypatch):
+    """The tanh form's algebra (logit in units of x/2, ``p = t/2 + 1/2``) and the lean backward's
+    (``p (1 - p) dP = (1 - t^2) dP / 4``, the 1/4 in dk's and dq's scale), against the float64
+    reference. The interpreter's tanh is exact (no inline PTX), so fp32 tolerances hold; the
+    launchers would give fp32 inputs the exact form, so the form is forced here."""
+    monkeypatch.setattr(ts, "_sig_mode", lambda opts, dtype: ts.SIG_TANH)
+    seed = _fresh_seed()
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23, 48, 16], 32, torch.float32, seed)
+    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    order = torch.argsort(seq_len, descending=True).to(torch.int32)
+    bias = -torch.log(seq_len.float())
+    args = (seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False)
+    out = ts.launch_fwd(q, k, v, *args)
+    grads = ts.launch_bwd(do, q, k, v, *args, bwd_lean=lean)
+    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
+    errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert max(errors) < 1e-4, f"seed {seed}, lean {lean}: {errors}"

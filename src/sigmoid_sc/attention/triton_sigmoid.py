@@ -46,8 +46,8 @@ LOG2E = 1.4426950408889634
 #   1: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1
 #   2: exp2 on the SFU, the reciprocal by two Newton steps on the FMA pipe (rel. error < 3e-4)
 # Each form takes the logit in its own unit (x log2 e, or x / 2: `logit_unit`), folded into the
-# score scale and bias. Mode 1 is GPU-only (inline PTX); under the interpreter it falls back to
-# mode 0; fp32 inputs always use mode 0.
+# score scale and bias. Mode 1's tanh is inline PTX on the GPU, exact under the interpreter;
+# fp32 inputs always use mode 0.
 SIG_EXACT, SIG_TANH, SIG_NEWTON = 0, 1, 2
 
 
@@ -65,6 +65,22 @@ def _triton_version() -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+# the interpreter cannot run inline PTX: there :func:`_tanh_approx` is computed from exp
+_INTERPRETER = tl.constexpr(_interpreting())
+
+
+@triton.jit
+def _tanh_approx(u):
+    """tanh(u) by the special-function unit's approximation (inline PTX); under the
+    interpreter (CPU tests of the tanh form's algebra) by ``1 - 2 / (1 + e^(2u))``."""
+    if _INTERPRETER:
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+    else:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
 @triton.jit
 def _sigmoid_u(u, SIG_MODE: tl.constexpr):
     """sigmoid(x), elementwise, fp32 in and out, from ``u = x * unit(SIG_MODE)``.
@@ -75,10 +91,7 @@ def _sigmoid_u(u, SIG_MODE: tl.constexpr):
     """
     if SIG_MODE == 1:
         # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP; u = x / 2
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
-        )
-        p = 0.5 * t + 0.5
+        p = 0.5 * _tanh_approx(u) + 0.5
     elif SIG_MODE == 2:
         # u = x log2(e). Clamp so 1 + 2^-u stays finite; the reciprocal starts from the
         # exponent-flip guess (relative error < 12.5%) and two Newton steps y <- y (2 - d y)
@@ -177,7 +190,7 @@ def _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK: tl.constexpr, COMPACT: tl.cons
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out,
+    Q, K, V, Out, QDesc, KDesc, VDesc,
     SeqStart, SeqLen, SeqOrder, Bias,
     qk_scale_u,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -185,7 +198,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr, COMPACT: tl.constexpr,
-    TAIL_IN_LOOP: tl.constexpr,
+    TAIL_IN_LOOP: tl.constexpr, HOST_DESC: tl.constexpr,
 ):  # fmt: skip
     """One program = one query block of one head (grid: :func:`_program_seq`).
 
@@ -196,6 +209,13 @@ def _attn_fwd(
     sequence masked there, instead of after it; with TMA, q comes through a descriptor too.
     The loop is then the kernel's only one, the shape Triton's Hopper warp specialisation
     (WARP_SPEC) needs (bench/NOTES.md, session 4).
+    HOST_DESC (with USE_TMA): q, k and v come through the tensor descriptors ``QDesc``,
+    ``KDesc``, ``VDesc`` made once on the host (:func:`_head_rows_desc`: all heads, a head's
+    columns at ``h * stride_h``) instead of descriptors each program builds in global memory;
+    q is then always read through TMA (rows past the sequence only reach rows not stored), but
+    with TAIL_IN_LOOP from a descriptor built here: Triton 3.9's warp specialisation pass fails
+    on a host descriptor of q ("descriptor block and tensor must have the same number of
+    elements", q's block against k's).
     """
     pid_m, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_M, COMPACT)
     if pid_m * BLOCK_M < n:
@@ -207,7 +227,11 @@ def _attn_fwd(
         q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
         k_base = K + start.to(tl.int64) * stride_kt + h * stride_kh
         v_base = V + start.to(tl.int64) * stride_vt + h * stride_vh
-        if USE_TMA and TAIL_IN_LOOP:
+        if USE_TMA and HOST_DESC and not TAIL_IN_LOOP:
+            # rows past the sequence (the next one's, padding, or zeros) reach only output rows
+            # that are not stored, or are stored as zeros (ZERO_FILL)
+            q = QDesc.load([start + pid_m * BLOCK_M, h * stride_qh])
+        elif USE_TMA and TAIL_IN_LOOP:
             # rows past the sequence are the next one's (or zeros): their outputs are not stored
             q_desc = tl.make_tensor_descriptor(
                 Q + h * stride_qh, shape=[total_rows, HEAD_DIM], strides=[stride_qt, 1],
@@ -226,18 +250,23 @@ def _attn_fwd(
             # whole-tensor descriptors: a block may run into the next sequence's rows, which
             # is why only full blocks (wholly inside this sequence) are read through them,
             # unless TAIL_IN_LOOP masks the last block's keys past the sequence
-            k_desc = tl.make_tensor_descriptor(
-                K + h * stride_kh, shape=[total_rows, HEAD_DIM], strides=[stride_kt, 1],
-                block_shape=[BLOCK_N, HEAD_DIM],
-            )  # fmt: skip
-            v_desc = tl.make_tensor_descriptor(
-                V + h * stride_vh, shape=[total_rows, HEAD_DIM], strides=[stride_vt, 1],
-                block_shape=[BLOCK_N, HEAD_DIM],
-            )  # fmt: skip
+            if HOST_DESC:
+                k_desc, k_col = KDesc, h * stride_kh
+                v_desc, v_col = VDesc, h * stride_vh
+            else:
+                k_desc = tl.make_tensor_descriptor(
+                    K + h * stride_kh, shape=[total_rows, HEAD_DIM], strides=[stride_kt, 1],
+                    block_shape=[BLOCK_N, HEAD_DIM],
+                )  # fmt: skip
+                v_desc = tl.make_tensor_descriptor(
+                    V + h * stride_vh, shape=[total_rows, HEAD_DIM], strides=[stride_vt, 1],
+                    block_shape=[BLOCK_N, HEAD_DIM],
+                )  # fmt: skip
+                k_col, v_col = 0, 0
             # Hopper: WARP_SPEC lets Triton split TMA producer and MMA consumer warps
             for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
-                k = k_desc.load([start + start_n, 0])
-                v = v_desc.load([start + start_n, 0])
+                k = k_desc.load([start + start_n, k_col])
+                v = v_desc.load([start + start_n, v_col])
                 if TAIL_IN_LOOP:
                     key_ok = start_n + offs_n < n
                     acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE, IN_PREC)
@@ -306,19 +335,27 @@ def _attn_fwd(
 @triton.jit
 def _bwd_kv_block(
     dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_u, bias_u, scale,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, LEAN: tl.constexpr,
 ):  # fmt: skip
     """One query block against this program's key block (everything transposed: keys x queries).
 
     Query rows past the sequence are zeros in q and do, so their columns of dP^T and dS^T are
-    zero and add nothing to dk, dv or dq.
+    zero and add nothing to dk, dv or dq. LEAN (tanh form only): ``p (1 - p) = (1 - t^2) / 4``
+    for ``t = tanh(x/2)``, one FMA-pipe op a score fewer; the 1/4 rides in ``scale``.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=IN_PREC)  # [BLOCK_N, BLOCK_M]
-    p_t = _sigmoid_u(s_t * qk_scale_u + bias_u, SIG_MODE)
+    if LEAN:
+        t = _tanh_approx(s_t * qk_scale_u + bias_u)
+        p_t = 0.5 * t + 0.5
+    else:
+        p_t = _sigmoid_u(s_t * qk_scale_u + bias_u, SIG_MODE)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=IN_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=IN_PREC)
     # d sigmoid(x) / dx = p (1 - p); the factor `scale` of dS is applied once at the end
-    ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
+    if LEAN:
+        ds_t = ((1.0 - t * t) * dp_t).to(q.dtype)
+    else:
+        ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=IN_PREC)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_t), k, input_precision=IN_PREC) * scale
@@ -336,7 +373,7 @@ def _attn_bwd_dkdv(
     total_rows, pad_rows, seqlen_bucket, n_seqs,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
-    USE_TMA: tl.constexpr, COMPACT: tl.constexpr,
+    USE_TMA: tl.constexpr, COMPACT: tl.constexpr, LEAN: tl.constexpr,
 ):  # fmt: skip
     """One program = one key block of one head (grid: :func:`_program_seq`).
 
@@ -383,7 +420,7 @@ def _attn_bwd_dkdv(
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale,
-                SIG_MODE, IN_PREC, ATOMIC_DQ,
+                SIG_MODE, IN_PREC, ATOMIC_DQ, LEAN,
             )  # fmt: skip
         if m_full < n:
             rows = m_full + offs_m
@@ -392,7 +429,7 @@ def _attn_bwd_dkdv(
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_u, bias_u,
-                scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
+                scale, SIG_MODE, IN_PREC, ATOMIC_DQ, LEAN,
             )  # fmt: skip
         dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
         dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
@@ -537,6 +574,11 @@ DEFAULT_OPTIONS = {
     # q and dO of the dk/dv kernel through TMA (sm90+): a slower backward at the same launch
     # config, 3% at hd128 N=8K to 19% at hd64 on pbmc3k lengths (run 8)
     "bwd_tma": False,
+    # tanh backward: p (1 - p) dP as (1 - t^2) (dP / 4), v pre-divided by 4; unmeasured
+    "bwd_lean": False,
+    # the forward's q, k, v descriptors made once on the host (with use_tma), not by every
+    # program in global memory; unmeasured (session 5)
+    "host_desc": False,
     # packed tokens: a grid over the sequences' blocks only, not max_seqlen's blocks for every
     # sequence. Heads-fastest order measured no gain (run 8); this heads-outer order: unmeasured
     "compact_grid": False,
@@ -558,11 +600,41 @@ def parse_options(text: str) -> dict:
     return options
 
 
-def _configs(table, head_dim):
+def _configs(table, head_dim, pre_hook=None):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
         for bm, bn, w, s in table[head_dim]
     ]
+
+
+def _fwd_desc_blocks(nargs: dict) -> None:
+    """Give the forward's host tensor descriptors the block shapes of the config about to run
+    (an autotuning ``pre_hook``; called by hand for an explicit config)."""
+    if nargs.get("HOST_DESC"):
+        d = nargs["HEAD_DIM"]
+        nargs["QDesc"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["KDesc"].block_shape = [nargs["BLOCK_N"], d]
+        nargs["VDesc"].block_shape = [nargs["BLOCK_N"], d]
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """What a TMA descriptor over a ``[rows, H, D]`` tensor's rows needs: a 16-byte aligned base
+    and row stride, unit stride along D (a caller's slice of a fused qkv may lack either)."""
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(2) == 1
+        for t in tensors
+    )
+
+
+def _head_rows_desc(t: torch.Tensor):
+    """A host tensor descriptor over ``[rows, H, D]`` as a ``[rows, (H-1)*stride_h + D]`` matrix:
+    head ``h``'s block of rows ``r..`` is at coordinates ``[r, h * stride_h]``; rows past the end
+    read as zeros. Its block shape is set per launch config (:func:`_fwd_desc_blocks`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, heads, d = t.shape
+    cols = (heads - 1) * t.stride(1) + d
+    return TensorDescriptor(t, [rows, cols], [t.stride(0), 1], [16, d])
 
 
 _TUNED: dict = {}
@@ -574,9 +646,10 @@ def _tuned(kind: str, head_dim: int):
     if key not in _TUNED:
         if kind in ("fwd", "fwd_ws"):
             table = _WS_FWD_CONFIGS if kind == "fwd_ws" else _FWD_CONFIGS
-            fn = triton.autotune(_configs(table, head_dim), key=["seqlen_bucket", "rows_bucket"])(
-                _attn_fwd
-            )
+            fn = triton.autotune(
+                _configs(table, head_dim, pre_hook=_fwd_desc_blocks),
+                key=["seqlen_bucket", "rows_bucket"],
+            )(_attn_fwd)
         elif kind == "dkdv":
             # dq accumulates with atomics: every timed trial must start from zeros
             fn = triton.autotune(
@@ -651,13 +724,12 @@ def _explicit(cfg):
 # --------------------------------------------------------------------------------------------
 
 
-def _sig_mode(opts: dict, interp: bool, dtype: torch.dtype) -> int:
-    # the interpreter cannot run inline PTX (mode 1); modes 0 and 2 are plain Triton. The
-    # approximations' errors (~1e-3 and ~3e-4 relative) are below 16-bit rounding, not fp32's.
-    mode = int(opts["sig_mode"])
-    if dtype == torch.float32 or (interp and mode == SIG_TANH):
+def _sig_mode(opts: dict, dtype: torch.dtype) -> int:
+    # The approximations' errors (~1e-3 and ~3e-4 relative) are below 16-bit rounding, not
+    # fp32's. (Under the interpreter mode 1's tanh is exact: :func:`_tanh_approx`.)
+    if dtype == torch.float32:
         return SIG_EXACT
-    return mode
+    return int(opts["sig_mode"])
 
 
 def _new(like: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
@@ -678,14 +750,23 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
     o = _new(q, q.dtype, False)  # padded rows are zeroed by the kernel (ZERO_FILL)
     batch = seq_len.shape[0]
     interp = _interpreting()
-    use_tma = bool(opts["use_tma"]) and not interp and _tma_ok(q.device)
-    if use_tma:
+    # host descriptors also run under the interpreter (the CPU tests' TMA path)
+    host_desc = bool(opts["host_desc"]) and _tma_aligned(q, k, v)
+    use_tma = bool(opts["use_tma"]) and (
+        (not interp and _tma_ok(q.device) and _tma_aligned(q, k, v)) or (interp and host_desc)
+    )
+    host_desc = host_desc and use_tma
+    # packed tokens only: in the padded layout the rows past a sequence are its padding,
+    # whatever the caller left there, and must not be read
+    tail_in_loop = bool(opts["warp_spec"]) and not zero_fill and not opts["pipeline"]
+    if use_tma and (tail_in_loop or not host_desc):  # descriptors built in the kernel
         _ensure_tma_allocator()
-    sig_mode = _sig_mode(opts, interp, q.dtype)
+    descs = tuple(_head_rows_desc(t) for t in (q, k, v)) if host_desc else (None, None, None)
+    sig_mode = _sig_mode(opts, q.dtype)
     # autotuning is keyed on power-of-two buckets: a training run's batches differ in total
     # rows and longest cell at every step, and an exact key would re-tune at every step
     args = (
-        q, k, v, o, seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode),
+        q, k, v, o, *descs, seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0,
         _seqlen_bucket(max_seqlen), _seqlen_bucket(rows), batch,
@@ -699,13 +780,16 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
         "PIPELINE": bool(opts["pipeline"]),
         "ZERO_FILL": bool(zero_fill),
         "COMPACT": _compact(opts, zero_fill),
-        # packed tokens only: in the padded layout the rows past a sequence are its padding,
-        # whatever the caller left there, and must not be read
-        "TAIL_IN_LOOP": bool(opts["warp_spec"]) and not zero_fill and not opts["pipeline"],
+        "TAIL_IN_LOOP": tail_in_loop,
+        "HOST_DESC": host_desc,
     }
     grid = _grid(meta["COMPACT"], "BLOCK_M", max_seqlen, rows, n_heads, batch)
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
+        if host_desc:
+            _fwd_desc_blocks(
+                {"QDesc": descs[0], "KDesc": descs[1], "VDesc": descs[2], **meta, **cfg}
+            )
         _attn_fwd[grid(cfg)](*args, **meta, **cfg)
     else:
         _tuned("fwd_ws" if meta["TAIL_IN_LOOP"] else "fwd", head_dim)[grid](*args, **meta)
@@ -726,21 +810,23 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
     dq = _new(q, torch.float32, True) if atomic else _new(q, q.dtype, zero_fill)
     if opts.get("bwd_sig_mode") is not None:
         opts["sig_mode"] = opts["bwd_sig_mode"]
-    sig_mode = _sig_mode(opts, interp, q.dtype)
+    sig_mode = _sig_mode(opts, q.dtype)
     bucket = _seqlen_bucket(max_seqlen)
     common = (seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode), scale)
+    lean = bool(opts["bwd_lean"]) and sig_mode == SIG_TANH
+    # lean: dS = (1 - t^2) dP / 4, the 1/4 applied with dk's and dq's factor `scale`
     kv_args = (
-        q, k, v, do, dq, dk, dv, *common,
+        q, k, v, do, dq, dk, dv, *common[:-1], scale / 4 if lean else scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), rows, max_seqlen if zero_fill else 0, bucket, batch,
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
-    bwd_tma = bool(opts["bwd_tma"]) and not interp and _tma_ok(q.device)
+    bwd_tma = bool(opts["bwd_tma"]) and not interp and _tma_ok(q.device) and _tma_aligned(q, do)
     if bwd_tma:
         _ensure_tma_allocator()
     kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": bwd_tma,
-               "COMPACT": _compact(opts, zero_fill)}  # fmt: skip
+               "COMPACT": _compact(opts, zero_fill), "LEAN": lean}  # fmt: skip
     grid = _grid(kv_meta["COMPACT"], "BLOCK_N", max_seqlen, rows, n_heads, batch)
     if interp or config is not None:
         cfg = _explicit(_INTERP_CONFIG if interp else config)
