@@ -43,7 +43,7 @@ KERNELS = {
     "dkdv": (ts._attn_bwd_dkdv, ts._BWD_CONFIGS),
     "dq": (ts._attn_bwd_dq, ts._DQ_CONFIGS),
 }
-_INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket", "total_rows", "n_seqs")
+_INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -57,15 +57,15 @@ def _cuobjdump() -> str:
 def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     """Argument types and the divisibility hints a launch on contiguous [T, H, D] tensors gets.
 
-    The forward's host tensor descriptors (``QDesc``...) are typed with their block shapes
-    when HOST_DESC is on; otherwise the launch passes None, a constant (set in ``constexprs``).
+    The host tensor descriptors (``QDesc``...) are typed with their block shapes when the
+    kernel reads through TMA; otherwise the launch passes None, a constant (in ``constexprs``).
     """
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("Desc"):
-            rows = constexprs["BLOCK_M" if name == "QDesc" else "BLOCK_N"]
+            rows = constexprs[ts._DESC_ROWS[name]]
             sig[name] = f"tensordesc<{dtype}[{rows}, {constexprs['HEAD_DIM']}]>"
             continue
         elif name in ("SeqStart", "SeqLen", "SeqOrder"):
@@ -88,7 +88,7 @@ def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = "bf16") -> dict:
     """Compile one kernel at one (BLOCK_M, BLOCK_N, warps, stages); return its resource use."""
     fn, _ = KERNELS[kind]
-    bm, bn, warps, stages = config
+    bm, bn, warps, stages, *pipeline = config  # the forward's: a fifth entry, PIPELINE
     opts = {**ts.DEFAULT_OPTIONS, **options}
     if kind != "fwd" and opts.get("bwd_sig_mode") is not None:
         opts["sig_mode"] = opts["bwd_sig_mode"]
@@ -97,17 +97,15 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "SIG_MODE": sig_mode,
                   "IN_PREC": ts._in_prec(_TORCH_DTYPES[dtype])}  # fmt: skip
     if kind == "fwd":
-        constexprs.update(USE_TMA=bool(opts["use_tma"]), WARP_SPEC=bool(opts["warp_spec"]),
-                          PIPELINE=bool(opts["pipeline"]), ZERO_FILL=False,
-                          COMPACT=bool(opts["compact_grid"]),
-                          TAIL_IN_LOOP=bool(opts["warp_spec"]) and not opts["pipeline"],
-                          HOST_DESC=bool(opts["host_desc"]) and bool(opts["use_tma"]))  # fmt: skip
-        if not constexprs["HOST_DESC"]:
+        constexprs.update(USE_TMA=bool(opts["use_tma"]), ZERO_FILL=False,
+                          PIPELINE=bool(pipeline and pipeline[0]))  # fmt: skip
+        if not constexprs["USE_TMA"]:
             constexprs.update(QDesc=None, KDesc=None, VDesc=None)
     elif kind == "dkdv":
         constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
-                          USE_TMA=bool(opts["bwd_tma"]), COMPACT=bool(opts["compact_grid"]),
-                          LEAN=bool(opts["bwd_lean"]) and sig_mode == ts.SIG_TANH)  # fmt: skip
+                          USE_TMA=bool(opts["bwd_tma"]))  # fmt: skip
+        if not constexprs["USE_TMA"]:
+            constexprs.update(QDesc=None, DODesc=None)
     sig, attrs = signature(fn, dtype, constexprs)
     src = ASTSource(
         fn=fn,
@@ -131,15 +129,13 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
     return {
         "kernel": kind,
         "hd": head_dim,
-        "config": "x".join(map(str, config)),
+        "config": "x".join(str(int(x)) for x in config),
         "registers": int(usage["REG"]),
         "spill_bytes": int(usage["STACK"]),
         "shared_kib": compiled.metadata.shared // 1024,
         "async": ttgir.count("async_copy_global_to_local"),
         "tma": ttgir.count("async_tma_copy"),
         "wgmma": ttgir.count("warp_group_dot "),
-        # loops split into producer/consumer warp partitions (Triton's warp specialisation)
-        "ws": ttgir.count("ttg.warp_specialize("),
     }
 
 
@@ -148,7 +144,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--head-dims", default="128,64")
     ap.add_argument(
-        "--configs", default="", help="BMxBNxWARPSxSTAGES,...; default: the autotune lists"
+        "--configs",
+        default="",
+        help="BMxBNxWARPSxSTAGES[xPIPELINE],...; default: the autotune lists",
     )
     ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,atomic_dq=0")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -158,24 +156,25 @@ def main(argv=None) -> list[dict]:
     except ValueError as exc:
         raise SystemExit(f"--options: {exc}") from None
     configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, args.configs.split(","))]
-    if any(len(c) != 4 for c in configs):
-        raise SystemExit("--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x128x8x2")
+    if any(len(c) not in (4, 5) for c in configs):
+        raise SystemExit(
+            "--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES[xPIPELINE], e.g. 64x128x8x2"
+        )
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}a, options "
           f"{ {**ts.DEFAULT_OPTIONS, **options} }, dtype {args.dtype}")  # fmt: skip
-    print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma | ws |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     for kind in filter(None, args.kernels.split(",")):
         if kind not in KERNELS:
             raise SystemExit(f"--kernels: {kind!r} is not one of {sorted(KERNELS)}")
         for d in (int(x) for x in args.head_dims.split(",")):
-            ws = kind == "fwd" and options.get("warp_spec")  # its own (4-warp) configs
-            for config in configs or (ts._WS_FWD_CONFIGS if ws else KERNELS[kind][1])[d]:
+            for config in configs or KERNELS[kind][1][d]:
                 r = report(kind, d, config, options, args.dtype)
                 rows.append(r)
                 print(f"| {r['kernel']} | {r['hd']} | {r['config']} | {r['registers']} | "
                       f"{r['spill_bytes']} | {r['shared_kib']} | {r['async']} | {r['tma']} | "
-                      f"{r['wgmma']} | {r['ws']} |", flush=True)  # fmt: skip
+                      f"{r['wgmma']} |", flush=True)  # fmt: skip
     return rows
 
 

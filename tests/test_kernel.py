@@ -77,13 +77,12 @@ def test_forward_and_gradients_match_float64(head_dim):
     assert all(e < FP32_TOL for e in errors.values()), f"seed {seed}: relative errors {errors}"
 
 
-@pytest.mark.parametrize("option", ["", "warp_spec", "host_desc"])
-def test_padded_layout_equals_packed_and_never_reads_padding(option, monkeypatch):
-    """NaN padding never reaches an output; with ``warp_spec`` too, whose packed-token
-    forward reads rows past a sequence (the padded layout keeps the masked loads), and with
-    ``host_desc``, whose q tiles run into the padding (only the rows it zero-fills)."""
-    if option:
-        monkeypatch.setitem(ts.DEFAULT_OPTIONS, option, True)
+@pytest.mark.parametrize("tma", [True, False])
+def test_padded_layout_equals_packed_and_never_reads_padding(tma, monkeypatch):
+    """NaN padding never reaches an output, with TMA loads (whose q tiles run into the padding:
+    only rows the kernel writes as zeros) and with pointer loads."""
+    monkeypatch.setitem(ts.DEFAULT_OPTIONS, "use_tma", tma)
+    monkeypatch.setitem(ts.DEFAULT_OPTIONS, "bwd_tma", tma)
     seed = _fresh_seed()
     head_dim = 64
     cu, max_seqlen, (q, k, v, do) = _packed_inputs(LENGTHS, head_dim, torch.float32, seed)
@@ -130,24 +129,18 @@ def test_constant_bias_tensor_bias_and_scale():
     [
         {"atomic_dq": False},
         {"atomic_dq": True},
-        {"pipeline": True, "use_tma": False},  # the pipelined form is the pointer-load path's
-        # the option's plumbing; under the interpreter the descriptors give way to pointer
-        # loads (bench/kernel.py checks the TMA path itself on the GPU)
-        {"bwd_tma": True},
-        {"compact_grid": True},  # a grid over the sequences' blocks (one scan chunk here)
-        # the last key block inside the loop, keys read past the sequence (as TMA does) and
-        # masked: the neighbours in this packed batch would show through a wrong mask
-        {"warp_spec": True},
-        # q, k, v through host tensor descriptors: the interpreter runs the TMA path itself
-        # (reads past a sequence, zero rows past the tensor), with and without the tail in loop
-        {"host_desc": True},
-        {"host_desc": True, "warp_spec": True},
+        # pointer loads (the default reads through host descriptors both ways)
+        {"use_tma": False, "bwd_tma": False},
+        # a pipelined forward config (S of block j+1 issued before the sigmoid of block j),
+        # on TMA and on pointer loads
+        {"config": (*ts._INTERP_CONFIG, True)},
+        {"config": (*ts._INTERP_CONFIG, True), "use_tma": False},
     ],
 )
 def test_kernel_variants(options):
-    """The two-kernel dq path, the atomic-dq path and the hand-pipelined forward match the
-    float64 reference; lengths give 0 to 3 full key blocks (interpreter: 16 keys a block),
-    with and without a partial last block."""
+    """The two-kernel dq path, the atomic-dq path, pointer loads and the hand-pipelined forward
+    (a ``config`` is the forward's) match the float64 reference; lengths give 0 to 3 full key
+    blocks (interpreter: 16 keys a block), with and without a partial last block."""
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23, 48, 16], 32, torch.float32, seed)
     seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
@@ -157,8 +150,9 @@ def test_kernel_variants(options):
     out = ts.launch_fwd(
         q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
     )
+    bwd_options = {key: value for key, value in options.items() if key != "config"}
     grads = ts.launch_bwd(
-        do, q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
+        do, q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **bwd_options
     )
     ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
     tol = FP32_TOL
@@ -201,7 +195,7 @@ def test_sigmoid_form_choice():
     assert ts._sig_mode(opts, torch.float32) == ts.SIG_EXACT
     assert ts._sig_mode(opts, torch.bfloat16) == ts.SIG_TANH
     assert ts._sig_mode({"sig_mode": ts.SIG_NEWTON}, torch.float16) == ts.SIG_NEWTON
-    # TMA loads (a default since run 6) only where the GPU has them; never on the CPU
+    # Hopper's TMA only where the GPU has it (the interpreter runs the host descriptors anyway)
     assert not ts._tma_ok(torch.device("cpu"))
 
 
@@ -406,89 +400,32 @@ def test_parse_options_names_what_is_wrong():
         ts.parse_options("use_tma=yes")
 
 
-def test_tma_allocator_is_set_in_each_launching_thread():
-    """Triton keeps its allocator per thread (a context variable) and autograd runs the backward
-    in its own thread: the device-side descriptors' scratch allocator must be set where the
-    kernel is launched, and an allocator the caller set is kept."""
-    import threading
-
-    from triton.runtime._allocation import NullAllocator, _allocator
-
-    seen = {}
-
-    def launch_thread(name, own=None):
-        seen[name + "_before"] = _allocator.get()
-        if own is not None:
-            triton.set_allocator(own)
-        ts._ensure_tma_allocator()
-        seen[name] = _allocator.get()
-
-    def mine(size, alignment, stream):
-        return torch.empty(size, dtype=torch.int8)
-
-    ts._ensure_tma_allocator()  # this thread first, as a forward would be
-    for name, own in (("fresh", None), ("callers", mine)):
-        thread = threading.Thread(target=launch_thread, args=(name, own))
-        thread.start()
-        thread.join()
-    assert isinstance(seen["fresh_before"], NullAllocator)  # a new thread starts without one
-    assert seen["fresh"] is ts._tma_scratch
-    assert seen["callers"] is mine
-
-
-def test_compact_grid_over_many_sequences():
-    """The compact grid finds each program's sequence by scanning the sequences 128 at a time:
-    130 short sequences (two chunks; 1-40 tokens, so 1-3 blocks each of the interpreter's 16
-    keys) give the float64 reference's output and gradients, and the same as the block grid."""
-    seed = _fresh_seed()
-    lengths = random.Random(seed).choices(range(1, 41), k=130)
-    cu, max_seqlen, (q, k, v, do) = _packed_inputs(lengths, 32, torch.float32, seed)
-    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-    order = torch.argsort(seq_len, descending=True).to(torch.int32)
-    bias, scale = -torch.log(seq_len.float()), 32**-0.5
-    results = {}
-    for compact in (True, False):
-        args = (seq_start, seq_len, order, bias, scale, max_seqlen, False)
-        out = ts.launch_fwd(q, k, v, *args, compact_grid=compact)
-        grads = ts.launch_bwd(do, q, k, v, *args, compact_grid=compact)
-        results[compact] = [out, *grads]
-    ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
-    errors = [_rel(x, r) for x, r in zip(results[True], [ref, *ref_grads])]
-    assert max(errors) < FP32_TOL, f"seed {seed}: {errors}"
-    for a, b in zip(results[True], results[False]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("layout", ["heads_strided", "misaligned"])
 def test_host_descriptors_on_strided_and_misaligned_inputs(layout):
     """q, k, v sliced from a fused ``[T, H, 3, D]`` projection (head stride 3 D: a head's
     columns are not at ``h * D``), or starting 4 bytes past a 16-byte boundary (no TMA: the
-    pointer loads take over), give the reference's answer with ``host_desc`` on."""
+    pointer loads take over), give the reference's answer."""
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([7, 40, 23], 32, torch.float32, seed)
     if layout == "heads_strided":
         fused = torch.stack([q, k, v], dim=2)  # [T, H, 3, D]
         q, k, v = fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]
-        assert q.stride(1) == 3 * 32 and ts._tma_aligned(q, k, v)
+        assert q.stride(1) == 3 * 32 and ts._use_tma(True, q, k, v)
     else:
         q, k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v))
-        assert not ts._tma_aligned(q, k, v)
+        assert not ts._use_tma(True, q, k, v)
     seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
     order = torch.argsort(seq_len, descending=True).to(torch.int32)
     bias = -torch.log(seq_len.float())
-    out = ts.launch_fwd(
-        q, k, v, seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False, host_desc=True
-    )
+    out = ts.launch_fwd(q, k, v, seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False)
     ref, _ = _reference_with_grads(q, k, v, do, cu, max_seqlen)
     assert _rel(out, ref) < FP32_TOL, f"seed {seed}"
 
 
-@pytest.mark.parametrize("lean", [False, True])
-def test_tanh_form_and_lean_backward(lean, monkeypatch):
-    """The tanh form's algebra (logit in units of x/2, ``p = t/2 + 1/2``) and the lean backward's
-    (``p (1 - p) dP = (1 - t^2) dP / 4``, the 1/4 in dk's and dq's scale), against the float64
-    reference. The interpreter's tanh is exact (no inline PTX), so fp32 tolerances hold; the
-    launchers would give fp32 inputs the exact form, so the form is forced here."""
+def test_tanh_form_forward_and_backward(monkeypatch):
+    """The tanh form's algebra in both kernels (logit in units of x/2, ``p = t/2 + 1/2``)
+    against the float64 reference. The interpreter's tanh is exact (no inline PTX), so fp32
+    tolerances hold; the launchers would give fp32 inputs the exact form, so it is forced here."""
     monkeypatch.setattr(ts, "_sig_mode", lambda opts, dtype: ts.SIG_TANH)
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23, 48, 16], 32, torch.float32, seed)
@@ -497,7 +434,7 @@ def test_tanh_form_and_lean_backward(lean, monkeypatch):
     bias = -torch.log(seq_len.float())
     args = (seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False)
     out = ts.launch_fwd(q, k, v, *args)
-    grads = ts.launch_bwd(do, q, k, v, *args, bwd_lean=lean)
+    grads = ts.launch_bwd(do, q, k, v, *args)
     ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
     errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
-    assert max(errors) < 1e-4, f"seed {seed}, lean {lean}: {errors}"
+    assert max(errors) < 1e-4, f"seed {seed}: {errors}"

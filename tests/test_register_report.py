@@ -32,15 +32,16 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_report_reads_registers_spills_and_pipelining():
-    """hd64's dk/dv kernel as launched: pipelined loads (async copies), warpgroup MMAs, no
-    spills; turning the atomic dq off leaves fewer MMAs (dq is the dq kernel's then)."""
-    atomic = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x128x8x2")
+    """hd64's dk/dv kernel as launched, on pointer loads: pipelined (async copies), warpgroup
+    MMAs, no spills; turning the atomic dq off leaves fewer MMAs (dq is the dq kernel's then)."""
+    atomic = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x128x8x2",
+                 "--options", "bwd_tma=0")  # fmt: skip
     two = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x128x8x2",
-              "--options", "atomic_dq=0")  # fmt: skip
+              "--options", "atomic_dq=0,bwd_tma=0")  # fmt: skip
     rows = []
     for process in (atomic, two):
         assert process.returncode == 0, process.stderr[-3000:]
-        row = re.search(r"^\| dkdv \| 64 \| 64x128x8x2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| 0 \|$",
+        row = re.search(r"^\| dkdv \| 64 \| 64x128x8x2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
                         process.stdout, re.M)  # fmt: skip
         assert row, process.stdout
         rows.append([int(x) for x in row.groups()])
@@ -51,8 +52,9 @@ def test_report_reads_registers_spills_and_pipelining():
 
 
 def test_tma_paths_compile_for_hopper():
-    """The TMA paths (forward k/v, backward q/dO) never run under the interpreter: here they
-    at least compile for sm_90a and their loop loads become TMA copies (no async copies)."""
+    """The TMA paths (forward q/k/v, backward q/dO; the interpreter runs their host
+    descriptors, not Hopper's copies) compile for sm_90a and their loop loads become TMA
+    copies (no async copies)."""
     process = run("--kernels", "fwd,dkdv", "--head-dims", "128", "--configs", "64x128x8x2",
                   "--options", "use_tma=1,bwd_tma=1")  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
@@ -73,16 +75,14 @@ def test_bad_arguments_are_named():
     assert process.returncode != 0 and "unknown kernel option 'use_tmaa'" in process.stderr
 
 
-def test_warp_spec_splits_the_forward_loop_into_partitions():
-    """With ``warp_spec`` the forward's key loop is the kernel's only loop (the last key block
-    masked inside it) and Triton splits it into producer and consumer warps at num_warps=4:
-    the TTGIR holds a ``ttg.warp_specialize`` op; without the option, none."""
-    rows = {}
-    for options in ("warp_spec=1", "warp_spec=0"):
-        process = run("--kernels", "fwd", "--head-dims", "128", "--configs", "128x64x4x2",
-                      "--options", options)  # fmt: skip
-        assert process.returncode == 0, process.stderr[-3000:]
-        row = re.search(r"^\| fwd \| 128 \| 128x64x4x2 \|.* \| (\d+) \|$", process.stdout, re.M)
-        assert row, process.stdout
-        rows[options] = int(row.group(1))
-    assert rows == {"warp_spec=1": 1, "warp_spec=0": 0}
+def test_pipelined_forward_compiles_with_tma():
+    """The hand-pipelined forward (S of block j+1 before the sigmoid of block j) on TMA loads:
+    compiles for sm_90a, loop loads as TMA copies, every dot a warpgroup MMA: the first S
+    before the loop, S and P v in it, the last P v after it, the partial block's two."""
+    process = run("--kernels", "fwd", "--head-dims", "128", "--configs", "128x64x8x3x1")
+    assert process.returncode == 0, process.stderr[-3000:]
+    row = re.search(r"^\| fwd \| 128 \| 128x64x8x3x1 \| (\d+) \| (\d+) \| \d+ \| (\d+) \| (\d+) \| (\d+) \|$",
+                    process.stdout, re.M)  # fmt: skip
+    assert row, process.stdout
+    regs, spill, asyncs, tma, wgmma = map(int, row.groups())
+    assert asyncs == 0 and tma > 0 and wgmma == 6 and 0 < regs <= 255, process.stdout

@@ -129,63 +129,34 @@ def _load_rows(base, rows, stride_t, offs_d, n, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(
-    acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
-):
+def _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr):
     """One key block: ``acc += sigmoid(q k^T * scale + b) v``.
 
-    ``key_ok`` None: key rows past the sequence were loaded as zeros, so their P (=
-    sigmoid(b)) meets a zero row of v and adds nothing. Else ``key_ok[j]`` says whether key
-    row j is the sequence's (rows past it may hold the next sequence's tokens): P is zeroed
-    outside.
+    Key rows past the sequence were loaded as zeros, so their P (= sigmoid(b)) meets a zero row
+    of v and adds nothing.
     """
     s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
     p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
-    if key_ok is not None:
-        p = tl.where(key_ok[None, :], p, 0.0)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
 
 
 @triton.jit
-def _grid_item(SeqLen, SeqOrder, n_seqs, item, BLOCK: tl.constexpr):
-    """The compact grid's work item ``item`` -> ``(j, block)``: items are the ``cdiv(n, BLOCK)``
-    blocks of every sequence, sequences in ``SeqOrder`` order (longest first), so ``j`` is the
-    position in ``SeqOrder`` and ``block`` the block within that sequence; ``j == n_seqs`` past
-    the last item (the grid is an upper bound). Sequences are scanned 128 at a time."""
-    j = n_seqs * 0
-    done_blocks = n_seqs * 0  # blocks of the sequences wholly before ``item``
-    seen_blocks = n_seqs * 0  # blocks of the chunks scanned so far
-    for c in range(0, n_seqs, 128):
-        idx = c + tl.arange(0, 128)
-        inside = idx < n_seqs
-        b = tl.load(SeqOrder + idx, mask=inside, other=0)
-        n = tl.load(SeqLen + b, mask=inside, other=0)
-        blocks = tl.where(inside, (n + BLOCK - 1) // BLOCK, 0)
-        ends = seen_blocks + tl.cumsum(blocks, 0)
-        before = inside & (ends <= item)
-        j += tl.sum(before.to(tl.int32), 0)
-        done_blocks += tl.sum(tl.where(before, blocks, 0), 0)
-        seen_blocks += tl.sum(blocks, 0)
-    return j, item - done_blocks
+def _full_rows(desc, col, base, start, row0, stride_t, offs, offs_d, USE_TMA: tl.constexpr):
+    """The block of rows ``row0..`` of a sequence starting at token ``start``, wholly inside the
+    sequence: through the host tensor descriptor ``desc`` at ``[start + row0, col]`` (TMA), or
+    by unmasked pointer loads from ``base`` (the sequence's first row of this head)."""
+    if USE_TMA:
+        return desc.load([start + row0, col])
+    else:
+        return _load_rows(base, row0 + offs, stride_t, offs_d, 0, False)
 
 
 @triton.jit
-def _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+def _program_seq(SeqLen, SeqOrder):
     """``(block, head, sequence b, its length n)`` of this program. Grid ``(cdiv(max_seqlen,
-    BLOCK), H, B)``: blocks past a sequence's end are programs that exit at once. COMPACT: grid
-    ``(cdiv(total rows, BLOCK) + B, H)`` over the sequences' blocks only (:func:`_grid_item`);
-    ``n = 0`` for the items past the last block."""
-    if COMPACT:
-        h = tl.program_id(1)
-        j, block = _grid_item(SeqLen, SeqOrder, n_seqs, tl.program_id(0), BLOCK)
-        b = tl.load(SeqOrder + tl.minimum(j, n_seqs - 1))
-        n = tl.where(j < n_seqs, tl.load(SeqLen + b), 0)
-    else:
-        block = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.load(SeqOrder + tl.program_id(2))
-        n = tl.load(SeqLen + b)
-    return block, h, b, n
+    BLOCK), H, B)``: blocks past a sequence's end are programs that exit at once."""
+    b = tl.load(SeqOrder + tl.program_id(2))
+    return tl.program_id(0), tl.program_id(1), b, tl.load(SeqLen + b)
 
 
 @triton.jit
@@ -194,118 +165,79 @@ def _attn_fwd(
     SeqStart, SeqLen, SeqOrder, Bias,
     qk_scale_u,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_rows, pad_rows, seqlen_bucket, rows_bucket, n_seqs,
+    pad_rows, seqlen_bucket, rows_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PIPELINE: tl.constexpr, ZERO_FILL: tl.constexpr, COMPACT: tl.constexpr,
-    TAIL_IN_LOOP: tl.constexpr, HOST_DESC: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    ZERO_FILL: tl.constexpr, PIPELINE: tl.constexpr,
 ):  # fmt: skip
     """One program = one query block of one head (grid: :func:`_program_seq`).
 
     Sequences are visited longest first (``SeqOrder``) so the long programs start early and
-    the short ones fill the tail of the launch. ZERO_FILL (padded layout, never COMPACT): rows
-    ``n..pad_rows`` of the sequence's slot are written as zeros here, which saves a memset.
-    TAIL_IN_LOOP: the partial last key block runs inside the key loop, its keys past the
-    sequence masked there, instead of after it; with TMA, q comes through a descriptor too.
-    The loop is then the kernel's only one, the shape Triton's Hopper warp specialisation
-    (WARP_SPEC) needs (bench/NOTES.md, session 4).
-    HOST_DESC (with USE_TMA): q, k and v come through the tensor descriptors ``QDesc``,
-    ``KDesc``, ``VDesc`` made once on the host (:func:`_head_rows_desc`: all heads, a head's
-    columns at ``h * stride_h``) instead of descriptors each program builds in global memory;
-    q is then always read through TMA (rows past the sequence only reach rows not stored), but
-    with TAIL_IN_LOOP from a descriptor built here: Triton 3.9's warp specialisation pass fails
-    on a host descriptor of q ("descriptor block and tensor must have the same number of
-    elements", q's block against k's).
+    the short ones fill the tail of the launch. USE_TMA: q and the full key blocks' k and v come
+    through the host tensor descriptors ``QDesc``, ``KDesc``, ``VDesc`` (:func:`_head_rows_desc`:
+    all heads, head ``h``'s columns at ``h * stride_h``); the last, partial key block always
+    through masked pointer loads, which read zeros past the sequence. PIPELINE (a launch config's
+    choice, see ``_FWD_CONFIGS``): S of key block j+1 is issued to the tensor cores before the
+    sigmoid of block j. ZERO_FILL (padded layout):
+    rows ``n..pad_rows`` of the sequence's slot are written as zeros here, which saves a memset.
     """
-    pid_m, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_M, COMPACT)
+    pid_m, h, b, n = _program_seq(SeqLen, SeqOrder)
     if pid_m * BLOCK_M < n:
         start = tl.load(SeqStart + b)
         bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
         k_base = K + start.to(tl.int64) * stride_kt + h * stride_kh
         v_base = V + start.to(tl.int64) * stride_vt + h * stride_vh
-        if USE_TMA and HOST_DESC and not TAIL_IN_LOOP:
-            # rows past the sequence (the next one's, padding, or zeros) reach only output rows
-            # that are not stored, or are stored as zeros (ZERO_FILL)
+        k_col = h * stride_kh
+        v_col = h * stride_vh
+        if USE_TMA:
+            # rows past the sequence (the next one's, padding, or zeros past the tensor) reach
+            # only output rows that are not stored, or are stored as zeros (ZERO_FILL)
             q = QDesc.load([start + pid_m * BLOCK_M, h * stride_qh])
-        elif USE_TMA and TAIL_IN_LOOP:
-            # rows past the sequence are the next one's (or zeros): their outputs are not stored
-            q_desc = tl.make_tensor_descriptor(
-                Q + h * stride_qh, shape=[total_rows, HEAD_DIM], strides=[stride_qt, 1],
-                block_shape=[BLOCK_M, HEAD_DIM],
-            )  # fmt: skip
-            q = q_desc.load([start + pid_m * BLOCK_M, 0])
-        elif TAIL_IN_LOOP:  # as TMA reads: past the sequence the next one's rows, then zeros
-            q = _load_rows(q_base, offs_m, stride_qt, offs_d, total_rows - start, True)
         else:
+            q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
             q = _load_rows(q_base, offs_m, stride_qt, offs_d, n, True)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         n_full = (n // BLOCK_N) * BLOCK_N
-        if TAIL_IN_LOOP:
-            n_full = tl.cdiv(n, BLOCK_N) * BLOCK_N
-        if USE_TMA:
-            # whole-tensor descriptors: a block may run into the next sequence's rows, which
-            # is why only full blocks (wholly inside this sequence) are read through them,
-            # unless TAIL_IN_LOOP masks the last block's keys past the sequence
-            if HOST_DESC:
-                k_desc, k_col = KDesc, h * stride_kh
-                v_desc, v_col = VDesc, h * stride_vh
-            else:
-                k_desc = tl.make_tensor_descriptor(
-                    K + h * stride_kh, shape=[total_rows, HEAD_DIM], strides=[stride_kt, 1],
-                    block_shape=[BLOCK_N, HEAD_DIM],
-                )  # fmt: skip
-                v_desc = tl.make_tensor_descriptor(
-                    V + h * stride_vh, shape=[total_rows, HEAD_DIM], strides=[stride_vt, 1],
-                    block_shape=[BLOCK_N, HEAD_DIM],
-                )  # fmt: skip
-                k_col, v_col = 0, 0
-            # Hopper: WARP_SPEC lets Triton split TMA producer and MMA consumer warps
-            for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
-                k = k_desc.load([start + start_n, k_col])
-                v = v_desc.load([start + start_n, v_col])
-                if TAIL_IN_LOOP:
-                    key_ok = start_n + offs_n < n
-                    acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE, IN_PREC)
-                else:
-                    acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
-        elif PIPELINE:
+        if PIPELINE:
             # software pipelining by hand: S of block j+1 is issued to the tensor cores before
             # the sigmoid of block j runs on the FMA/MUFU pipes, so the two can overlap
             if n_full > 0:
-                k = _load_rows(k_base, offs_n, stride_kt, offs_d, n, False)
+                k = _full_rows(KDesc, k_col, k_base, start, 0, stride_kt, offs_n, offs_d, USE_TMA)
                 s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
                 for start_n in range(BLOCK_N, n_full, BLOCK_N):
-                    k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
-                    v = _load_rows(v_base, start_n - BLOCK_N + offs_n, stride_vt, offs_d, n, False)
+                    k = _full_rows(
+                        KDesc, k_col, k_base, start, start_n, stride_kt, offs_n, offs_d, USE_TMA
+                    )
+                    v = _full_rows(
+                        VDesc, v_col, v_base, start, start_n - BLOCK_N, stride_vt, offs_n,
+                        offs_d, USE_TMA,
+                    )  # fmt: skip
                     s_next = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
                     p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
                     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
                     s = s_next
-                v = _load_rows(v_base, n_full - BLOCK_N + offs_n, stride_vt, offs_d, n, False)
+                v = _full_rows(
+                    VDesc, v_col, v_base, start, n_full - BLOCK_N, stride_vt, offs_n, offs_d,
+                    USE_TMA,
+                )  # fmt: skip
                 p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
-        elif TAIL_IN_LOOP:
-            # without TMA (the CPU interpreter's path) the loads read what TMA reads, so the key
-            # mask is what keeps the next sequence's rows out, here as on the GPU
-            rows_left = total_rows - start
-            for start_n in range(0, n_full, BLOCK_N):
-                k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, rows_left, True)
-                v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, rows_left, True)
-                key_ok = start_n + offs_n < n
-                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, key_ok, SIG_MODE, IN_PREC)
         else:
             for start_n in range(0, n_full, BLOCK_N):
-                k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
-                v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
-                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
-        if not TAIL_IN_LOOP and n_full < n:
+                k = _full_rows(
+                    KDesc, k_col, k_base, start, start_n, stride_kt, offs_n, offs_d, USE_TMA
+                )
+                v = _full_rows(
+                    VDesc, v_col, v_base, start, start_n, stride_vt, offs_n, offs_d, USE_TMA
+                )
+                acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
+        if n_full < n:
             k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
             v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
-            acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, None, SIG_MODE, IN_PREC)
+            acc = _fwd_block(acc, q, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
         o_ptrs = (
             Out
             + (start + offs_m).to(tl.int64)[:, None] * stride_ot
@@ -335,27 +267,19 @@ def _attn_fwd(
 @triton.jit
 def _bwd_kv_block(
     dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_u, bias_u, scale,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, LEAN: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """One query block against this program's key block (everything transposed: keys x queries).
 
     Query rows past the sequence are zeros in q and do, so their columns of dP^T and dS^T are
-    zero and add nothing to dk, dv or dq. LEAN (tanh form only): ``p (1 - p) = (1 - t^2) / 4``
-    for ``t = tanh(x/2)``, one FMA-pipe op a score fewer; the 1/4 rides in ``scale``.
+    zero and add nothing to dk, dv or dq.
     """
     s_t = tl.dot(k, tl.trans(q), input_precision=IN_PREC)  # [BLOCK_N, BLOCK_M]
-    if LEAN:
-        t = _tanh_approx(s_t * qk_scale_u + bias_u)
-        p_t = 0.5 * t + 0.5
-    else:
-        p_t = _sigmoid_u(s_t * qk_scale_u + bias_u, SIG_MODE)
+    p_t = _sigmoid_u(s_t * qk_scale_u + bias_u, SIG_MODE)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=IN_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=IN_PREC)
     # d sigmoid(x) / dx = p (1 - p); the factor `scale` of dS is applied once at the end
-    if LEAN:
-        ds_t = ((1.0 - t * t) * dp_t).to(q.dtype)
-    else:
-        ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
+    ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=IN_PREC)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_t), k, input_precision=IN_PREC) * scale
@@ -365,27 +289,28 @@ def _bwd_kv_block(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DQ, DK, DV,
+    Q, K, V, DO, DQ, DK, DV, QDesc, DODesc,
     SeqStart, SeqLen, SeqOrder, Bias,
     qk_scale_u, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_rows, pad_rows, seqlen_bucket, n_seqs,
+    pad_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
-    USE_TMA: tl.constexpr, COMPACT: tl.constexpr, LEAN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """One program = one key block of one head (grid: :func:`_program_seq`).
 
     Loops over the sequence's query blocks accumulating dk, dv in fp32 registers. With
     ATOMIC_DQ the same tiles also give dq (``dS K``), added into an fp32 buffer with atomics;
     otherwise :func:`_attn_bwd_dq` recomputes them. USE_TMA reads the full query blocks' q and
-    dO through tensor descriptors (as the forward reads k and v); the last, partial block
-    always through masked pointer loads.
+    dO through the host tensor descriptors ``QDesc``, ``DODesc`` (as the forward reads k and
+    v); the last, partial block always through masked pointer loads.
     """
-    pid_n, h, b, n = _program_seq(SeqLen, SeqOrder, n_seqs, BLOCK_N, COMPACT)
+    pid_n, h, b, n = _program_seq(SeqLen, SeqOrder)
     if pid_n * BLOCK_N < n:
-        start = tl.load(SeqStart + b).to(tl.int64)
+        start32 = tl.load(SeqStart + b)  # descriptor coordinates are 32-bit
+        start = start32.to(tl.int64)
         bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -398,29 +323,19 @@ def _attn_bwd_dkdv(
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         m_full = (n // BLOCK_M) * BLOCK_M
-        if USE_TMA:
-            # whole-tensor descriptors: only full blocks (wholly inside this sequence) use them
-            q_desc = tl.make_tensor_descriptor(
-                Q + h * stride_qh, shape=[total_rows, HEAD_DIM], strides=[stride_qt, 1],
-                block_shape=[BLOCK_M, HEAD_DIM],
-            )  # fmt: skip
-            do_desc = tl.make_tensor_descriptor(
-                DO + h * stride_doh, shape=[total_rows, HEAD_DIM], strides=[stride_dot, 1],
-                block_shape=[BLOCK_M, HEAD_DIM],
-            )  # fmt: skip
-            start32 = tl.load(SeqStart + b)  # descriptor coordinates are 32-bit
         for start_m in range(0, m_full, BLOCK_M):
             rows = start_m + offs_m
-            if USE_TMA:
-                q = q_desc.load([start32 + start_m, 0])
-                do = do_desc.load([start32 + start_m, 0])
-            else:
-                q = _load_rows(q_base, rows, stride_qt, offs_d, n, False)
-                do = _load_rows(do_base, rows, stride_dot, offs_d, n, False)
+            q = _full_rows(
+                QDesc, h * stride_qh, q_base, start32, start_m, stride_qt, offs_m, offs_d, USE_TMA
+            )
+            do = _full_rows(
+                DODesc, h * stride_doh, do_base, start32, start_m, stride_dot, offs_m, offs_d,
+                USE_TMA,
+            )  # fmt: skip
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale,
-                SIG_MODE, IN_PREC, ATOMIC_DQ, LEAN,
+                SIG_MODE, IN_PREC, ATOMIC_DQ,
             )  # fmt: skip
         if m_full < n:
             rows = m_full + offs_m
@@ -429,7 +344,7 @@ def _attn_bwd_dkdv(
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_u, bias_u,
-                scale, SIG_MODE, IN_PREC, ATOMIC_DQ, LEAN,
+                scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
             )  # fmt: skip
         dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
         dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
@@ -518,23 +433,22 @@ def _attn_bwd_dq(
 
 # Small per-head-dim lists so autotuning costs seconds, not minutes, per (head dim, length
 # bucket). Entries: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Forward entries: (BLOCK_M, BLOCK_N, num_warps, num_stages, pipeline) -- pipeline: S of the
+# next key block issued before this block's sigmoid (the kernel's PIPELINE).
 _FWD_CONFIGS = {
-    # hd128: one config. It matched or beat the autotuned choice among these four in every
-    # hd128 case of runs 5 and 6 (run 6, TMA: 544 vs 527 TFLOPS at N=4K, 560 vs 501 at 8K, 570 vs
-    # 574 at 16K, 393 vs 392 on pbmc3k lengths), and one config is neither compiled four times
-    # nor at the mercy of a noisy autotuning measurement. The others: (128, 128, 8, 2),
-    # (128, 128, 8, 3), (128, 64, 4, 3).
-    128: [(128, 64, 8, 3)],
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
-    32: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
-}
-# the warp-specialised forward (warp_spec option): Triton 3.9 splits a Hopper loop into
-# producer and consumer warps only at num_warps=4 (bench/NOTES.md, session 4); unmeasured
-_WS_FWD_CONFIGS = {
-    128: [(128, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)],
-    64: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
-    32: [(128, 64, 4, 3), (64, 64, 4, 3)],
-}
+    # hd128, run 10 (TMA through host descriptors): pipelined (128, 64, 8, 3) led the dense
+    # lengths (616 TFLOPS at N=8K against 588 unpipelined; 604 / 621 vs 576 / 584 in the table at
+    # 8K / 16K) but not real cell lengths (406 vs 413 on pbmc3k); there (128, 64, 4, 2), whose
+    # 96 KiB of shared memory lets two programs share an SM, led (466; 597 at 8K). Pipelined at
+    # 4 warps spills (189). The autotuner picks per length bucket. Before run 10 the one config
+    # was (128, 64, 8, 3) unpipelined (runs 5-6: it beat the autotuned choice among
+    # (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)).
+    128: [(128, 64, 8, 3, True), (128, 64, 4, 2, False)],
+    # hd64: pipelining gained nothing (run 10: 505 vs 520 at N=8K, 398 vs 412 on pbmc3k)
+    64: [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (128, 128, 4, 3, False),
+         (64, 128, 4, 3, False)],
+    32: [(128, 64, 4, 3, False), (128, 128, 4, 3, False), (64, 64, 4, 3, False)],
+}  # fmt: skip
 # backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block.
 # Session 4's sweep (bench/NOTES.md, bf16, tanh, atomic dq; 9-10 configs per head dim, N=8K
 # and pbmc3k lengths): hd128 (64, 128, 8, 3) won both by 14-18% (405 / 322 TFLOPS; the autotuner
@@ -557,31 +471,20 @@ _INTERP_CONFIG = (32, 16, 4, 1)
 # Kernel options chosen from the H200 measurements (bench/NOTES.md); overridable for the bench.
 # Forward: the one-MUFU tanh sigmoid measured 515 vs 439 TFLOPS (hd128, N=8K) at bf16 output
 # error 2.7e-3 vs 2.3e-3; used for fp16/bf16 only (fp32 inputs always get the exact form).
-# K/V through tensor descriptors (TMA) on sm90+: +9% forward at hd128 (run 5). Backward: the
-# tanh form too (+5% hd128 / +13% hd64 at a fixed config; bf16 errors 2.35e-3 for o, dq, dk,
-# dv, the same as the exact form's, run 6). bwd_sig_mode None = sig_mode.
+# q, k, v through tensor descriptors (TMA) on sm90+: +9% forward at hd128 (run 5); since run 9
+# the descriptors are made on the host, not by every program (+4-12% on real cell lengths).
+# Backward: the tanh form too (+5% hd128 / +13% hd64 at a fixed config; bf16 errors 2.35e-3
+# for o, dq, dk, dv, the same as the exact form's, run 6). bwd_sig_mode None = sig_mode.
 DEFAULT_OPTIONS = {
     "sig_mode": SIG_TANH,
     "bwd_sig_mode": SIG_TANH,
-    "use_tma": True,  # only where the GPU has TMA (compute capability 9.0+), see _tma_ok
-    # forward key loop split into TMA-producer and MMA-consumer warps by Triton (sm90+), the
-    # sequence's last key block masked inside the loop (TAIL_IN_LOOP); packed tokens only.
-    # Rows past a sequence are then read (never used): a NaN or Inf in the next sequence's
-    # values would reach this one's output. Unmeasured on the GPU (NOTES, session 4)
-    "warp_spec": False,
-    "pipeline": False,
+    "use_tma": True,  # where the GPU has TMA (compute capability 9.0+), see _use_tma
     "atomic_dq": True,
-    # q and dO of the dk/dv kernel through TMA (sm90+): a slower backward at the same launch
-    # config, 3% at hd128 N=8K to 19% at hd64 on pbmc3k lengths (run 8)
-    "bwd_tma": False,
-    # tanh backward: p (1 - p) dP as (1 - t^2) (dP / 4), v pre-divided by 4; unmeasured
-    "bwd_lean": False,
-    # the forward's q, k, v descriptors made once on the host (with use_tma), not by every
-    # program in global memory; unmeasured (session 5)
-    "host_desc": False,
-    # packed tokens: a grid over the sequences' blocks only, not max_seqlen's blocks for every
-    # sequence. Heads-fastest order measured no gain (run 8); this heads-outer order: unmeasured
-    "compact_grid": False,
+    # q and dO of the dk/dv kernel through TMA (sm90+). With descriptors each program made in
+    # global memory it was slower (3% at hd128 N=8K to 19% at hd64 on pbmc3k lengths, run 8);
+    # with host descriptors faster: backward +9% at hd128 N=8K (441 vs 406 TFLOPS), +5% on
+    # pbmc3k, +7% at hd64 (run 10)
+    "bwd_tma": True,
 }
 
 
@@ -600,21 +503,20 @@ def parse_options(text: str) -> dict:
     return options
 
 
-def _configs(table, head_dim, pre_hook=None):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
-        for bm, bn, w, s in table[head_dim]
-    ]
+# which block size gives a descriptor argument its rows (BLOCK_M: query blocks in both kernels)
+_DESC_ROWS = {"QDesc": "BLOCK_M", "DODesc": "BLOCK_M", "KDesc": "BLOCK_N", "VDesc": "BLOCK_N"}
 
 
-def _fwd_desc_blocks(nargs: dict) -> None:
-    """Give the forward's host tensor descriptors the block shapes of the config about to run
-    (an autotuning ``pre_hook``; called by hand for an explicit config)."""
-    if nargs.get("HOST_DESC"):
-        d = nargs["HEAD_DIM"]
-        nargs["QDesc"].block_shape = [nargs["BLOCK_M"], d]
-        nargs["KDesc"].block_shape = [nargs["BLOCK_N"], d]
-        nargs["VDesc"].block_shape = [nargs["BLOCK_N"], d]
+def _desc_blocks(nargs: dict) -> None:
+    """Give the host tensor descriptors among a launch's arguments the block shapes of the
+    config about to run (an autotuning ``pre_hook``; called by hand for an explicit config)."""
+    for name, rows in _DESC_ROWS.items():
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [nargs[rows], nargs["HEAD_DIM"]]
+
+
+def _configs(table, head_dim):
+    return [triton.Config(**_explicit(cfg), pre_hook=_desc_blocks) for cfg in table[head_dim]]
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
@@ -626,10 +528,22 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _tma_ok(device: torch.device) -> bool:
+    """Tensor-memory-accelerator loads exist from Hopper (compute capability 9.0) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _use_tma(flag, *tensors: torch.Tensor) -> bool:
+    """TMA loads for these tensors: asked for, on a GPU that has them or under the interpreter
+    (which runs host descriptors: the CPU tests' TMA path), and aligned as TMA needs."""
+    device = tensors[0].device
+    return bool(flag) and (_interpreting() or _tma_ok(device)) and _tma_aligned(*tensors)
+
+
 def _head_rows_desc(t: torch.Tensor):
     """A host tensor descriptor over ``[rows, H, D]`` as a ``[rows, (H-1)*stride_h + D]`` matrix:
     head ``h``'s block of rows ``r..`` is at coordinates ``[r, h * stride_h]``; rows past the end
-    read as zeros. Its block shape is set per launch config (:func:`_fwd_desc_blocks`)."""
+    read as zeros. Its block shape is set per launch config (:func:`_desc_blocks`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     rows, heads, d = t.shape
@@ -644,11 +558,9 @@ def _tuned(kind: str, head_dim: int):
     """The autotuned kernel of ``kind`` for ``head_dim``, built once (keyed on the length bucket)."""
     key = (kind, head_dim)
     if key not in _TUNED:
-        if kind in ("fwd", "fwd_ws"):
-            table = _WS_FWD_CONFIGS if kind == "fwd_ws" else _FWD_CONFIGS
+        if kind == "fwd":
             fn = triton.autotune(
-                _configs(table, head_dim, pre_hook=_fwd_desc_blocks),
-                key=["seqlen_bucket", "rows_bucket"],
+                _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "rows_bucket"]
             )(_attn_fwd)
         elif kind == "dkdv":
             # dq accumulates with atomics: every timed trial must start from zeros
@@ -677,46 +589,32 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return 1 << max(6, math.ceil(math.log2(max(max_seqlen, 1))))
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-def _ensure_tma_allocator():
-    """Device-side tensor descriptors need scratch memory from a Triton allocator. Triton keeps
-    the allocator in a context variable, one per thread: set it in the launching thread (the
-    backward runs in autograd's own thread) unless that thread has one already."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:  # another Triton layout: set it every time (a context variable's set)
-        pass
-    triton.set_allocator(_tma_scratch)
-
-
-def _tma_ok(device: torch.device) -> bool:
-    """Tensor-memory-accelerator loads exist from Hopper (compute capability 9.0) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _compact(opts: dict, zero_fill: bool) -> bool:
-    """The compact grid (:func:`_program_seq`) for packed tokens; the padded layout keeps the
-    block grid, whose programs past a sequence's end write its padded rows' zeros."""
-    return bool(opts["compact_grid"]) and not zero_fill
-
-
-def _grid(compact: bool, block: str, max_seqlen: int, rows: int, n_heads: int, batch: int):
-    """The launch grid of a config ``m`` (``m[block]`` rows a program), see :func:`_program_seq`:
-    compact, an upper bound of the blocks (each sequence rounds up at most one block)."""
-    if compact:
-        return lambda m: (triton.cdiv(rows, m[block]) + batch, n_heads)
+def _grid(block: str, max_seqlen: int, n_heads: int, batch: int):
+    """The launch grid of a config ``m`` (``m[block]`` rows a program), see :func:`_program_seq`."""
     return lambda m: (triton.cdiv(max_seqlen, m[block]), n_heads, batch)
 
 
-def _explicit(cfg):
-    bm, bn, w, s = cfg
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+def _launch(kernel, kind, head_dim, grid, config, args, meta):
+    """Launch ``kernel`` at an explicit ``config`` (the caller's; under the interpreter, its own
+    small one unless the caller's), or autotuned over ``kind``'s configs; the descriptors' block
+    shapes follow the config."""
+    if config is None and _interpreting():
+        config = _INTERP_CONFIG if kind != "fwd" else (*_INTERP_CONFIG, False)
+    if config is not None:
+        cfg = _explicit(config)
+        _desc_blocks({**dict(zip(kernel.arg_names, args)), **meta, **cfg["kwargs"]})
+        kernel[grid(cfg["kwargs"])](*args, **meta, **cfg["kwargs"], num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])  # fmt: skip
+    else:
+        _tuned(kind, head_dim)[grid](*args, **meta)
+
+
+def _explicit(cfg) -> dict:
+    """A config tuple ``(BLOCK_M, BLOCK_N, warps, stages[, pipeline])`` as ``triton.Config``'s
+    arguments; the forward's have the fifth entry (its PIPELINE), the backward's not."""
+    bm, bn, w, s, *pipeline = cfg
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn} | ({"PIPELINE": bool(pipeline[0])} if pipeline else {})
+    return {"kwargs": kwargs, "num_warps": w, "num_stages": s}
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,55 +642,33 @@ def _in_prec(dtype: torch.dtype) -> str:
 
 def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill,
                config=None, **options):  # fmt: skip
-    """Run the forward kernel; ``config`` = (BLOCK_M, BLOCK_N, warps, stages) skips autotuning."""
+    """Run the forward kernel; ``config`` = ``(BLOCK_M, BLOCK_N, warps, stages[, pipeline])``
+    skips autotuning."""
     opts = {**DEFAULT_OPTIONS, **options}
     rows, n_heads, head_dim = q.shape
     o = _new(q, q.dtype, False)  # padded rows are zeroed by the kernel (ZERO_FILL)
-    batch = seq_len.shape[0]
-    interp = _interpreting()
-    # host descriptors also run under the interpreter (the CPU tests' TMA path)
-    host_desc = bool(opts["host_desc"]) and _tma_aligned(q, k, v)
-    use_tma = bool(opts["use_tma"]) and (
-        (not interp and _tma_ok(q.device) and _tma_aligned(q, k, v)) or (interp and host_desc)
-    )
-    host_desc = host_desc and use_tma
-    # packed tokens only: in the padded layout the rows past a sequence are its padding,
-    # whatever the caller left there, and must not be read
-    tail_in_loop = bool(opts["warp_spec"]) and not zero_fill and not opts["pipeline"]
-    if use_tma and (tail_in_loop or not host_desc):  # descriptors built in the kernel
-        _ensure_tma_allocator()
-    descs = tuple(_head_rows_desc(t) for t in (q, k, v)) if host_desc else (None, None, None)
+    use_tma = _use_tma(opts["use_tma"], q, k, v)
+    descs = tuple(_head_rows_desc(t) for t in (q, k, v)) if use_tma else (None, None, None)
     sig_mode = _sig_mode(opts, q.dtype)
     # autotuning is keyed on power-of-two buckets: a training run's batches differ in total
     # rows and longest cell at every step, and an exact key would re-tune at every step
     args = (
         q, k, v, o, *descs, seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), rows, max_seqlen if zero_fill else 0,
-        _seqlen_bucket(max_seqlen), _seqlen_bucket(rows), batch,
+        o.stride(0), o.stride(1), max_seqlen if zero_fill else 0,
+        _seqlen_bucket(max_seqlen), _seqlen_bucket(rows),
     )  # fmt: skip
     meta = {
         "HEAD_DIM": head_dim,
         "SIG_MODE": sig_mode,
         "IN_PREC": _in_prec(q.dtype),
         "USE_TMA": use_tma,
-        "WARP_SPEC": use_tma and bool(opts["warp_spec"]),
-        "PIPELINE": bool(opts["pipeline"]),
         "ZERO_FILL": bool(zero_fill),
-        "COMPACT": _compact(opts, zero_fill),
-        "TAIL_IN_LOOP": tail_in_loop,
-        "HOST_DESC": host_desc,
     }
-    grid = _grid(meta["COMPACT"], "BLOCK_M", max_seqlen, rows, n_heads, batch)
-    if interp or config is not None:
-        cfg = _explicit(_INTERP_CONFIG if interp else config)
-        if host_desc:
-            _fwd_desc_blocks(
-                {"QDesc": descs[0], "KDesc": descs[1], "VDesc": descs[2], **meta, **cfg}
-            )
-        _attn_fwd[grid(cfg)](*args, **meta, **cfg)
-    else:
-        _tuned("fwd_ws" if meta["TAIL_IN_LOOP"] else "fwd", head_dim)[grid](*args, **meta)
+    grid = _grid("BLOCK_M", max_seqlen, n_heads, seq_len.shape[0])
+    if config is not None and len(config) == 4:  # no pipelining unless the config says so
+        config = (*config, False)
+    _launch(_attn_fwd, "fwd", head_dim, grid, config, args, meta)
     return o
 
 
@@ -802,7 +678,6 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
     opts = {**DEFAULT_OPTIONS, **options}
     rows, n_heads, head_dim = q.shape
     batch = seq_len.shape[0]
-    interp = _interpreting()
     atomic = bool(opts["atomic_dq"])
     do = do.contiguous() if do.stride(-1) != 1 else do
     dk, dv = _new(k, k.dtype, False), _new(v, v.dtype, False)  # zeroed in-kernel (ZERO_FILL)
@@ -812,27 +687,19 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
         opts["sig_mode"] = opts["bwd_sig_mode"]
     sig_mode = _sig_mode(opts, q.dtype)
     bucket = _seqlen_bucket(max_seqlen)
+    use_tma = _use_tma(opts["bwd_tma"], q, do)
+    descs = (_head_rows_desc(q), _head_rows_desc(do)) if use_tma else (None, None)
     common = (seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode), scale)
-    lean = bool(opts["bwd_lean"]) and sig_mode == SIG_TANH
-    # lean: dS = (1 - t^2) dP / 4, the 1/4 applied with dk's and dq's factor `scale`
     kv_args = (
-        q, k, v, do, dq, dk, dv, *common[:-1], scale / 4 if lean else scale,
+        q, k, v, do, dq, dk, dv, *descs, *common,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), rows, max_seqlen if zero_fill else 0, bucket, batch,
+        dv.stride(0), dv.stride(1), max_seqlen if zero_fill else 0, bucket,
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
-    bwd_tma = bool(opts["bwd_tma"]) and not interp and _tma_ok(q.device) and _tma_aligned(q, do)
-    if bwd_tma:
-        _ensure_tma_allocator()
-    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": bwd_tma,
-               "COMPACT": _compact(opts, zero_fill), "LEAN": lean}  # fmt: skip
-    grid = _grid(kv_meta["COMPACT"], "BLOCK_N", max_seqlen, rows, n_heads, batch)
-    if interp or config is not None:
-        cfg = _explicit(_INTERP_CONFIG if interp else config)
-        _attn_bwd_dkdv[grid(cfg)](*kv_args, **kv_meta, **cfg)
-    else:
-        _tuned("dkdv", head_dim)[grid](*kv_args, **kv_meta)
+    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": use_tma}
+    grid = _grid("BLOCK_N", max_seqlen, n_heads, batch)
+    _launch(_attn_bwd_dkdv, "dkdv", head_dim, grid, config, kv_args, kv_meta)
     if atomic:
         dq = dq.to(q.dtype)
     else:
@@ -841,13 +708,8 @@ def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seql
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), bucket,
         )  # fmt: skip
-        if interp or dq_config is not None:
-            cfg = _explicit(_INTERP_CONFIG if interp else dq_config)
-            grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, batch)
-            _attn_bwd_dq[grid](*q_args, **meta, **cfg)
-        else:
-            grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_heads, batch)  # noqa: E731
-            _tuned("dq", head_dim)[grid](*q_args, **meta)
+        grid = _grid("BLOCK_M", max_seqlen, n_heads, batch)
+        _launch(_attn_bwd_dq, "dq", head_dim, grid, dq_config, q_args, meta)
     return dq, dk, dv
 
 
