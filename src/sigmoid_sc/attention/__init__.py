@@ -193,19 +193,28 @@ def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=None):
 _FLEX = {}
 
 
-def softmax_attention_varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale=None):
-    """Softmax attention through FlexAttention with a document mask on the packed tokens."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_document_mask(cu_seqlens: torch.Tensor, total: int):
+    """FlexAttention's block mask for packed tokens: a token attends within its own cell only.
+    Depends on the batch's ``cu_seqlens`` alone, so a model can build it once for all layers."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    total = q.shape[0]
     doc = cell_index(cu_seqlens, total)
 
     def same_cell(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    block_mask = create_block_mask(same_cell, None, None, total, total, device=q.device)
+    return create_block_mask(same_cell, None, None, total, total, device=cu_seqlens.device)
+
+
+def softmax_attention_varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale=None, block_mask=None):
+    """Softmax attention through FlexAttention with a document mask on the packed tokens
+    (``block_mask``: :func:`flex_document_mask` of these ``cu_seqlens``, built here if None)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    if block_mask is None:
+        block_mask = flex_document_mask(cu_seqlens, q.shape[0])
     out = _FLEX["fn"](
         *(t.transpose(0, 1)[None] for t in (q, k, v)),
         block_mask=block_mask,
@@ -259,6 +268,7 @@ __all__ = [
     "sigmoid_attention_varlen_reference",
     "sigmoid_backend",
     "softmax_attention_varlen_flex",
+    "flex_document_mask",
     "softmax_attention_varlen_njt",
     "softmax_attention_varlen_padded",
     "softmax_attention_varlen_reference",
