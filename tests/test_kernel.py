@@ -414,6 +414,7 @@ def test_host_descriptors_on_strided_and_misaligned_inputs(layout):
     else:
         q, k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v))
         assert not ts._use_tma(True, q, k, v)
+        assert not ts._tma_aligned(torch.zeros(1, 2, 32).expand(5, 2, 32))  # row stride 0
     seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
     order = torch.argsort(seq_len, descending=True).to(torch.int32)
     bias = -torch.log(seq_len.float())

@@ -516,9 +516,13 @@ def _configs(table, head_dim):
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
     """What a TMA descriptor over a ``[rows, H, D]`` tensor's rows needs: a 16-byte aligned base
-    and row stride, unit stride along D (a caller's slice of a fused qkv may lack either)."""
+    and a positive, 16-byte aligned row stride, unit stride along D (a caller's slice of a fused
+    qkv may lack one; a tensor expanded along its rows has row stride 0)."""
     return all(
-        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(2) == 1
+        t.data_ptr() % 16 == 0
+        and t.stride(0) > 0
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.stride(2) == 1
         for t in tensors
     )
 
