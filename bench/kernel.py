@@ -429,7 +429,11 @@ SWEEP_FWD_CONFIGS = {
     **ts._FWD_CONFIGS,
     128: [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 8, 2, True),
           (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 64, 4, 2, False),
-          (128, 128, 8, 3, False), (64, 64, 4, 3, False)],
+          (128, 128, 8, 3, False), (64, 64, 4, 3, False),
+          # 32-key blocks: two programs an SM by registers and shared memory (88-96 KiB at 8
+          # warps; the register report: 118-128 registers), pipelined or not
+          (128, 32, 8, 3, True), (128, 32, 8, 4, False), (128, 32, 4, 3, False),
+          (128, 32, 4, 2, False), (64, 32, 4, 3, False)],
     64: [*ts._FWD_CONFIGS[64], (128, 64, 4, 3, True), (128, 128, 8, 3, True),
          (64, 64, 4, 3, False)],
 }  # fmt: skip
