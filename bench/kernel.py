@@ -197,10 +197,7 @@ class _OursOptions(torch.autograd.Function):
 
 
 def _ours_with_options(q, k, v, inp: Inputs, options):
-    start = inp.cu[:-1].contiguous()
-    order = torch.argsort(inp.len_t, descending=True).to(torch.int32)
-    bias = -torch.log(inp.len_t.float())
-    seq = (start, inp.len_t, order, bias, inp.head_dim**-0.5, inp.max_seqlen)
+    seq = (*ts._varlen_sequences(inp.cu), inp.head_dim**-0.5, inp.max_seqlen)
     shape = q.shape
     rows = [t.reshape(-1, inp.heads, inp.head_dim) for t in (q, k, v)]
     return _OursOptions.apply(*rows, seq, options).view(shape)

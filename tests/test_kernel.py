@@ -143,17 +143,10 @@ def test_kernel_variants(options):
     blocks (interpreter: 16 keys a block), with and without a partial last block."""
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23, 48, 16], 32, torch.float32, seed)
-    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-    order = torch.argsort(seq_len, descending=True).to(torch.int32)
-    bias = -torch.log(seq_len.float())
-    scale = 32**-0.5
-    out = ts.launch_fwd(
-        q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **options
-    )
+    args = (*ts._varlen_sequences(cu), 32**-0.5, max_seqlen, False)
+    out = ts.launch_fwd(q, k, v, *args, **options)
     bwd_options = {key: value for key, value in options.items() if key != "config"}
-    grads = ts.launch_bwd(
-        do, q, k, v, seq_start, seq_len, order, bias, scale, max_seqlen, False, **bwd_options
-    )
+    grads = ts.launch_bwd(do, q, k, v, *args, **bwd_options)
     ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)
     tol = FP32_TOL
     errors = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
@@ -261,10 +254,8 @@ def test_bad_padded_input_raises_value_error():
 
 def test_custom_op_passes_opcheck():
     cu, max_seqlen, (q, k, v, _) = _packed_inputs([3, 20], 32, torch.float32, _fresh_seed())
-    seq_len = (cu[1:] - cu[:-1]).contiguous()
     args = (
-        q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu[:-1].contiguous(), seq_len,
-        torch.argsort(seq_len, descending=True).to(torch.int32), -torch.log(seq_len.float()),
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *ts._varlen_sequences(cu),
         32**-0.5, max_seqlen, False,
     )  # fmt: skip
     torch.library.opcheck(
@@ -415,10 +406,7 @@ def test_host_descriptors_on_strided_and_misaligned_inputs(layout):
         q, k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v))
         assert not ts._use_tma(True, q, k, v)
         assert not ts._tma_aligned(torch.zeros(1, 2, 32).expand(5, 2, 32))  # row stride 0
-    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-    order = torch.argsort(seq_len, descending=True).to(torch.int32)
-    bias = -torch.log(seq_len.float())
-    out = ts.launch_fwd(q, k, v, seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False)
+    out = ts.launch_fwd(q, k, v, *ts._varlen_sequences(cu), 32**-0.5, max_seqlen, False)
     ref, _ = _reference_with_grads(q, k, v, do, cu, max_seqlen)
     assert _rel(out, ref) < FP32_TOL, f"seed {seed}"
 
@@ -430,10 +418,7 @@ def test_tanh_form_forward_and_backward(monkeypatch):
     monkeypatch.setattr(ts, "_sig_mode", lambda opts, dtype: ts.SIG_TANH)
     seed = _fresh_seed()
     cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 40, 23, 48, 16], 32, torch.float32, seed)
-    seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-    order = torch.argsort(seq_len, descending=True).to(torch.int32)
-    bias = -torch.log(seq_len.float())
-    args = (seq_start, seq_len, order, bias, 32**-0.5, max_seqlen, False)
+    args = (*ts._varlen_sequences(cu), 32**-0.5, max_seqlen, False)
     out = ts.launch_fwd(q, k, v, *args)
     grads = ts.launch_bwd(do, q, k, v, *args)
     ref, ref_grads = _reference_with_grads(q, k, v, do, cu, max_seqlen)

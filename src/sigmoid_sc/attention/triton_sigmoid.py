@@ -887,6 +887,16 @@ def _bias_tensor(bias, seq_len: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _varlen_sequences(cu_seqlens: torch.Tensor, bias=None):
+    """What the launchers take of packed tokens' ``cu_seqlens``: ``(seq_start, seq_len,
+    seq_order, bias)``, int32 starts and lengths, the sequences longest first, and the fp32
+    bias of each (:func:`_bias_tensor`; None: ``-log(n_i)``)."""
+    seq_start = cu_seqlens[:-1].contiguous()
+    seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous()
+    seq_order = torch.argsort(seq_len, descending=True, stable=True).to(torch.int32)
+    return seq_start, seq_len, seq_order, _bias_tensor(bias, seq_len)
+
+
 def _check_scale(scale, head_dim: int) -> float:
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(
@@ -959,10 +969,7 @@ def sigmoid_attention_varlen(
                 f"sigmoid attention: max_seqlen={max_seqlen} is below the longest sequence ({max(lengths)})"
             )
     s = _check_scale(scale, q.shape[-1])
-    seq_start = cu_seqlens[:-1].contiguous()
-    seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous()
-    seq_order = torch.argsort(seq_len, descending=True, stable=True).to(torch.int32)
-    b = _bias_tensor(bias, seq_len)
+    seq_start, seq_len, seq_order, b = _varlen_sequences(cu_seqlens, bias)
     return sigmoid_attn_fwd(
         _rows_view(q),
         _rows_view(k),
