@@ -495,10 +495,9 @@ def sweep(results: list, cases, jobs, with_reference: bool = True, deadline: flo
         if stage == "fwd":
             options = {"opts": FWD_VARIANTS[name], "config": cfg}
         else:
-            fwd_cfg = (128, 64, 8, 3) if d == 128 else (128, 64, 4, 3)
             options = {
                 "opts": BWD_VARIANTS[name],
-                "config": fwd_cfg,
+                "config": ts._FWD_CONFIGS[d][0],
                 "bwd_config": cfg,
                 "dq_config": dq_cfg,
             }
