@@ -182,6 +182,23 @@ def test_tanh_form_elementwise():
     assert (p.double() - torch.sigmoid(x.double())).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize(
+    "mode, expected",
+    [(ts.SIG_PROBE_NO_MUFU, lambda u: 0.5 * u + 0.5), (ts.SIG_PROBE_NO_SIGMOID, lambda u: u)],
+)
+def test_timing_probes_compute_what_they_leave_in(mode, expected):
+    """bench/kernel.py's probes: the tanh form's FMA-pipe work without the tanh, and the bare
+    logit; wrong as attention by design, and never what the launchers pick."""
+    z = torch.randn(3000, dtype=torch.float32) * 5
+    p = torch.empty_like(z)
+    _sigmoid_kernel[(triton.cdiv(z.numel(), 1024),)](z, p, z.numel(), MODE=mode, BLOCK=1024)
+    assert torch.allclose(p, expected(z), rtol=1e-6, atol=1e-6)
+    assert ts._sig_mode(ts.DEFAULT_OPTIONS, torch.bfloat16) not in (
+        ts.SIG_PROBE_NO_MUFU,
+        ts.SIG_PROBE_NO_SIGMOID,
+    )
+
+
 def test_sigmoid_form_choice():
     """fp32 inputs always get the exact form; 16-bit inputs the option's."""
     opts = {"sig_mode": ts.SIG_TANH}

@@ -49,6 +49,11 @@ LOG2E = 1.4426950408889634
 # score scale and bias. Mode 1's tanh is inline PTX on the GPU, exact under the interpreter;
 # fp32 inputs always use mode 0.
 SIG_EXACT, SIG_TANH, SIG_NEWTON = 0, 1, 2
+# Timing probes for bench/kernel.py, wrong values by design and never chosen by the launchers:
+# the tanh form without its MUFU op (its FMA-pipe work only), and P = the scaled logit (no
+# sigmoid work at all). Their TFLOPS beside the tanh form's say what the sigmoid costs in the
+# loop and what the loop's matmuls and data movement cost without it (bench/NOTES.md, run 18).
+SIG_PROBE_NO_MUFU, SIG_PROBE_NO_SIGMOID = 3, 4
 
 
 def _interpreting() -> bool:
@@ -87,6 +92,10 @@ def _sigmoid_u(u, SIG_MODE: tl.constexpr):
     if SIG_MODE == 1:
         # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP; u = x / 2
         p = 0.5 * _tanh_approx(u) + 0.5
+    elif SIG_MODE == 3:  # SIG_PROBE_NO_MUFU
+        p = 0.5 * u + 0.5
+    elif SIG_MODE == 4:  # SIG_PROBE_NO_SIGMOID
+        p = u
     elif SIG_MODE == 2:
         # u = x log2(e). Clamp so 1 + 2^-u stays finite; the reciprocal starts from the
         # exponent-flip guess (relative error < 12.5%) and two Newton steps y <- y (2 - d y)
