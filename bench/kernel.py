@@ -409,6 +409,10 @@ FWD_VARIANTS = {
     "tanh": {"sig_mode": ts.SIG_TANH, "use_tma": False},
     "newton": {"sig_mode": ts.SIG_NEWTON, "use_tma": False},
     "tanh+tma": {"sig_mode": ts.SIG_TANH, "use_tma": True},
+    # timing probes (wrong values by design): the tanh form without its MUFU op, and no
+    # sigmoid at all (P = the scaled logit); what is left is the loop's matmuls and data flow
+    "probe:no-mufu": {"sig_mode": ts.SIG_PROBE_NO_MUFU, "use_tma": True},
+    "probe:no-sigmoid": {"sig_mode": ts.SIG_PROBE_NO_SIGMOID, "use_tma": True},
 }
 BWD_VARIANTS = {
     "atomic-dq exact": {"bwd_sig_mode": ts.SIG_EXACT, "atomic_dq": True},
@@ -447,9 +451,30 @@ SWEEP_BWD_CONFIGS = {
 }  # fmt: skip
 
 
-def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None):
-    """Flat list of (case index, stage, variant, config, dq config): sliceable across workers.
-    ``variants``: names to keep (None: all)."""
+def override_sweep_configs(text: str, head_dims) -> None:
+    """``--sweep-configs``: ``"fwd128:128x64x8x3x1,128x32x8x3x1;bwd:64x128x8x3"`` replaces the
+    sweep's config lists of that stage (and head dim; none: every head dim of the run)."""
+    for part in filter(None, text.split(";")):
+        stage, _, items = part.partition(":")
+        table = {"fwd": SWEEP_FWD_CONFIGS, "bwd": SWEEP_BWD_CONFIGS}.get(stage[:3])
+        if table is None or not (stage[3:] == "" or stage[3:].isdigit()):
+            raise ValueError(f"{stage!r} is not fwd, bwd, fwd<head dim> or bwd<head dim>")
+        try:
+            configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, items.split(","))]
+        except ValueError:
+            raise ValueError(f"{items!r}: each config is BMxBNxWARPSxSTAGES[xPIPELINE]") from None
+        if not configs or any(len(c) != (5 if stage[:3] == "fwd" else 4) for c in configs):
+            want = "BMxBNxWARPSxSTAGESxPIPELINE" if stage[:3] == "fwd" else "BMxBNxWARPSxSTAGES"
+            raise ValueError(f"{part!r}: each {stage[:3]} config is {want}")
+        for d in [int(stage[3:])] if stage[3:] else head_dims:
+            table[d] = configs
+
+
+def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None, rounds=1):
+    """Flat list of (round, case index, stage, variant, config, dq config): sliceable across
+    workers. ``variants``: names to keep (None: all). ``rounds``: each case's jobs that many
+    times, the rounds interleaved (variant A, B, ..., A, B, ...), so that a drift of the GPU's
+    clocks during the sweep spreads over every variant instead of favouring the first."""
     jobs = []
     keep = (lambda name: True) if not variants else (lambda name: name in variants)
     for ci, (_, d, _, _) in enumerate(cases):
@@ -462,7 +487,11 @@ def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None):
             for cfg in SWEEP_BWD_CONFIGS[d]:
                 for dq_cfg in ts._DQ_CONFIGS[d][:3] if not opts["atomic_dq"] else [None]:
                     jobs.append((ci, "bwd", name, cfg, dq_cfg))
-    return jobs
+    # rounds interleaved within a case (the case's inputs and reference are built once)
+    by_case: dict = {}
+    for job in jobs:
+        by_case.setdefault(job[0], []).append(job)
+    return [(r, *job) for case_jobs in by_case.values() for r in range(rounds) for job in case_jobs]
 
 
 def sweep(results: list, cases, jobs, with_reference: bool = True, deadline: float = math.inf):
@@ -470,7 +499,7 @@ def sweep(results: list, cases, jobs, with_reference: bool = True, deadline: flo
 
     Jobs after ``deadline`` (a time.time() value) are skipped: the table needs the rest."""
     cache = {}
-    for ci, stage, name, cfg, dq_cfg in jobs:
+    for rnd, ci, stage, name, cfg, dq_cfg in jobs:
         if time.time() > deadline:
             log(f"sweep: deadline reached, {len(jobs)} jobs planned, skipping the rest")
             break
@@ -519,7 +548,7 @@ def sweep(results: list, cases, jobs, with_reference: bool = True, deadline: flo
                 tf = 2.5 * f / ms / 1e9
             msg = f"{tf:7.1f} TFLOPS  err {err:.2e}"
             results.append(dict(case=case, hd=d, stage=stage, variant=name, config=f"{cfg} dq {dq_cfg}",
-                                ms=ms, tflops=tf, err=err))  # fmt: skip
+                                ms=ms, tflops=tf, err=err, round=rnd))  # fmt: skip
         except Exception as e:  # a variant that fails to compile is a finding, not a crash
             msg = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
         log(f"sweep {case:26s} hd{d} {stage} {name:16s} {cfg} dq {dq_cfg} {msg}")
@@ -536,7 +565,7 @@ def choose_options(sweep_rows, head_dim):
         ("bwd", BWD_VARIANTS, "atomic-dq exact"),
     ):
         best = {}
-        for r in sweep_rows:
+        for r in median_over_rounds(sweep_rows):
             if r["hd"] != head_dim or r["stage"] != stage:
                 continue
             key = (r["case"], r["variant"])
@@ -559,9 +588,24 @@ def choose_options(sweep_rows, head_dim):
     return options, bwd.get("bwd_sig_mode", ts.SIG_EXACT), chosen
 
 
+def median_over_rounds(sweep_rows):
+    """One row per (case, stage, variant, config): the median TFLOPS over the sweep's rounds
+    (``--sweep-rounds``; the same config's spread between rounds is the noise to beat) and the
+    largest error."""
+    groups: dict = {}
+    for r in sweep_rows:
+        groups.setdefault((r["case"], r["hd"], r["stage"], r["variant"], r["config"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        tf = sorted(r["tflops"] for r in rows)
+        out.append({**rows[0], "tflops": float(np.median(tf)), "err": max(r["err"] for r in rows),
+                    "rounds": len(rows), "spread": tf[-1] - tf[0]})  # fmt: skip
+    return out
+
+
 def sweep_summary(sweep_rows):
     best = {}
-    for r in sweep_rows:
+    for r in median_over_rounds(sweep_rows):
         key = (r["case"], r["hd"], r["stage"], r["variant"])
         if key not in best or r["tflops"] > best[key]["tflops"]:
             best[key] = r
@@ -569,6 +613,7 @@ def sweep_summary(sweep_rows):
     for (case, hd, stage, variant), r in sorted(best.items()):
         lines.append(
             f"  {case:26s} hd{hd:<3d} {stage} {variant:16s} {r['tflops']:6.1f} TFLOPS err {r['err']:.1e} {r['config']}"
+            + (f" (median of {r['rounds']}, spread {r['spread']:.1f})" if r["rounds"] > 1 else "")
         )
     return lines
 
@@ -785,6 +830,9 @@ def main(argv=None):
         "--check-dtypes", default="bf16,fp16,fp32", help="GPU correctness checks to run"
     )
     ap.add_argument("--sweep-stages", default="fwd,bwd", help="stages the sweep times")
+    ap.add_argument("--sweep-rounds", type=int, default=1, help="times each sweep job, interleaved")
+    ap.add_argument("--sweep-configs", default="", help="fwd[HD]:BMxBNxWxS[xP],...;bwd[HD]:BMxBNxWxS,"
+                    "... (default: SWEEP_FWD_CONFIGS / SWEEP_BWD_CONFIGS)")  # fmt: skip
     ap.add_argument(
         "--sweep-variants",
         default="",
@@ -813,7 +861,11 @@ def main(argv=None):
     unknown = set(stages) - {"fwd", "bwd"} | set(variants) - {*FWD_VARIANTS, *BWD_VARIANTS}
     if unknown:
         sys.exit(f"--sweep-stages/--sweep-variants: unknown {sorted(unknown)}")
-    jobs = [] if args.no_sweep else sweep_jobs(sweep_cases, stages, variants)
+    try:
+        override_sweep_configs(args.sweep_configs, head_dims)
+    except ValueError as exc:
+        sys.exit(f"--sweep-configs: {exc}")
+    jobs = [] if args.no_sweep else sweep_jobs(sweep_cases, stages, variants, args.sweep_rounds)
     full_sweep = set(stages) == {"fwd", "bwd"} and not variants
     dtype_names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     wanted = {dtype_names[x] for x in args.check_dtypes.split(",") if x}
@@ -821,7 +873,7 @@ def main(argv=None):
     if args.warm_part:  # child: compile a slice of every task, results thrown away
         i, n = map(int, args.warm_part.split("/"))
         check_correctness([], checks_todo[i::n])
-        sweep([], sweep_cases, jobs[i::n], with_reference=False)
+        sweep([], sweep_cases, [j for j in jobs if j[0] == 0][i::n], with_reference=False)
         if not args.no_table:
             slice_autotune_configs(i, n)
             # each fixed-config variant is compiled by one worker only
