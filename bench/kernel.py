@@ -459,13 +459,9 @@ def override_sweep_configs(text: str, head_dims) -> None:
         table = {"fwd": SWEEP_FWD_CONFIGS, "bwd": SWEEP_BWD_CONFIGS}.get(stage[:3])
         if table is None or not (stage[3:] == "" or stage[3:].isdigit()):
             raise ValueError(f"{stage!r} is not fwd, bwd, fwd<head dim> or bwd<head dim>")
-        try:
-            configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, items.split(","))]
-        except ValueError:
-            raise ValueError(f"{items!r}: each config is BMxBNxWARPSxSTAGES[xPIPELINE]") from None
-        if not configs or any(len(c) != (5 if stage[:3] == "fwd" else 4) for c in configs):
-            want = "BMxBNxWARPSxSTAGESxPIPELINE" if stage[:3] == "fwd" else "BMxBNxWARPSxSTAGES"
-            raise ValueError(f"{part!r}: each {stage[:3]} config is {want}")
+        configs = ts.parse_configs(items, stage[:3])
+        if not configs:
+            raise ValueError(f"{part!r} names no config")
         for d in [int(stage[3:])] if stage[3:] else head_dims:
             table[d] = configs
 
@@ -478,20 +474,19 @@ def sweep_jobs(cases, stages=("fwd", "bwd"), variants=None, rounds=1):
     jobs = []
     keep = (lambda name: True) if not variants else (lambda name: name in variants)
     for ci, (_, d, _, _) in enumerate(cases):
+        case_jobs = []
         for name in filter(keep, FWD_VARIANTS if "fwd" in stages else ()):
             for cfg in SWEEP_FWD_CONFIGS[d]:
-                jobs.append((ci, "fwd", name, cfg, None))
+                case_jobs.append((ci, "fwd", name, cfg, None))
         for name, opts in BWD_VARIANTS.items() if "bwd" in stages else ():
             if not keep(name):
                 continue
             for cfg in SWEEP_BWD_CONFIGS[d]:
                 for dq_cfg in ts._DQ_CONFIGS[d][:3] if not opts["atomic_dq"] else [None]:
-                    jobs.append((ci, "bwd", name, cfg, dq_cfg))
-    # rounds interleaved within a case (the case's inputs and reference are built once)
-    by_case: dict = {}
-    for job in jobs:
-        by_case.setdefault(job[0], []).append(job)
-    return [(r, *job) for case_jobs in by_case.values() for r in range(rounds) for job in case_jobs]
+                    case_jobs.append((ci, "bwd", name, cfg, dq_cfg))
+        # a case's rounds together: its inputs and reference are built once
+        jobs += [(r, *job) for r in range(rounds) for job in case_jobs]
+    return jobs
 
 
 def sweep(results: list, cases, jobs, with_reference: bool = True, deadline: float = math.inf):

@@ -51,12 +51,12 @@ def main(argv=None):
     ts = bk.ts
     try:
         options = ts.parse_options(args.options)
-        config = tuple(int(x) for x in args.config.split("x"))
+        configs = ts.parse_configs(args.config, args.kernel)
     except ValueError as exc:
         sys.exit(f"ncu_target: {exc}")
-    if len(config) != (5 if args.kernel == "fwd" else 4):
-        sys.exit(f"ncu_target: a {args.kernel} config has {5 if args.kernel == 'fwd' else 4} "
-                 f"entries (BMxBNxWARPSxSTAGES{'xPIPELINE' if args.kernel == 'fwd' else ''})")  # fmt: skip
+    if len(configs) != 1:
+        sys.exit(f"ncu_target: --config takes one config, got {args.config!r}")
+    config = configs[0]
     if args.case.startswith("lengths:"):
         lengths = [int(x) for x in args.case.split(":", 1)[1].split(",") if x]
         label = f"lengths {lengths}"

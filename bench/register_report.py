@@ -155,11 +155,10 @@ def main(argv=None) -> list[dict]:
         options = ts.parse_options(args.options)
     except ValueError as exc:
         raise SystemExit(f"--options: {exc}") from None
-    configs = [tuple(int(x) for x in c.split("x")) for c in filter(None, args.configs.split(","))]
-    if any(len(c) not in (4, 5) for c in configs):
-        raise SystemExit(
-            "--configs: each entry is BLOCK_MxBLOCK_NxWARPSxSTAGES[xPIPELINE], e.g. 64x128x8x2"
-        )
+    try:
+        configs = ts.parse_configs(args.configs)
+    except ValueError as exc:
+        raise SystemExit(f"--configs: {exc}, e.g. 64x128x8x2") from None
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}a, options "
           f"{ {**ts.DEFAULT_OPTIONS, **options} }, dtype {args.dtype}")  # fmt: skip
     print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma |")

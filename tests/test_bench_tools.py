@@ -66,8 +66,8 @@ def test_sweep_configs_override_and_bad_input(bench_kernel, monkeypatch):
     assert bench_kernel.SWEEP_FWD_CONFIGS == {128: [(128, 64, 8, 3, 1), (128, 32, 8, 3, 1)], 64: []}
     assert bench_kernel.SWEEP_BWD_CONFIGS == {128: [(64, 128, 8, 3)], 64: [(64, 128, 8, 3)]}
     for bad, message in [
-        ("fwd:128x64x8x3", "each fwd config is BMxBNxWARPSxSTAGESxPIPELINE"),
-        ("bwd128:64x128x8", "each bwd config is BMxBNxWARPSxSTAGES"),
+        ("fwd:128x64x8x3", "each fwd config is BLOCK_MxBLOCK_NxWARPSxSTAGESxPIPELINE"),
+        ("bwd128:64x128x8", "each bwd config is BLOCK_MxBLOCK_NxWARPSxSTAGES"),
         ("dq:64x64x4x3", "is not fwd, bwd"),
         ("fwd:128x64xeightx3x1", "each config is"),
     ]:
@@ -94,4 +94,7 @@ def test_ncu_target_rejects_a_config_of_the_wrong_kernel():
     cmd = [sys.executable, str(ROOT / "bench" / "ncu_target.py"), "--kernel", "fwd",
            "--config", "64x128x8x3", "--device", "cpu"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "a fwd config has 5 entries" in done.stderr
+    assert (
+        done.returncode != 0
+        and "each fwd config is BLOCK_MxBLOCK_NxWARPSxSTAGESxPIPELINE" in done.stderr
+    )

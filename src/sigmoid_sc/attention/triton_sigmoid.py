@@ -509,6 +509,30 @@ def parse_options(text: str) -> dict:
     return options
 
 
+_CONFIG_SHAPES = {
+    "fwd": ((5,), "BLOCK_MxBLOCK_NxWARPSxSTAGESxPIPELINE"),
+    "bwd": ((4,), "BLOCK_MxBLOCK_NxWARPSxSTAGES"),
+    None: ((4, 5), "BLOCK_MxBLOCK_NxWARPSxSTAGES[xPIPELINE]"),
+}
+
+
+def parse_configs(text: str, kind: str | None = None) -> list[tuple[int, ...]]:
+    """``"128x64x8x3x1,128x32x8x3x1"`` -> launch config tuples (the benches' config lists): a
+    forward config (``kind="fwd"``) has the fifth entry PIPELINE, a backward one does not
+    (``None``: either); anything else raises ValueError naming the entry."""
+    lengths, shape = _CONFIG_SHAPES[kind]
+    configs = []
+    for item in filter(None, text.split(",")):
+        try:
+            config = tuple(int(x) for x in item.split("x"))
+        except ValueError:
+            raise ValueError(f"{item!r}: each config is {shape}, integers") from None
+        if len(config) not in lengths:
+            raise ValueError(f"{item!r}: each {kind + ' ' if kind else ''}config is {shape}")
+        configs.append(config)
+    return configs
+
+
 # which block size gives a descriptor argument its rows (BLOCK_M: query blocks in both kernels)
 _DESC_ROWS = {"QDesc": "BLOCK_M", "DODesc": "BLOCK_M", "KDesc": "BLOCK_N", "VDesc": "BLOCK_N"}
 
