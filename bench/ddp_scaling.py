@@ -136,12 +136,12 @@ def worker(args) -> None:
     import torch
 
     from sigmoid_sc.model import Encoder
+    from sigmoid_sc.runtime import resolve_device
     from sigmoid_sc.stress import MASK_ID, RankSequences, count_parameters, model_config
     from sigmoid_sc.train import (
         MaskedGeneLoss,
         dist_from_env,
         init_distributed,
-        resolve_device,
         shard_batch,
         wrap_ddp,
     )

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_npz
-from .sources import log_to_stderr
+from .runtime import log_to_stderr
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import torch
 from .errors import DataError
 from .io import write_npz
 from .model import pool
-from .train import load_model, load_tokens, pack, resolve_device, set_threads, validation_loss
+from .runtime import resolve_device, set_threads
+from .train import load_model, load_tokens, pack, validation_loss
 
 EMBED_BATCH_CELLS = 64  # bounds the padded [B, H, N, N] scores of the CPU reference
 

@@ -53,7 +53,7 @@ import pandas as pd
 from .errors import ConfigError, DataError
 from .io import write_csv
 from .prepare import check_params
-from .sources import log_to_stderr, parse_json_arg
+from .runtime import log_to_stderr, parse_json_arg
 from .validate import entry_keys
 
 log = logging.getLogger(__name__)

@@ -407,17 +407,16 @@ def plot_jacobian(result: dict):
     ax_off = fig.add_subplot(grid[0, 4:6])
 
     sig = per.get("sigmoid")
+    bound = result["sigmoid_bound"]
     if sig is not None and sig["hist"] is not None:
-        from .jacobian import HIST_BINS, SIGMOID_BOUND
-
-        edges = np.linspace(0, SIGMOID_BOUND, HIST_BINS + 1)
+        edges = np.linspace(0, bound, len(sig["hist"]) + 1)
         ax_hist.bar(edges[:-1], sig["hist"], width=np.diff(edges), align="edge",
                     color=KIND_COLOURS["sigmoid"], alpha=0.8)  # fmt: skip
-        ax_hist.axvline(SIGMOID_BOUND, color="k", ls="--", lw=1)
-        ax_hist.annotate("bound 1/4", (SIGMOID_BOUND, 0.95), xycoords=("data", "axes fraction"),
+        ax_hist.axvline(bound, color="k", ls="--", lw=1)
+        ax_hist.annotate("bound 1/4", (bound, 0.95), xycoords=("data", "axes fraction"),
                          ha="right", fontsize=8)  # fmt: skip
         ax_hist.set_yscale("log")
-        ax_hist.set_xlim(0, SIGMOID_BOUND * 1.06)
+        ax_hist.set_xlim(0, bound * 1.06)
     ax_hist.set_xlabel("sigmoid derivative sigma'(s + b), every logit")
     ax_hist.set_ylabel("count")
     ax_hist.set_title("(a) sigmoid: elementwise derivative", fontsize=10)

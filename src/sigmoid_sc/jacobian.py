@@ -35,7 +35,8 @@ import torch
 from .attention.reference import default_scale
 from .errors import ConfigError, DataError
 from .io import write_csv
-from .train import load_model, load_tokens, pack, resolve_device, set_threads
+from .runtime import resolve_device, set_threads
+from .train import load_model, load_tokens, pack
 
 SIGMOID_BOUND = 0.25
 HIST_BINS = 50  # bins of sigma'(s) over [0, 0.25]
@@ -295,7 +296,8 @@ def jacobian_analysis(
     table.insert(0, "dataset", dataset)
     table["n_cells"] = int(cells.size)
     return {"table": table, "per_attention": per_attention, "dataset": dataset,
-            "n_cells": int(cells.size), "lengths": np.diff(cu)}  # fmt: skip
+            "n_cells": int(cells.size), "lengths": np.diff(cu),
+            "sigmoid_bound": SIGMOID_BOUND}  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_h5ad
-from .sources import log_to_stderr, parse_json_arg
+from .runtime import log_to_stderr, parse_json_arg
 from .validate import entry_keys, expressed_genes_per_cell, validate_raw
 
 log = logging.getLogger(__name__)

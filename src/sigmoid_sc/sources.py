@@ -17,7 +17,6 @@ written atomically, so a bad input leaves no output.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, DataError
 from .io import write_h5ad
+from .runtime import log_to_stderr, parse_json_arg
 from .validate import entry_keys, validate_raw
 
 log = logging.getLogger(__name__)
@@ -256,30 +256,6 @@ def load_dataset(
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-
-
-def log_to_stderr() -> None:
-    """Send this package's INFO messages to stderr (the job's log) when nothing else is set up."""
-    pkg = logging.getLogger("sigmoid_sc")
-    if not pkg.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-        pkg.addHandler(handler)
-        pkg.setLevel(logging.INFO)
-        pkg.propagate = False  # JAX adds a root handler later: no line twice
-
-
-def parse_json_arg(text: str, what: str) -> dict:
-    """Parse a ``--*-json`` argument into a dict, raising ConfigError on bad JSON."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: not valid JSON ({exc})") from exc
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def run_download(args: argparse.Namespace) -> None:

@@ -52,7 +52,8 @@ from .attention.reference import default_scale
 from .errors import ConfigError
 from .io import write_csv, write_json
 from .model import Encoder, ModelConfig
-from .train import choose_masked, masked_gene_loss, resolve_device, set_threads
+from .runtime import resolve_device, set_threads
+from .train import choose_masked, masked_gene_loss
 
 N_SPECIAL = 3  # pad 0, mask 1, cls 2 (docs/ARCHITECTURE.md)
 MASK_ID = 1

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, DataError
 from .io import write_npz
 from .prepare import check_params
-from .sources import log_to_stderr, parse_json_arg
+from .runtime import log_to_stderr, parse_json_arg
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_csv
 from .model import Encoder, ModelConfig
+from .runtime import parse_json_arg, resolve_device, set_threads
 
 VAL_MASK_SEED = 20260429  # the validation cells' masking, shared by every run
 HISTORY_COLUMNS = ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
@@ -112,17 +112,6 @@ def parse_model_config(params: dict, attention: str, vocab_size: int, max_len: i
         return ModelConfig(**values, vocab_size=vocab_size, max_len=max_len, attention=attention)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from exc
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` | ``cuda`` | ``auto`` (CUDA when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu, cuda or auto, not {name!r}")
-    return torch.device(name)
 
 
 @dataclass
@@ -259,13 +248,6 @@ def wrap_ddp(model: Encoder, dev: torch.device, **options) -> torch.nn.Module:
     return DistributedDataParallel(
         MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None, **options
     )
-
-
-def set_threads() -> None:
-    """Use the job's thread count (Snakemake sets OMP_NUM_THREADS to the rule's threads)."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
 
 
 # ----------------------------------------------------------------------------------------
@@ -798,22 +780,14 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[Encoder, 
 # CLI
 
 
-def _json(text: str, what: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} is not valid JSON: {exc}") from exc
-    return {} if value is None else value
-
-
 def _run(args: argparse.Namespace) -> None:
     train(
         dataset=args.dataset,
         tokens_path=args.tokens,
         attention=args.attention,
         seed=args.seed,
-        model_params=_json(args.model_json, "--model-json"),
-        train_params=_json(args.train_json, "--train-json"),
+        model_params=parse_json_arg(args.model_json, "train: --model-json"),
+        train_params=parse_json_arg(args.train_json, "train: --train-json"),
         device=args.device,
         out_dir=args.out_dir,
     )
