@@ -141,7 +141,7 @@ def test_10x_mtx_inside_tar_gz(tmp_path):
 
 
 def test_h5ad_inside_tar_gz_with_member(tmp_path):
-    from sigmoid_sc.download import check_format
+    from sigmoid_sc.fetch import check_format
 
     adata = ad.AnnData(
         sp.csr_matrix(COUNTS),

@@ -7,7 +7,7 @@ Sources (``entry["source"]``):
 - ``synthetic``: :func:`synthetic_counts`, seeded negative-binomial counts with known cell types
   and batches.
 - ``path``: a local file, read by :mod:`sigmoid_sc.readers` (h5ad, 10x h5, mtx, text).
-- ``url``: http/https with ``sha256``, delegated to :func:`sigmoid_sc.download.fetch_url_dataset`.
+- ``url``: http/https with ``sha256``, delegated to :func:`sigmoid_sc.fetch.fetch_url_dataset`.
 
 ``normalized: true`` in an entry says ``X`` holds log-normalised values rather than counts. The
 data are checked (:mod:`sigmoid_sc.validate`) before anything is written, and ``raw.h5ad`` is
@@ -177,7 +177,7 @@ def _from_path(dataset: str, entry: dict):
 
 
 def _from_url(dataset: str, entry: dict, cache_dir, lockfile, require_checksum: bool):
-    from .download import fetch_url_dataset  # lazy: requests etc. only for url entries
+    from .fetch import fetch_url_dataset  # lazy: requests etc. only for url entries
 
     return fetch_url_dataset(dataset, entry, cache_dir, lockfile, require_checksum)
 

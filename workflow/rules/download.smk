@@ -1,7 +1,7 @@
 # Download stage: any dataset entry (scanpy, synthetic, path, url) -> results/<dataset>/raw.h5ad.
 #
 # url entries are streamed, resumed, retried with back-off and verified (size, sha256, format)
-# by sigmoid_sc.download; a failed download leaves no raw.h5ad. Checksums the config does not
+# by sigmoid_sc.fetch; a failed download leaves no raw.h5ad. Checksums the config does not
 # give are recorded in the lock file next to the config in use (configs/paper.yaml ->
 # configs/paper.lock.yaml, to be committed) and enforced on every later download;
 # `download: {require_checksum: true}` refuses files whose checksum is known nowhere.

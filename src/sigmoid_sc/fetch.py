@@ -44,6 +44,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, DataError, DownloadError
 from .io import atomic_path
+from .runtime import log_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -706,17 +707,6 @@ def fetch_file(
 # ------------------------------------------------------------------------------------------
 
 
-def _log_to_stderr() -> None:
-    """Show this module's INFO lines (resumes, restarts, recorded checksums) in the job's log
-    when the application configured no logging; a configured root logger is left alone."""
-    if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def fetch_url_dataset(
     name: str,
     entry: dict[str, Any],
@@ -734,7 +724,7 @@ def fetch_url_dataset(
     """
     from . import readers
 
-    _log_to_stderr()
+    log_to_stderr()
     cache_dir = Path(cache_dir) if cache_dir else Path(DEFAULT_CACHE_DIR)
     lock = LockFile(lockfile) if lockfile else None
     data_files, labels_file = plan_files(name, entry)

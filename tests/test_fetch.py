@@ -1,4 +1,4 @@
-"""Verified downloads (sigmoid_sc.download), against a loopback HTTP server the tests start.
+"""Verified downloads (sigmoid_sc.fetch), against a loopback HTTP server the tests start.
 
 The server (127.0.0.1, a free port, a thread per test module) serves a good h5ad and every way
 a download goes wrong: 404, 202 with an empty body (figshare's answer to scripts), an HTML page,
@@ -27,7 +27,7 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from sigmoid_sc import download as dl
+from sigmoid_sc import fetch as dl
 from sigmoid_sc.errors import DownloadError
 
 REPO = Path(__file__).resolve().parents[1]
