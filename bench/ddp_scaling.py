@@ -3,7 +3,7 @@
 The training step of ``sigmoid-sc train`` under torchrun (``sigmoid_sc.train``: the encoder and
 its masked-gene loss wrapped by ``wrap_ddp``, each rank's slice of the global batch from
 ``shard_batch``, its loss weighted by its share of the masked tokens, fused AdamW, bf16
-autocast), on the stress test's model (``sigmoid_sc.stress``: 10 layers, width 1024, 16 heads,
+autocast), on the stress test's model (``sigmoid_sc.stress_test``: 10 layers, width 1024, 16 heads,
 MLP 4096, vocabulary 25,000; 159,952,896 parameters) and its synthetic 8,192-token gene-rank
 sequences. Weak scaling: every GPU gets ``--seqs-per-gpu`` sequences per step, so the global
 batch grows with the GPUs; scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1).
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stress_config(args):
-    from sigmoid_sc.stress import StressConfig
+    from sigmoid_sc.stress_test import StressConfig
 
     over = dict(SMOKE) if args.smoke else {}
     over.update(seq_len=args.seq_len, batch_size=args.seqs_per_gpu * int(os.environ["WORLD_SIZE"]))
@@ -137,7 +137,7 @@ def worker(args) -> None:
 
     from sigmoid_sc.model import Encoder
     from sigmoid_sc.runtime import resolve_device
-    from sigmoid_sc.stress import MASK_ID, RankSequences, count_parameters, model_config
+    from sigmoid_sc.stress_test import MASK_ID, RankSequences, count_parameters, model_config
     from sigmoid_sc.train import (
         MaskedGeneLoss,
         dist_from_env,
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         "# DDP scaling: training tokens/s vs GPUs (bench/ddp_scaling.py)",
         "",
         f"- date: {date}; hardware: {hardware(args.smoke)}; torch {torch.__version__}",
-        f"- {'smoke model (CPU, gloo)' if args.smoke else '160M encoder (sigmoid_sc.stress)'}, "
+        f"- {'smoke model (CPU, gloo)' if args.smoke else '160M encoder (sigmoid_sc.stress_test)'}, "
         f"{args.seq_len}-token sequences, {args.seqs_per_gpu} per GPU per step (weak scaling), "
         f"{args.precision}; median of {args.repeats} steps after {args.warmup}"
         + (

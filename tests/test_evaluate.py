@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from sigmoid_sc import cli
-from sigmoid_sc.baseline import pca_embedding
 from sigmoid_sc.errors import DataError
 from sigmoid_sc.evaluate import BATCH_METRICS, LABEL_METRICS, score_embedding
+from sigmoid_sc.pca import pca_embedding
 from sigmoid_sc.prepare import prepare
-from sigmoid_sc.sources import synthetic_counts
+from sigmoid_sc.synthetic import synthetic_counts
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sigmoid_sc import stress
+from sigmoid_sc import stress_test as stress
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_experiments.sh"

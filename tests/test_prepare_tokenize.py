@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from sigmoid_sc import cli
 from sigmoid_sc.errors import ConfigError, DataError
 from sigmoid_sc.prepare import prepare, stratified_split
-from sigmoid_sc.sources import synthetic_counts
+from sigmoid_sc.synthetic import synthetic_counts
 from sigmoid_sc.tokenize import gene_nonzero_median, rank_value_encode, tokenize
 
 # ---- tokenizer ----------------------------------------------------------------------------

@@ -167,13 +167,13 @@ if [ -f "$OUT/stress_test.csv" ] && [ ! -f "$OUT/stress_test.png" ]; then
 import json, sys
 from pathlib import Path
 import pandas as pd
-from sigmoid_sc.experiments_plots import plot_stress, save_figure
+from sigmoid_sc.experiment_figures import plot_stress, save_figure
 out = Path(sys.argv[1])
 path = out / "stress_test_summary.json"
 summary = json.loads(path.read_text()) if path.is_file() else {}
 if not summary.get("n_params") and "config" in summary:  # no arm finished: count, no weights
     import torch
-    from sigmoid_sc import stress
+    from sigmoid_sc import stress_test as stress
     from sigmoid_sc.model import Encoder
     config = stress.StressConfig(**summary["config"])
     with torch.device("meta"):

@@ -14,36 +14,37 @@ import sys
 from .errors import UserError
 
 STAGE_MODULES = (
-    "sigmoid_sc.sources",  # download
+    "sigmoid_sc.download",  # download
     "sigmoid_sc.prepare",  # prepare
     "sigmoid_sc.tokenize",  # tokenize
     "sigmoid_sc.train",  # train
     "sigmoid_sc.embed",  # embed
-    "sigmoid_sc.baseline",  # pca
+    "sigmoid_sc.pca",  # pca
     "sigmoid_sc.evaluate",  # evaluate
     "sigmoid_sc.aggregate",  # aggregate
-    "sigmoid_sc.plots",  # figures
-    "sigmoid_sc.stress",  # stress-test (experiments)
+    "sigmoid_sc.figures",  # figures
+    "sigmoid_sc.stress_test",  # stress-test (experiments)
     "sigmoid_sc.jacobian",  # jacobian (experiments)
-    "sigmoid_sc.experiments_plots",  # kernel-benchmark, experiment-figures (experiments)
+    "sigmoid_sc.kernel_benchmark",  # kernel-benchmark (experiments)
+    "sigmoid_sc.experiment_figures",  # experiment-figures (experiments)
 )
 
 
 #: sub-command -> the module that registers it; lets a stage import only its own module
 COMMAND_MODULES = {
-    "download": "sigmoid_sc.sources",
+    "download": "sigmoid_sc.download",
     "prepare": "sigmoid_sc.prepare",
     "tokenize": "sigmoid_sc.tokenize",
     "train": "sigmoid_sc.train",
     "embed": "sigmoid_sc.embed",
-    "pca": "sigmoid_sc.baseline",
+    "pca": "sigmoid_sc.pca",
     "evaluate": "sigmoid_sc.evaluate",
     "aggregate": "sigmoid_sc.aggregate",
-    "figures": "sigmoid_sc.plots",
-    "stress-test": "sigmoid_sc.stress",
+    "figures": "sigmoid_sc.figures",
+    "stress-test": "sigmoid_sc.stress_test",
     "jacobian": "sigmoid_sc.jacobian",
-    "kernel-benchmark": "sigmoid_sc.experiments_plots",
-    "experiment-figures": "sigmoid_sc.experiments_plots",
+    "kernel-benchmark": "sigmoid_sc.kernel_benchmark",
+    "experiment-figures": "sigmoid_sc.experiment_figures",
 }
 
 

@@ -301,7 +301,7 @@ def jacobian_analysis(
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .experiments_plots import plot_jacobian, save_figure
+    from .experiment_figures import plot_jacobian, save_figure
 
     try:
         params = json.loads(args.params_json) or {}

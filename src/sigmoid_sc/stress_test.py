@@ -513,7 +513,7 @@ def stress_summary(cfg: StressConfig, arms: dict, device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "data": "synthetic gene-rank sequences (see sigmoid_sc.stress)",
+        "data": "synthetic gene-rank sequences (see sigmoid_sc.stress_test)",
         "arms": dict(arms),
     }
 
@@ -527,7 +527,7 @@ def _run(args: argparse.Namespace) -> None:
 
     import pandas as pd
 
-    from .experiments_plots import plot_stress, save_figure
+    from .experiment_figures import plot_stress, save_figure
 
     try:
         params = json.loads(args.params_json) or {}

@@ -15,8 +15,9 @@ import pytest
 import scipy.sparse as sp
 
 from sigmoid_sc import cli
+from sigmoid_sc.download import load_dataset
 from sigmoid_sc.errors import ConfigError, DataError
-from sigmoid_sc.sources import load_dataset, synthetic_counts
+from sigmoid_sc.synthetic import synthetic_counts
 from sigmoid_sc.validate import validate_raw
 
 

@@ -1,4 +1,4 @@
-"""The stability stress test (sigmoid_sc.stress): config, data, measurements, divergence, CLI."""
+"""The stability stress test (sigmoid_sc.stress_test): config, data, measurements, divergence, CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sigmoid_sc import stress
+from sigmoid_sc import stress_test as stress
 from sigmoid_sc.errors import ConfigError
 from sigmoid_sc.model import Encoder
 
@@ -250,7 +250,7 @@ def test_a_learning_rate_sweep_runs_one_arm_per_kind_and_rate(tmp_path):
     assert summary["arms"]["softmax lr=10000"]["diverged"]
     log = pd.DataFrame(rows)
     assert set(log["arm"]) == set(names) and (log["peak_lr"] > 0).all()
-    from sigmoid_sc.experiments_plots import plot_stress, save_figure
+    from sigmoid_sc.experiment_figures import plot_stress, save_figure
 
     save_figure(plot_stress(log, summary), tmp_path / "f.png", tmp_path / "f.pdf")
     assert (tmp_path / "f.png").stat().st_size > 0
