@@ -1,6 +1,6 @@
 """DDP scaling of training: tokens per second of the 160M encoder at 8K tokens on 1-8 GPUs.
 
-The training step of ``sigmoid-sc train`` under torchrun (``sigmoid_sc.train``: the encoder and
+The training step of ``sigmoid-sc train`` under torchrun (``sigmoid_sc.distributed``: the encoder and
 its masked-gene loss wrapped by ``wrap_ddp``, each rank's slice of the global batch from
 ``shard_batch``, its loss weighted by its share of the masked tokens, fused AdamW, bf16
 autocast), on the stress test's model (``sigmoid_sc.stress_test``: 10 layers, width 1024, 16 heads,
@@ -135,16 +135,16 @@ def profile_steps(run_step, batches, sync, cuda: bool) -> str:
 def worker(args) -> None:
     import torch
 
-    from sigmoid_sc.model import Encoder
-    from sigmoid_sc.runtime import resolve_device
-    from sigmoid_sc.stress_test import MASK_ID, RankSequences, count_parameters, model_config
-    from sigmoid_sc.train import (
+    from sigmoid_sc.distributed import (
         MaskedGeneLoss,
         dist_from_env,
         init_distributed,
         shard_batch,
         wrap_ddp,
     )
+    from sigmoid_sc.model import Encoder
+    from sigmoid_sc.runtime import resolve_device
+    from sigmoid_sc.stress_test import MASK_ID, RankSequences, count_parameters, model_config
 
     dist = dist_from_env()
     dev = init_distributed(dist, resolve_device("cpu" if args.smoke else "cuda"))

@@ -69,7 +69,7 @@ from sigmoid_sc.attention import (  # noqa: E402
 from sigmoid_sc.attention.reference import pad_packed, unpad  # noqa: E402
 from sigmoid_sc.io import write_csv, write_text  # noqa: E402
 from sigmoid_sc.model import Encoder, ModelConfig  # noqa: E402
-from sigmoid_sc.train import choose_masked, masked_gene_loss  # noqa: E402
+from sigmoid_sc.tokens import choose_masked, masked_gene_loss  # noqa: E402
 
 IMPLS = (
     "sigmoid_ours",

@@ -21,7 +21,8 @@ import pytest
 import torch
 from conftest_tokens import TINY_MODEL, TINY_TRAIN
 
-from sigmoid_sc.train import shard_batch, shard_bounds, train
+from sigmoid_sc.distributed import shard_batch, shard_bounds
+from sigmoid_sc.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RTOL = 1e-5

@@ -111,7 +111,8 @@ def test_autograd_check_reports_zero_off_diagonals_for_sigmoid_only():
 def test_recomputed_logits_are_the_models_own(trained):
     """q, k from the hooked inputs reproduce the attention modules' outputs exactly."""
     tokens_path, models = trained
-    from sigmoid_sc.train import load_model, load_tokens, pack
+    from sigmoid_sc.tokens import load_tokens, pack
+    from sigmoid_sc.train import load_model
 
     tokens = load_tokens(tokens_path, "toy")
     ids, cu, max_seqlen = pack(tokens, tokens.cells("test")[:5])
@@ -206,7 +207,8 @@ def test_bad_params_name_the_key(params, words):
 def test_the_example_is_a_crop_of_the_whole_rows_jacobian(trained, monkeypatch):
     monkeypatch.setattr(jac, "EXAMPLE_KEYS", 4)  # fewer keys than every cell has
     tokens_path, models = trained
-    from sigmoid_sc.train import load_model, load_tokens, pack
+    from sigmoid_sc.tokens import load_tokens, pack
+    from sigmoid_sc.train import load_model
 
     tokens = load_tokens(tokens_path, "toy")
     cells = tokens.cells("test")[:3]

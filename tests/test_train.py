@@ -18,14 +18,8 @@ from conftest_tokens import TINY_MODEL, TINY_TRAIN
 from sigmoid_sc import train as train_mod
 from sigmoid_sc.embed import embed
 from sigmoid_sc.errors import ConfigError
-from sigmoid_sc.train import (
-    TrainConfig,
-    batch_cells,
-    choose_masked,
-    load_tokens,
-    lr_factor,
-    train,
-)
+from sigmoid_sc.tokens import batch_cells, choose_masked, load_tokens
+from sigmoid_sc.train import TrainConfig, lr_factor, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ see each other (attention stays within a cell), so the batch size changes nothin
 
 ``val_loss`` is recomputed here, not read from ``history.csv``: the masked-gene loss of the
 validation cells under the same fixed masking that training's evaluation uses
-(:func:`sigmoid_sc.train.validation_loss`), in float32. For an fp32 run it equals the last
+(:func:`sigmoid_sc.tokens.validation_loss`), in float32. For an fp32 run it equals the last
 ``val`` row of ``history.csv`` up to float rounding; for a bf16 run it is the fp32 value.
 """
 
@@ -22,7 +22,8 @@ from .errors import DataError
 from .io import write_npz
 from .model import pool
 from .runtime import resolve_device, set_threads
-from .train import load_model, load_tokens, pack, validation_loss
+from .tokens import load_tokens, pack, validation_loss
+from .train import load_model
 
 EMBED_BATCH_CELLS = 64  # bounds the padded [B, H, N, N] scores of the CPU reference
 

@@ -36,7 +36,8 @@ from .attention.reference import default_scale
 from .errors import ConfigError, DataError
 from .io import write_csv
 from .runtime import resolve_device, set_threads
-from .train import load_model, load_tokens, pack
+from .tokens import load_tokens, pack
+from .train import load_model
 
 SIGMOID_BOUND = 0.25
 HIST_BINS = 50  # bins of sigma'(s) over [0, 0.25]

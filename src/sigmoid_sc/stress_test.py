@@ -53,7 +53,7 @@ from .errors import ConfigError
 from .io import write_csv, write_json
 from .model import Encoder, ModelConfig
 from .runtime import resolve_device, set_threads
-from .train import choose_masked, masked_gene_loss
+from .tokens import choose_masked, masked_gene_loss
 
 N_SPECIAL = 3  # pad 0, mask 1, cls 2 (docs/ARCHITECTURE.md)
 MASK_ID = 1

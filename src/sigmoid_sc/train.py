@@ -15,11 +15,8 @@ mean over all masked tokens: 1 and N processes give the same run up to float rou
 ``dropout`` > 0 each rank draws its own dropout masks from ``(seed, step, rank)``, so the runs
 then agree in distribution, not number by number). Rank 0
 alone writes checkpoints, ``history.csv`` and ``model.pt``; every rank resumes from the
-checkpoint.
-
-Validation loss uses one fixed masking of the validation cells (seeded by ``VAL_MASK_SEED``,
-not by the run's seed), so it is comparable across attention kinds and seeds; ``embed``
-recomputes it with the same function.
+checkpoint. The data and the objective are in :mod:`sigmoid_sc.tokens`, the DDP plumbing in
+:mod:`sigmoid_sc.distributed`.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import signal
@@ -39,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .distributed import StopVote, dist_from_env, init_distributed, shard_batch, wrap_ddp
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_csv
 from .model import Encoder, ModelConfig
 from .runtime import parse_json_arg, resolve_device, set_threads
+from .tokens import batch_cells, choose_masked, load_tokens, masked_gene_loss, pack, validation_loss
 
-VAL_MASK_SEED = 20260429  # the validation cells' masking, shared by every run
 HISTORY_COLUMNS = ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
 MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
 
@@ -112,326 +108,6 @@ def parse_model_config(params: dict, attention: str, vocab_size: int, max_len: i
         return ModelConfig(**values, vocab_size=vocab_size, max_len=max_len, attention=attention)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from exc
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (world 1: a plain single-process run)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def dist_from_env() -> Dist:
-    """WORLD_SIZE/RANK/LOCAL_RANK as torchrun sets them; absent: one process."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError as exc:
-        raise ConfigError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers: {exc}") from exc
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    return Dist(rank=rank, local_rank=local_rank, world=world)
-
-
-def init_distributed(dist: Dist, dev: torch.device) -> torch.device:
-    """Join the process group (nccl on CUDA, gloo on the CPU); returns this rank's device."""
-    if dist.world == 1:
-        return dev
-    if dev.type == "cuda":
-        if dist.local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"LOCAL_RANK={dist.local_rank} but only {torch.cuda.device_count()} GPUs are "
-                "visible; start torchrun with --nproc_per_node <= the GPUs of the node"
-            )
-        dev = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        torch.distributed.init_process_group(backend=backend, **kwargs)
-    return dev
-
-
-def shard_bounds(cu_seqlens: np.ndarray, world: int) -> np.ndarray:
-    """Cell boundaries ``[world + 1]`` of each rank's contiguous slice of a packed batch.
-
-    Balanced by tokens (rank ``r`` starts at the cell boundary nearest ``r * T / world``), every
-    rank at least one cell. A function of the batch alone, so every rank computes the same.
-    """
-    n_cells = cu_seqlens.size - 1
-    if n_cells < world:
-        raise ConfigError(f"a batch of {n_cells} cells cannot be split over {world} processes")
-    total = int(cu_seqlens[-1])
-    bounds = [0]
-    for r in range(1, world):
-        k = int(np.abs(cu_seqlens.astype(np.int64) - total * r / world).argmin())
-        bounds.append(min(max(k, bounds[-1] + 1), n_cells - (world - r)))
-    bounds.append(n_cells)
-    return np.array(bounds)
-
-
-def shard_batch(
-    ids: np.ndarray, cu_seqlens: np.ndarray, masked: np.ndarray, rank: int, world: int
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Rank ``rank``'s slice of a packed global batch: ids, cu_seqlens, max len, masked."""
-    bounds = shard_bounds(cu_seqlens, world)
-    first, last = bounds[rank], bounds[rank + 1]
-    start, end = int(cu_seqlens[first]), int(cu_seqlens[last])
-    cu = (cu_seqlens[first : last + 1] - cu_seqlens[first]).astype(np.int32)
-    return ids[start:end], cu, int(np.diff(cu).max()), masked[start:end]
-
-
-class StopVote:
-    """Whether any rank has been signalled, with the same answer on every rank.
-
-    One process: the local flag. Under DDP each call starts an all-reduce (MAX, on a gloo CPU
-    group, so no GPU sync) of the local flag and returns the result of the previous call's: the
-    ranks stop together at the same step, one step after the first of them got the signal.
-    """
-
-    def __init__(self, dist: Dist, flag: list):
-        self.flag, self.world = flag, dist.world
-        self.work = self.value = None
-        if self.world > 1:
-            backend = torch.distributed.get_backend()
-            self.group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
-
-    def __call__(self) -> bool:
-        if self.world == 1:
-            return bool(self.flag)
-        stop = False
-        if self.work is not None:
-            self.work.wait()
-            stop = bool(self.value.item())
-        self.value = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
-        self.work = torch.distributed.all_reduce(
-            self.value, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
-        )
-        return stop
-
-    def close(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-
-
-class MaskedGeneLoss(torch.nn.Module):
-    """The encoder and its masked-gene loss as one module, so DDP sees the whole forward
-    (the tied head reads ``tok_emb`` outside ``Encoder.forward``)."""
-
-    def __init__(self, encoder: Encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction="mean"):
-        return masked_gene_loss(
-            self.encoder, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction
-        )
-
-
-def wrap_ddp(model: Encoder, dev: torch.device, **options) -> torch.nn.Module:
-    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``;
-    ``options`` go to ``DistributedDataParallel`` (bench/ddp_scaling.py compares some)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(
-        MaskedGeneLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None, **options
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# data: tokens.npz, deterministic batches and masks
-
-
-@dataclass
-class Tokens:
-    input_ids: np.ndarray  # int64 [total tokens], gene ids, highest rank first per cell
-    offsets: np.ndarray  # int64 [n_cells + 1]
-    split: np.ndarray  # str [n_cells]: train | val | test
-    obs_names: np.ndarray  # str [n_cells]
-    vocab_size: int
-    max_len: int
-    pad_id: int
-    mask_id: int
-    cls_id: int
-
-    def cells(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def metadata(self) -> dict:
-        digest = hashlib.sha256()
-        for array in (self.input_ids, self.offsets, self.split.astype(str)):
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return {
-            "n_cells": int(self.offsets.size - 1),
-            "n_tokens": int(self.input_ids.size),
-            "vocab_size": self.vocab_size,
-            "max_len": self.max_len,
-            "pad_id": self.pad_id,
-            "mask_id": self.mask_id,
-            "cls_id": self.cls_id,
-            "sha256": digest.hexdigest(),
-        }
-
-
-def load_tokens(path: str | os.PathLike, dataset: str) -> Tokens:
-    """Read and check ``tokens.npz`` (see docs/ARCHITECTURE.md); DataError names the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{dataset}: tokens file {path} does not exist")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"input_ids", "offsets", "split", "vocab_size", "max_len", "mask_id"} - set(
-            npz.files
-        )
-        if missing:
-            raise DataError(f"{dataset}: {path} lacks {sorted(missing)}")
-        n_cells = npz["offsets"].size - 1
-        tokens = Tokens(
-            input_ids=npz["input_ids"].astype(np.int64),
-            offsets=npz["offsets"].astype(np.int64),
-            split=npz["split"].astype(str),
-            obs_names=(
-                npz["obs_names"].astype(str)
-                if "obs_names" in npz.files
-                else np.array([str(i) for i in range(n_cells)])
-            ),
-            vocab_size=int(npz["vocab_size"]),
-            max_len=int(npz["max_len"]),
-            pad_id=int(npz["pad_id"]) if "pad_id" in npz.files else 0,
-            mask_id=int(npz["mask_id"]),
-            cls_id=int(npz["cls_id"]) if "cls_id" in npz.files else 2,
-        )
-    lengths = np.diff(tokens.offsets)
-    if tokens.offsets[0] != 0 or tokens.offsets[-1] != tokens.input_ids.size:
-        raise DataError(f"{dataset}: {path}: offsets do not span input_ids")
-    if (lengths < 1).any():
-        raise DataError(f"{dataset}: {path}: {int((lengths < 1).sum())} cells have no tokens")
-    if lengths.max() > tokens.max_len:
-        raise DataError(f"{dataset}: {path}: a cell has {lengths.max()} > max_len tokens")
-    if tokens.input_ids.min() < 0 or tokens.input_ids.max() >= tokens.vocab_size:
-        raise DataError(f"{dataset}: {path}: token ids outside [0, vocab_size)")
-    if tokens.split.size != n_cells or tokens.obs_names.size != n_cells:
-        raise DataError(f"{dataset}: {path}: split/obs_names do not have one entry per cell")
-    return tokens
-
-
-def pack(tokens: Tokens, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The cells' tokens concatenated: ``input_ids [T]``, ``cu_seqlens`` int32 ``[B+1]``, max len."""
-    starts, ends = tokens.offsets[cells], tokens.offsets[cells + 1]
-    lengths = ends - starts
-    ids = np.concatenate([tokens.input_ids[s:e] for s, e in zip(starts, ends)])
-    cu_seqlens = np.zeros(len(cells) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu_seqlens[1:])
-    return ids, cu_seqlens, int(lengths.max())
-
-
-def batch_cells(train_cells: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """The training cells of step ``step``: a function of ``(seed, step)`` only.
-
-    Each epoch is a permutation of ``train_cells`` seeded by ``(seed, epoch)``, cut into
-    ``len // batch_size`` full batches (the remainder waits for a later epoch's shuffle).
-    """
-    batch_size = min(batch_size, train_cells.size)
-    per_epoch = train_cells.size // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, 0, epoch]).permutation(train_cells.size)
-    return train_cells[order[index * batch_size : (index + 1) * batch_size]]
-
-
-def choose_masked(cu_seqlens: np.ndarray, mask_prob: float, rng: np.random.Generator) -> np.ndarray:
-    """Bool ``[T]``: each token masked with ``mask_prob``, and at least one per cell."""
-    u = rng.random(int(cu_seqlens[-1]))
-    masked = u < mask_prob
-    cell_min = np.minimum.reduceat(u, cu_seqlens[:-1])  # every cell has >= 1 token
-    masked |= u == np.repeat(cell_min, np.diff(cu_seqlens))
-    return masked
-
-
-def masked_gene_loss(
-    model: Encoder,
-    input_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    masked: torch.Tensor,
-    mask_id: int,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Cross-entropy of the original gene at masked positions (mean or sum over them)."""
-    corrupted = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    hidden = model(corrupted, cu_seqlens, max_seqlen)
-    logits = model.gene_logits(hidden[masked])  # the head only where there is a target
-    return F.cross_entropy(logits.float(), input_ids[masked], reduction=reduction)
-
-
-@torch.no_grad()
-def validation_loss(
-    model: Encoder,
-    tokens: Tokens,
-    cells: np.ndarray,
-    mask_prob: float,
-    batch_size: int,
-    device: torch.device,
-    autocast=contextlib.nullcontext,
-    dist: Dist | None = None,
-) -> float:
-    """Mean masked-gene cross-entropy (nats per masked token) over ``cells``.
-
-    The masking is drawn once over all the cells packed in order from ``VAL_MASK_SEED``, so it
-    does not depend on the run's seed or on ``batch_size``. Under DDP (``dist.world`` > 1)
-    rank ``r`` computes chunks ``r, r + world, ...``; the chunk sums are all-reduced (each is
-    added to zeros, exactly) and summed in chunk order, so every rank returns exactly what one
-    process would with the same weights.
-    """
-    world = 1 if dist is None else dist.world
-    chunk_sums = {}
-    was_training = model.training
-    model.eval()
-    _, cu_all, _ = pack(tokens, cells)
-    masked_all = choose_masked(cu_all, mask_prob, np.random.default_rng([VAL_MASK_SEED]))
-    total, count = 0.0, 0
-    for index, first in enumerate(range(0, cells.size, batch_size)):
-        if world > 1 and index % world != dist.rank:
-            end = cu_all[min(first + batch_size, cells.size)]
-            count += int(masked_all[cu_all[first] : end].sum())
-            continue
-        chunk = cells[first : first + batch_size]
-        ids, cu, max_seqlen = pack(tokens, chunk)
-        masked = masked_all[cu_all[first] : cu_all[first] + ids.size]
-        with autocast():
-            loss_sum = masked_gene_loss(
-                model,
-                torch.from_numpy(ids).to(device),
-                torch.from_numpy(cu).to(device),
-                max_seqlen,
-                torch.from_numpy(masked).to(device),
-                tokens.mask_id,
-                reduction="sum",
-            )
-        if world > 1:
-            chunk_sums[index] = float(loss_sum)
-        else:
-            total += float(loss_sum)
-        count += int(masked.sum())
-    if world > 1:
-        sums = torch.zeros(-(-cells.size // batch_size), dtype=torch.float64, device=device)
-        for index, value in chunk_sums.items():
-            sums[index] = value
-        torch.distributed.all_reduce(sums)
-        for value in sums.tolist():
-            total += value
-    model.train(was_training)
-    return total / count
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
