@@ -2,9 +2,16 @@
 # Per dataset: download -> prepare -> tokenize -> train[attention x seed] -> embed -> evaluate;
 # across datasets: aggregate -> tables, figures, report. See README.md and docs/ARCHITECTURE.md.
 
-from snakemake.utils import min_version, validate
+import os
+import sys
+
+from snakemake.utils import min_version
 
 min_version("9.0")
+
+# The package (src/) holds the config's schema and its one validation (sigmoid_sc.config).
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from sigmoid_sc import config as sigmoid_sc_config
 
 
 # The embedded default. A --configfile given on the command line replaces it instead of
@@ -14,7 +21,9 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-validate(config, schema="workflow/schemas/config.schema.yaml")
+# Unknown keys, wrong values and inconsistent sections fail here, before any job, with a
+# message that names the key; the schema's defaults fill what the config leaves out.
+sigmoid_sc_config.validate(config)
 
 
 include: "workflow/rules/common.smk"

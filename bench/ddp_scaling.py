@@ -91,11 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stress_config(args):
-    from sigmoid_sc.stress_test import StressConfig
+    from sigmoid_sc import config
 
     over = dict(SMOKE) if args.smoke else {}
     over.update(seq_len=args.seq_len, batch_size=args.seqs_per_gpu * int(os.environ["WORLD_SIZE"]))
-    return StressConfig(**over)
+    return config.section("experiments.stress_test", over)
 
 
 def ddp_options(variant: str) -> dict:

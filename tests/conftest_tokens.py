@@ -26,6 +26,13 @@ TINY_TRAIN = {
 }
 
 
+def sections(model: dict, train: dict):
+    """The model and train sections as the train stage takes them (schema defaults filled)."""
+    from sigmoid_sc import config
+
+    return config.section("model", model), config.section("train", train)
+
+
 def make_tokens(
     path: str | Path,
     n_cells: int = 120,

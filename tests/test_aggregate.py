@@ -9,8 +9,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from sigmoid_sc import aggregate
+from sigmoid_sc import aggregate, config
 from sigmoid_sc.errors import ConfigError, DataError
+
+
+def A(**params) -> config.Aggregate:
+    """The aggregate section with ``params`` over the schema's defaults."""
+    return config.section("aggregate", params)
+
 
 # asw_label per seed, chosen by hand: dataset "a" gains, dataset "b" loses a little
 ASW = {
@@ -81,7 +87,7 @@ def test_table_has_a_row_per_dataset_method_seed_in_order(metric_files):
 
 
 def test_means_sd_relative_change_and_paired_t_test_per_dataset(metric_files):
-    summary = aggregate.summarise(aggregate.load_metrics(metric_files))
+    summary = aggregate.summarise(aggregate.load_metrics(metric_files), A())
     for dataset in ("a", "b"):
         soft = np.array(ASW[(dataset, "softmax")])
         sig = np.array(ASW[(dataset, "sigmoid")])
@@ -102,7 +108,7 @@ def test_means_sd_relative_change_and_paired_t_test_per_dataset(metric_files):
 
 
 def test_overall_pairs_every_dataset_and_seed(metric_files):
-    summary = aggregate.summarise(aggregate.load_metrics(metric_files))
+    summary = aggregate.summarise(aggregate.load_metrics(metric_files), A())
     soft = np.array(ASW[("a", "softmax")] + ASW[("b", "softmax")])
     sig = np.array(ASW[("a", "sigmoid")] + ASW[("b", "sigmoid")])
     r = row(summary, "overall", "asw_label")
@@ -120,7 +126,7 @@ def test_overall_pairs_every_dataset_and_seed(metric_files):
 
 
 def test_lower_validation_loss_counts_as_better(metric_files):
-    summary = aggregate.summarise(aggregate.load_metrics(metric_files))
+    summary = aggregate.summarise(aggregate.load_metrics(metric_files), A())
     r = row(summary, "a", "val_loss")
     assert not r["higher_is_better"]
     assert r["relative_change"] < 0
@@ -142,7 +148,7 @@ def test_unpaired_seeds_are_left_out_of_the_test(tmp_path):
     frame = metrics_frame("a")
     frame = frame[~((frame["method"] == "sigmoid") & (frame["seed"] == 2))]
     frame.to_csv(tmp_path / "a.csv", index=False)
-    summary = aggregate.summarise(aggregate.load_metrics([str(tmp_path / "a.csv")]))
+    summary = aggregate.summarise(aggregate.load_metrics([str(tmp_path / "a.csv")]), A())
     r = row(summary, "a", "asw_label")
     assert r["n_pairs"] == 2
     assert r["sigmoid_mean"] == pytest.approx(np.mean(ASW[("a", "sigmoid")][:2]))
@@ -161,10 +167,12 @@ def test_duplicate_and_missing_columns_are_errors(tmp_path):
 
 def test_config_errors_name_the_key(metric_files):
     table = aggregate.load_metrics(metric_files)
-    with pytest.raises(ConfigError, match="claim_metrc"):
-        aggregate.summarise(table, {"claim_metrc": "asw_label"})
-    with pytest.raises(ConfigError, match="nmi_kmeans"):
-        aggregate.summarise(table, {"metrics": ["nmi_kmeans"]})
+    with pytest.raises(ConfigError, match="unknown key aggregate.claim_metrc"):
+        A(claim_metrc="asw_label")
+    with pytest.raises(ConfigError, match="aggregate.claim_metric must be one of"):
+        A(claim_metric="asw")
+    with pytest.raises(ConfigError, match="nmi_kmeans"):  # a metric these tables lack
+        aggregate.summarise(table, A(metrics=["nmi_kmeans"]))
 
 
 def test_cli_writes_all_four_outputs(metric_files, tmp_path):

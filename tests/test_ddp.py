@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_tokens import TINY_MODEL, TINY_TRAIN
+from conftest_tokens import TINY_MODEL, TINY_TRAIN, sections
 
 from sigmoid_sc.distributed import shard_batch, shard_bounds
 from sigmoid_sc.train import train
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def single(tokens_path, tmp_path_factory):
     """The reference: the same config in one process."""
     out = tmp_path_factory.mktemp("single")
-    train("toy", tokens_path, "sigmoid", 0, TINY_MODEL, TINY_TRAIN, "cpu", out)
+    train("toy", tokens_path, "sigmoid", 0, *sections(TINY_MODEL, TINY_TRAIN), "cpu", out)
     return out
 
 
@@ -115,7 +115,7 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
     assert done.returncode == 0, done.stderr
     assert f"at step {state['step']}" in done.stderr and "resuming from" in done.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
-    train("toy", tokens_path, "sigmoid", 0, TINY_MODEL, params, "cpu", tmp_path / "full")
+    train("toy", tokens_path, "sigmoid", 0, *sections(TINY_MODEL, params), "cpu", tmp_path / "full")
     assert_close_runs(tmp_path / "full", tmp_path, rtol=1e-4)
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sigmoid_sc import cli
+from sigmoid_sc import cli, config
 from sigmoid_sc.download import load_dataset
 from sigmoid_sc.errors import ConfigError, DataError
 from sigmoid_sc.synthetic import synthetic_counts
@@ -70,7 +70,7 @@ def test_scanpy_source_pbmc68k_reduced_raw():
         "use_raw": True,
         "normalized": True,
     }
-    adata = load_dataset("pbmc68k", entry)
+    adata = load_dataset(config.dataset("pbmc68k", entry))
     assert adata.shape == (700, 765)  # .raw holds every gene
     assert adata.X.min() >= 0
     assert adata.obs["bulk_labels"].nunique() == 10
@@ -82,16 +82,19 @@ def test_scanpy_source_pbmc68k_reduced_raw():
     }
     # without use_raw, X is the scaled matrix: negative values are refused
     with pytest.raises(DataError, match=r"'pbmc68k'.*negative"):
-        load_dataset("pbmc68k", {**entry, "use_raw": False})
+        load_dataset(config.dataset("pbmc68k", {**entry, "use_raw": False}))
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="source 'nope'"):
-        load_dataset("d", {"source": "nope", "label_key": "x"})
-    with pytest.raises(ConfigError, match="n_cell"):
-        load_dataset("d", {"source": "synthetic", "label_key": "ct", "synthetic": {"n_cell": 5}})
+    with pytest.raises(ConfigError, match=r"datasets.d.source must be one of .*; got 'nope'"):
+        config.dataset("d", {"source": "nope", "label_key": "x"})
+    with pytest.raises(ConfigError, match="unknown key datasets.d.synthetic.n_cell"):
+        config.dataset("d", {"source": "synthetic", "label_key": "ct", "synthetic": {"n_cell": 5}})
+    # what only scanpy knows is checked when the dataset loads
     with pytest.raises(ConfigError, match="no dataset 'not_a_dataset'"):
-        load_dataset("d", {"source": "scanpy", "name": "not_a_dataset", "label_key": "x"})
+        load_dataset(
+            config.dataset("d", {"source": "scanpy", "name": "not_a_dataset", "label_key": "x"})
+        )
 
 
 # ---- bad inputs through the CLI: error message, exit code, no output ----------------------
@@ -170,7 +173,7 @@ def test_bad_input_raises_names_dataset_and_leaves_no_output(case, tmp_path, cap
     out = out_dir / "raw.h5ad"
 
     with pytest.raises(DataError) as excinfo:
-        load_dataset("mydata", entry)
+        load_dataset(config.dataset("mydata", entry))
     message = str(excinfo.value)
     assert "'mydata'" in message
     for word in words:

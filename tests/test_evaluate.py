@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sigmoid_sc import cli
+from sigmoid_sc import cli, config
 from sigmoid_sc.errors import DataError
 from sigmoid_sc.evaluate import BATCH_METRICS, LABEL_METRICS, score_embedding
 from sigmoid_sc.pca import pca_embedding
@@ -79,7 +79,9 @@ def test_batch_separated_embedding_scores_low_mixing():
 def test_pca_and_evaluate_cli(tmp_path):
     raw = synthetic_counts(n_cells=240, n_genes=100, n_cell_types=3, n_batches=2, seed=0)
     entry = {"source": "synthetic", "label_key": "cell_type", "batch_key": "batch"}
-    prepared = prepare(raw, "syn", entry, {"min_genes": 5, "min_cells": 1})
+    prepared = prepare(
+        raw, "syn", entry, config.section("prepare", {"min_genes": 5, "min_cells": 1})
+    )
     prepared_path = tmp_path / "prepared.h5ad"
     prepared.write_h5ad(prepared_path)
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sigmoid_sc import config
 from sigmoid_sc import stress_test as stress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +196,9 @@ def test_stress_log_and_summary_are_on_disk_before_the_run_ends(tmp_path, monkey
 
 
 def test_progress_callback_sees_every_step_and_each_finished_arm():
-    cfg = stress.parse_stress_config({**TINY_STRESS, "max_steps": 2, "early_steps": 1})
+    cfg = config.section(
+        "experiments.stress_test", {**TINY_STRESS, "max_steps": 2, "early_steps": 1}
+    )
     calls = []
     rows, summary = stress.run_stress_test(
         cfg,

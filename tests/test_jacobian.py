@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_tokens import make_tokens
+from conftest_tokens import make_tokens, sections
 
+from sigmoid_sc import config
 from sigmoid_sc import jacobian as jac
 from sigmoid_sc.errors import ConfigError, DataError
 from sigmoid_sc.train import train
@@ -20,6 +21,11 @@ TINY_TRAIN = {"steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 4,
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def J(params: dict) -> config.Jacobian:
+    """The experiments.jacobian section with ``params`` over the schema's defaults."""
+    return config.section("experiments.jacobian", params)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,13 @@ def trained(tmp_path_factory):
         models = {}
         for attention in ("softmax", "sigmoid"):
             out = train(
-                "toy", tokens, attention, 0, TINY_MODEL, TINY_TRAIN, "cpu", root / attention
+                "toy",
+                tokens,
+                attention,
+                0,
+                *sections(TINY_MODEL, TINY_TRAIN),
+                "cpu",
+                root / attention,
             )
             models[attention] = out / "model.pt"
     finally:
@@ -145,7 +157,7 @@ def test_recomputed_logits_are_the_models_own(trained):
 def test_analysis_of_trained_models(trained):
     tokens_path, models = trained
     result = jac.jacobian_analysis("toy", str(tokens_path), {k: str(v) for k, v in models.items()},
-                                   {"n_cells": 6, "check_rows": 3}, "cpu")  # fmt: skip
+                                   J({"n_cells": 6, "check_rows": 3}), "cpu")  # fmt: skip
     table = result["table"]
     assert len(table) == 2 * TINY_MODEL["n_layers"] * TINY_MODEL["n_heads"]
     sig, soft = table[table.attention == "sigmoid"], table[table.attention == "softmax"]
@@ -187,7 +199,7 @@ def test_swapped_models_are_refused(trained):
     tokens_path, models = trained
     swapped = {"softmax": str(models["sigmoid"]), "sigmoid": str(models["softmax"])}
     with pytest.raises(DataError, match="holds a 'sigmoid' model"):
-        jac.jacobian_analysis("toy", str(tokens_path), swapped, {"n_cells": 2}, "cpu")
+        jac.jacobian_analysis("toy", str(tokens_path), swapped, J({"n_cells": 2}), "cpu")
 
 
 @pytest.mark.parametrize(
@@ -201,7 +213,7 @@ def test_swapped_models_are_refused(trained):
 )
 def test_bad_params_name_the_key(params, words):
     with pytest.raises(ConfigError, match=words):
-        jac.parse_jacobian_params(params)
+        J(params)
 
 
 def test_the_example_is_a_crop_of_the_whole_rows_jacobian(trained, monkeypatch):

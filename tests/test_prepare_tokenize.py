@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sigmoid_sc import cli
+from sigmoid_sc import cli, config
 from sigmoid_sc.errors import ConfigError, DataError
 from sigmoid_sc.prepare import prepare, stratified_split
 from sigmoid_sc.synthetic import synthetic_counts
@@ -105,7 +105,9 @@ def test_tokenize_median_from_train_cells_and_outputs():
         ),
         var=pd.DataFrame(index=["ACTB", "CD3E"]),
     )
-    t = tokenize(adata, "hand", {"max_len": 8, "gene_median_norm": True})
+    t = tokenize(
+        adata, "hand", config.section("tokenize", {"max_len": 8, "gene_median_norm": True})
+    )
     np.testing.assert_allclose(t["gene_median"], [100, 2], rtol=1e-5)  # train cells only
     cells = np.split(t["input_ids"], t["offsets"][1:-1])
     assert cells[2].tolist() == [4, 3]  # 3 / 2 > 100 / 100: CD3E leads
@@ -115,17 +117,19 @@ def test_tokenize_median_from_train_cells_and_outputs():
     assert t["split"].tolist() == ["train", "train", "test", "test", "val"]
     assert t["gene_names"].tolist() == ["ACTB", "CD3E"]
     # without the median, the raw value leads
-    t = tokenize(adata, "hand", {"max_len": 8, "gene_median_norm": False})
+    t = tokenize(
+        adata, "hand", config.section("tokenize", {"max_len": 8, "gene_median_norm": False})
+    )
     assert np.split(t["input_ids"], t["offsets"][1:-1])[2].tolist() == [3, 4]
 
 
-def test_tokenize_unknown_key():
-    adata = ad.AnnData(
-        X=sp.csr_matrix(np.ones((2, 2))),
-        obs=pd.DataFrame({"split": ["train"] * 2}, index=["a", "b"]),
-    )
-    with pytest.raises(ConfigError, match="'maxlen'"):
-        tokenize(adata, "d", {"maxlen": 5})
+def test_tokenize_cli_refuses_an_unknown_key(tmp_path, capsys):
+    code = cli.main(
+        ["tokenize", "--dataset", "d", "--params-json", json.dumps({"maxlen": 5}),
+         "--input", str(tmp_path / "p.h5ad"), "--output", str(tmp_path / "t.npz")]
+    )  # fmt: skip
+    assert code == 2
+    assert "unknown key tokenize.maxlen" in capsys.readouterr().err
 
 
 # ---- split ----------------------------------------------------------------------------------
@@ -155,6 +159,11 @@ def test_split_is_deterministic_and_stratified():
 ENTRY = {"source": "synthetic", "label_key": "cell_type", "batch_key": "batch"}
 
 
+def P(params: dict) -> config.Prepare:
+    """The prepare section with ``params`` over the schema's defaults."""
+    return config.section("prepare", params)
+
+
 def test_prepare_counts_qc_normalisation_split():
     raw = synthetic_counts(n_cells=300, n_genes=120, n_cell_types=3, seed=2)
     dense = raw.X.toarray()
@@ -164,7 +173,7 @@ def test_prepare_counts_qc_normalisation_split():
     dense[:, 9] = 0  # a gene expressed in two cells only
     dense[10:12, 9] = 4
     raw.X = sp.csr_matrix(dense)
-    out = prepare(raw, "syn", ENTRY, {"min_genes": 10, "min_cells": 3})
+    out = prepare(raw, "syn", ENTRY, P({"min_genes": 10, "min_cells": 3}))
     kept_cells = (dense > 0).sum(axis=1) >= 10
     kept_genes = (dense[kept_cells] > 0).sum(axis=0) >= 3
     assert out.obs_names.tolist() == raw.obs_names[kept_cells].tolist()
@@ -184,7 +193,9 @@ def test_prepare_counts_qc_normalisation_split():
 def test_prepare_normalized_input_is_kept():
     raw = synthetic_counts(n_cells=200, n_genes=80, n_cell_types=2, seed=4)
     raw.X = sp.csr_matrix(np.log1p(raw.X.toarray()))
-    out = prepare(raw, "lognorm", {**ENTRY, "normalized": True}, {"min_genes": 1, "min_cells": 1})
+    out = prepare(
+        raw, "lognorm", {**ENTRY, "normalized": True}, P({"min_genes": 1, "min_cells": 1})
+    )
     assert "counts" not in out.layers
     np.testing.assert_allclose(
         out.X.toarray(), raw[out.obs_names, out.var_names].X.toarray(), rtol=1e-6
@@ -193,13 +204,13 @@ def test_prepare_normalized_input_is_kept():
 
 def test_prepare_hvg_and_errors():
     raw = synthetic_counts(n_cells=200, n_genes=100, n_cell_types=3, seed=5)
-    assert prepare(raw, "syn", ENTRY, {"n_top_genes": 30, "min_genes": 5}).n_vars == 30
-    with pytest.raises(ConfigError, match="'min_gene'"):
-        prepare(raw, "syn", ENTRY, {"min_gene": 5})
+    assert prepare(raw, "syn", ENTRY, P({"n_top_genes": 30, "min_genes": 5})).n_vars == 30
+    with pytest.raises(ConfigError, match="unknown key prepare.min_gene"):
+        P({"min_gene": 5})
     with pytest.raises(DataError, match=r"'syn'.*QC left 0 of 200 cells"):
-        prepare(raw, "syn", ENTRY, {"min_genes": 1000})
-    with pytest.raises(ConfigError, match="val_fraction"):
-        prepare(raw, "syn", ENTRY, {"val_fraction": 0.5, "test_fraction": 0.5})
+        prepare(raw, "syn", ENTRY, P({"min_genes": 1000}))
+    with pytest.raises(ConfigError, match=r"prepare.val_fraction \+ prepare.test_fraction"):
+        P({"val_fraction": 0.5, "test_fraction": 0.5})
 
 
 def test_prepare_and_tokenize_cli(tmp_path, capsys):

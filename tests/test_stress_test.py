@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sigmoid_sc import config
 from sigmoid_sc import stress_test as stress
 from sigmoid_sc.errors import ConfigError
 from sigmoid_sc.model import Encoder
@@ -39,8 +40,13 @@ def quiet(*_args):
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, 1 thread
 
 
+def S(params: dict) -> config.StressTest:
+    """The experiments.stress_test section with ``params`` over the schema's defaults."""
+    return config.section("experiments.stress_test", params)
+
+
 def test_default_model_is_the_160m_parameter_encoder():
-    cfg = stress.parse_stress_config({})
+    cfg = S({})
     with torch.device("meta"):  # no memory: only the shapes matter
         model = Encoder(stress.model_config(cfg, "softmax"))
     assert stress.count_parameters(model) == 159_952_896
@@ -52,18 +58,18 @@ def test_default_model_is_the_160m_parameter_encoder():
     [
         ({"n_layer": 2}, "experiments.stress_test.n_layer"),
         ({"lr": "high"}, "experiments.stress_test.lr"),
-        ({"seq_len": 500, "vocab_size": 100}, "seq_len=500"),
-        ({"d_model": 30, "n_heads": 4}, "not divisible"),
+        ({"seq_len": 500, "vocab_size": 100}, r"seq_len \(500\) needs as many distinct genes"),
+        ({"d_model": 30, "n_heads": 4}, r"d_model \(30\) must be a multiple of"),
         ({"attentions": ["linear"]}, "attentions"),
     ],
 )
 def test_config_errors_name_the_key(params, words):
     with pytest.raises(ConfigError, match=words):
-        stress.parse_stress_config(params)
+        S(params)
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    cfg = stress.parse_stress_config(TINY)
+    cfg = S(TINY)
     data = stress.RankSequences(cfg)
     ids, cu, masked = data.batch(5)
     again = stress.RankSequences(cfg).batch(5)
@@ -77,7 +83,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_grad_norms_equal_a_direct_computation():
-    cfg = stress.parse_stress_config(TINY)
+    cfg = S(TINY)
     torch.manual_seed(0)
     model = Encoder(stress.model_config(cfg, "sigmoid"))
     ids, cu, masked = stress.RankSequences(cfg).batch(0)
@@ -98,7 +104,7 @@ def test_grad_norms_equal_a_direct_computation():
 
 
 def test_max_logit_probe_is_exact_with_all_queries_and_a_bound_when_subsampled():
-    cfg = stress.parse_stress_config(TINY)
+    cfg = S(TINY)
     torch.manual_seed(0)
     model = Encoder(stress.model_config(cfg, "softmax"))
     ids, cu, _ = stress.RankSequences(cfg).batch(0)
@@ -148,7 +154,7 @@ def test_detector_flags_non_finite_values_and_a_jump_over_the_early_median():
 
 
 def test_stable_arm_runs_to_max_steps_with_finite_values():
-    cfg = stress.parse_stress_config(TINY)
+    cfg = S(TINY)
     rows, summary = stress.run_arm(cfg, "sigmoid", CPU, log=quiet)
     assert summary["stop_reason"] == "max_steps" and not summary["diverged"]
     assert summary["steps"] == cfg.max_steps == len(rows)
@@ -166,7 +172,7 @@ def test_stable_arm_runs_to_max_steps_with_finite_values():
 
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
 def test_an_arm_with_a_huge_learning_rate_diverges_and_stops(attention):
-    cfg = stress.parse_stress_config({**TINY, "lr": 1.0e4, "warmup_steps": 0, "max_steps": 40})
+    cfg = S({**TINY, "lr": 1.0e4, "warmup_steps": 0, "max_steps": 40})
     rows, summary = stress.run_arm(cfg, attention, CPU, log=quiet)
     assert summary["diverged"] and summary["stop_reason"] == "diverged"
     step = summary["divergence_step"]
@@ -189,7 +195,7 @@ def test_a_nan_loss_stops_the_arm_at_that_step(monkeypatch):
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(stress, "masked_gene_loss", loss_turning_nan)
-    cfg = stress.parse_stress_config(TINY)
+    cfg = S(TINY)
     rows, summary = stress.run_arm(cfg, "softmax", CPU, log=quiet)
     assert summary["divergence_step"] == 4 and len(rows) == 5
     assert summary["divergence_reason"].startswith("non-finite loss")
@@ -197,7 +203,7 @@ def test_a_nan_loss_stops_the_arm_at_that_step(monkeypatch):
 
 
 def test_max_seconds_bounds_an_arm():
-    cfg = stress.parse_stress_config({**TINY, "max_steps": 10_000, "max_seconds": 0.5})
+    cfg = S({**TINY, "max_steps": 10_000, "max_seconds": 0.5})
     rows, summary = stress.run_arm(cfg, "sigmoid", CPU, log=quiet)
     assert summary["stop_reason"] == "max_seconds" and 0 < len(rows) < 10_000
 
@@ -241,7 +247,7 @@ def test_cli_refuses_an_unknown_key(tmp_path, capsys):
 
 
 def test_a_learning_rate_sweep_runs_one_arm_per_kind_and_rate(tmp_path):
-    cfg = stress.parse_stress_config({**TINY, "lr": [1.0e-3, 1.0e4], "max_steps": 8})
+    cfg = S({**TINY, "lr": [1.0e-3, 1.0e4], "max_steps": 8})
     rows, summary = stress.run_stress_test(cfg, CPU, log=quiet)
     names = ["softmax lr=0.001", "sigmoid lr=0.001", "softmax lr=10000", "sigmoid lr=10000"]
     assert list(summary["arms"]) == names
@@ -259,4 +265,4 @@ def test_a_learning_rate_sweep_runs_one_arm_per_kind_and_rate(tmp_path):
 @pytest.mark.parametrize("lr", [[], [1e-3, "x"], [True], 0.0])
 def test_bad_learning_rates_are_refused(lr):
     with pytest.raises(ConfigError, match="lr"):
-        stress.parse_stress_config({**TINY, "lr": lr})
+        S({**TINY, "lr": lr})

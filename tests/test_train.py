@@ -13,29 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_tokens import TINY_MODEL, TINY_TRAIN
+from conftest_tokens import TINY_MODEL, TINY_TRAIN, sections
 
+from sigmoid_sc import config
 from sigmoid_sc import train as train_mod
 from sigmoid_sc.embed import embed
 from sigmoid_sc.errors import ConfigError
 from sigmoid_sc.tokens import batch_cells, choose_masked, load_tokens
-from sigmoid_sc.train import TrainConfig, lr_factor, train
+from sigmoid_sc.train import lr_factor, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tokens_path, out_dir, attention="sigmoid", seed=0, model=None, train_params=None, **kw):
-    return train(
-        "toy",
-        tokens_path,
-        attention,
-        seed,
-        TINY_MODEL if model is None else model,
-        TINY_TRAIN if train_params is None else train_params,
-        "cpu",
-        out_dir,
-        **kw,
+    model, train_params = sections(
+        TINY_MODEL if model is None else model, TINY_TRAIN if train_params is None else train_params
     )
+    return train("toy", tokens_path, attention, seed, model, train_params, "cpu", out_dir, **kw)
 
 
 def final_state(out_dir):
@@ -79,7 +73,7 @@ def test_masking_at_least_one_per_cell_and_near_mask_prob():
 
 
 def test_lr_warmup_then_cosine_to_ten_percent():
-    cfg = TrainConfig(steps=100, warmup_steps=10)
+    cfg = config.section("train", {"steps": 100, "warmup_steps": 10})
     factors = [lr_factor(t, cfg) for t in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
@@ -236,7 +230,7 @@ def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"at step {step}" in done.stderr and "resuming from" in done.stderr
-    train("toy", tokens_path, "softmax", 2, TINY_MODEL, params, "cpu", tmp_path / "full")
+    train("toy", tokens_path, "softmax", 2, *sections(TINY_MODEL, params), "cpu", tmp_path / "full")
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 

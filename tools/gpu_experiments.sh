@@ -173,11 +173,11 @@ path = out / "stress_test_summary.json"
 summary = json.loads(path.read_text()) if path.is_file() else {}
 if not summary.get("n_params") and "config" in summary:  # no arm finished: count, no weights
     import torch
-    from sigmoid_sc import stress_test as stress
+    from sigmoid_sc import config, stress_test
     from sigmoid_sc.model import Encoder
-    config = stress.StressConfig(**summary["config"])
+    section = config.section("experiments.stress_test", summary["config"])
     with torch.device("meta"):
-        summary["n_params"] = stress.count_parameters(Encoder(stress.model_config(config, "softmax")))
+        summary["n_params"] = stress_test.count_parameters(Encoder(stress_test.model_config(section, "softmax")))
 summary["n_params"] = summary.get("n_params") or 0
 pdf = out / "stress_test_partial.pdf"
 save_figure(plot_stress(pd.read_csv(out / "stress_test.csv"), summary), out / "stress_test.png", pdf)

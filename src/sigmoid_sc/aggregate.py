@@ -19,14 +19,16 @@ the same seeds) and its PCA value is the mean of the datasets' PCA values.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import numpy as np
 import pandas as pd
 
+from . import config
+from .config import Aggregate
 from .errors import ConfigError, DataError
 from .io import read_table, write_csv, write_text
+from .runtime import parse_json_arg
 
 ID_COLUMNS = ("dataset", "method", "seed")
 #: columns of metrics.csv that describe an embedding rather than score it
@@ -53,8 +55,6 @@ PAPER_CLAIMS = {
     "isolated_labels": "higher: cell-type cohesion",
     "val_loss": "lower",
 }
-
-DEFAULTS = {"claim_metric": "asw_label", "claim_relative_change": 0.25, "metrics": None}
 
 SUMMARY_COLUMNS = (
     "dataset",
@@ -208,14 +208,13 @@ def summarise_metric(
     }
 
 
-def summarise(table: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, params: Aggregate) -> pd.DataFrame:
     """The summary: a row per dataset x metric, then the ``overall`` rows (all datasets pooled).
 
     ``params`` is the config's ``aggregate`` section (claim_metric, claim_relative_change,
     metrics).
     """
-    params = check_params(params)
-    metrics = metric_columns(table, params["metrics"])
+    metrics = metric_columns(table, None if params.metrics is None else list(params.metrics))
     models = table[table["method"].isin(["softmax", "sigmoid"])]
     pca = table[table["method"] == "pca"]
     datasets = list(pd.unique(table["dataset"]))
@@ -240,11 +239,9 @@ def summarise(table: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
     if summary.empty:
         return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
     summary["paper_claim"] = summary["metric"].map(PAPER_CLAIMS).fillna("")
-    claim = summary["metric"] == params["claim_metric"]
-    summary.loc[claim, "paper_claim"] = (
-        f"{params['claim_relative_change']:+.0%}: cell-type separation"
-    )
-    summary["paper_relative_change"] = np.where(claim, params["claim_relative_change"], np.nan)
+    claim = summary["metric"] == params.claim_metric
+    summary.loc[claim, "paper_claim"] = f"{params.claim_relative_change:+.0%}: cell-type separation"
+    summary["paper_relative_change"] = np.where(claim, params.claim_relative_change, np.nan)
     # datasets in input order, overall last; within them metrics in table order
     dataset_rank = {name: i for i, name in enumerate([*datasets, OVERALL])}
     metric_rank = {name: i for i, name in enumerate(metrics)}
@@ -252,21 +249,6 @@ def summarise(table: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         np.lexsort((summary["metric"].map(metric_rank), summary["dataset"].map(dataset_rank)))
     ]
     return summary[list(SUMMARY_COLUMNS)].reset_index(drop=True)
-
-
-def check_params(params: dict | None) -> dict:
-    """Fill the aggregate section's defaults; ConfigError naming an unknown key."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"aggregate: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(sorted(DEFAULTS))}"
-        )
-    params = {**DEFAULTS, **params}
-    if params["metrics"] is not None and not isinstance(params["metrics"], list):
-        raise ConfigError("aggregate.metrics: a list of metric names, or null for all")
-    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +307,9 @@ def headline(summary: pd.DataFrame, claim_metric: str) -> pd.DataFrame:
     return rows[["dataset", "relative_change", "paper_relative_change", "p_ttest", "n_pairs"]]
 
 
-def to_markdown(summary: pd.DataFrame, params: dict) -> str:
+def to_markdown(summary: pd.DataFrame, params: Aggregate) -> str:
     """The summary as Markdown: the headline claim first, then every metric."""
-    claim_metric = params["claim_metric"]
+    claim_metric = params.claim_metric
     lines = [
         "# Representation quality: sigmoid vs softmax attention",
         "",
@@ -336,7 +318,7 @@ def to_markdown(summary: pd.DataFrame, params: dict) -> str:
         "Means ± sample sd over seeds. PCA: the baseline on the same test cells.",
         "",
         f"## Headline: {claim_metric} (the paper claims "
-        f"{params['claim_relative_change']:+.0%} cell-type separation)",
+        f"{params.claim_relative_change:+.0%} cell-type separation)",
         "",
         "| dataset | ours | paper | p (t) | n |",
         "| --- | --- | --- | --- | --- |",
@@ -368,7 +350,7 @@ def _tex_escape(text: str) -> str:
     return text.replace("±", r"$\pm$")
 
 
-def to_latex(summary: pd.DataFrame, params: dict) -> str:
+def to_latex(summary: pd.DataFrame, params: Aggregate) -> str:
     """The summary as a LaTeX table (booktabs), every metric per dataset and overall."""
     header = " & ".join(_tex_escape(h) for h, _, _ in RENDERED)
     lines = [
@@ -393,8 +375,8 @@ def to_latex(summary: pd.DataFrame, params: dict) -> str:
         "\\end{tabular}",
         "\\caption{Sigmoid vs softmax attention: mean $\\pm$ sd over seeds, relative change "
         "(sigmoid $-$ softmax)/$|$softmax$|$, paired tests over seeds, the PCA baseline, and the "
-        f"paper's claim ({_tex_escape(format(params['claim_relative_change'], '+.0%'))} "
-        f"{_tex_escape(params['claim_metric'])}).}}",
+        f"paper's claim ({_tex_escape(format(params.claim_relative_change, '+.0%'))} "
+        f"{_tex_escape(params.claim_metric)}).}}",
         "\\label{tab:representation}",
         "\\end{table}",
     ]
@@ -406,20 +388,18 @@ def to_latex(summary: pd.DataFrame, params: dict) -> str:
 
 
 def run_aggregate(args: argparse.Namespace) -> None:
-    try:
-        params = json.loads(args.params_json)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"aggregate: --params-json is not JSON ({exc})") from exc
-    params = check_params(params)
+    params = config.section(
+        "aggregate", parse_json_arg(args.params_json, "aggregate: --params-json")
+    )
     table = load_metrics(args.metrics)
     summary = summarise(table, params)
     write_csv(args.table, table)
     write_csv(args.summary_csv, summary)
     write_text(args.summary_md, to_markdown(summary, params))
     write_text(args.summary_tex, to_latex(summary, params))
-    for row in headline(summary, params["claim_metric"]).itertuples(index=False):
+    for row in headline(summary, params.claim_metric).itertuples(index=False):
         print(
-            f"{row.dataset}: {params['claim_metric']} relative change "
+            f"{row.dataset}: {params.claim_metric} relative change "
             f"{_fmt(row.relative_change, 'percent')} (paper "
             f"{_fmt(row.paper_relative_change, 'percent')}), "
             f"p (t) = {_fmt(row.p_ttest, 'p') or 'n/a'}, n = {row.n_pairs}"

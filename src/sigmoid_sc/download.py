@@ -1,11 +1,11 @@
 """The ``download`` stage: turn a dataset entry of the config into ``results/<dataset>/raw.h5ad``.
 
-Sources (``entry["source"]``):
+Sources (the entry's ``source``, validated by :mod:`sigmoid_sc.config`):
 
 - ``scanpy``: a dataset shipped inside scanpy's wheel (``name: pbmc68k_reduced``), offline;
   ``use_raw: true`` takes ``.raw`` (all genes, unscaled) as ``X``.
-- ``synthetic``: :func:`sigmoid_sc.synthetic.synthetic_counts`, seeded negative-binomial counts with known cell types
-  and batches.
+- ``synthetic``: :func:`sigmoid_sc.synthetic.synthetic_counts`, seeded negative-binomial counts
+  with known cell types and batches.
 - ``path``: a local file, read by :mod:`sigmoid_sc.readers` (h5ad, 10x h5, mtx, text).
 - ``url``: http/https with ``sha256``, delegated to :func:`sigmoid_sc.fetch.fetch_url_dataset`.
 
@@ -17,122 +17,101 @@ written atomically, so a bad input leaves no output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import config
+from .config import Dataset
 from .errors import ConfigError, DataError
 from .io import write_h5ad
 from .runtime import log_to_stderr, parse_json_arg
-from .synthetic import SYNTHETIC_KEYS, synthetic_counts
-from .validate import entry_keys, validate_raw
+from .synthetic import synthetic_counts
+from .validate import validate_raw
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("scanpy", "synthetic", "path", "url")
-
 
 # --------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------
 
 
-def _from_scanpy(dataset: str, entry: dict):
+def _from_scanpy(dataset: Dataset):
     import scanpy as sc
 
-    name = entry.get("name")
-    if not name:
-        raise ConfigError(
-            f"dataset {dataset!r}: source 'scanpy' needs 'name' (e.g. pbmc68k_reduced)"
-        )
+    name = dataset.scanpy_name
     loader = getattr(sc.datasets, name, None)
     if loader is None or name.startswith("_") or not callable(loader):
         available = ", ".join(n for n in dir(sc.datasets) if not n.startswith("_"))
         raise ConfigError(
-            f"dataset {dataset!r}: scanpy has no dataset {name!r}; available: {available}"
+            f"dataset {dataset.name!r}: scanpy has no dataset {name!r}; available: {available}"
         )
     adata = loader()
-    if entry.get("use_raw", False):
+    if dataset.use_raw:
         if adata.raw is None:
             raise DataError(
-                f"dataset {dataset!r}: use_raw is set but scanpy's {name!r} has no .raw"
+                f"dataset {dataset.name!r}: use_raw is set but scanpy's {name!r} has no .raw"
             )
         adata = adata.raw.to_adata()  # keeps obs; var and X from .raw
     return adata
 
 
-def _from_path(dataset: str, entry: dict):
+def _from_path(dataset: Dataset):
     """A local file: any format :func:`sigmoid_sc.readers.read_dataset` reads (h5ad, 10x h5,
     10x mtx, hdf5, text; bare or in a tar.gz), with the entry's ``format`` and ``reader`` options.
     """
     from . import readers
 
-    path = entry.get("path")
-    if not path:
-        raise ConfigError(f"dataset {dataset!r}: source 'path' needs 'path'")
-    path = Path(path).expanduser()
+    path = Path(dataset.path).expanduser()
     if not path.exists():
-        raise DataError(f"dataset {dataset!r}: file {str(path)!r} does not exist")
-    options = dict(entry.get("reader") or {})
-    if entry.get("use_raw") and "use_raw" not in options:
+        raise DataError(f"dataset {dataset.name!r}: file {str(path)!r} does not exist")
+    options = dict(dataset.reader)
+    if dataset.use_raw and "use_raw" not in options:
         options["use_raw"] = True  # the entry-level switch, as for scanpy sources
-    return readers.read_dataset(path, entry.get("format"), dataset=dataset, options=options)
-
-
-def _from_url(dataset: str, entry: dict, cache_dir, lockfile, require_checksum: bool):
-    from .fetch import fetch_url_dataset  # lazy: requests etc. only for url entries
-
-    return fetch_url_dataset(dataset, entry, cache_dir, lockfile, require_checksum)
+    return readers.read_dataset(path, dataset.format, dataset=dataset.name, options=options)
 
 
 def load_dataset(
-    dataset: str,
-    entry: dict[str, Any],
+    dataset: Dataset,
     cache_dir: str | None = None,
     lockfile: str | None = None,
     require_checksum: bool = False,
 ):
-    """Load, check and annotate one dataset entry; returns the AnnData that ``raw.h5ad`` holds.
+    """Load, check and annotate one dataset; returns the AnnData that ``raw.h5ad`` holds.
 
-    ``X`` becomes float32 CSR (counts, or log-normalised values when ``normalized: true``);
-    ``uns["sigmoid_sc"]`` records ``dataset, source, label_key, batch_key, normalized``.
-    Raises :class:`ConfigError` for a bad entry and :class:`DataError` for bad data.
+    ``dataset``: the entry, validated (:func:`sigmoid_sc.config.dataset`). ``X`` becomes float32
+    CSR (counts, or log-normalised values when ``normalized: true``); ``uns["sigmoid_sc"]``
+    records ``dataset, source, label_key, batch_key, normalized``, which the later stages read.
+    Raises :class:`DataError` for bad data (and :class:`DownloadError` for a failed download).
     """
-    source = entry.get("source")
-    if source not in SOURCES:
-        raise ConfigError(
-            f"dataset {dataset!r}: source {source!r} is not one of {', '.join(SOURCES)}"
-        )
-    label_key, batch_key = entry_keys(entry, dataset)
-
-    if source == "scanpy":
-        adata = _from_scanpy(dataset, entry)
-    elif source == "synthetic":
-        params = dict(entry.get("synthetic") or {})
-        unknown = set(params) - SYNTHETIC_KEYS
-        if unknown:
-            raise ConfigError(
-                f"dataset {dataset!r}: unknown synthetic key(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(SYNTHETIC_KEYS))}"
-            )
+    label_key, batch_key = dataset.label_key, dataset.batch_key
+    if dataset.source == "scanpy":
+        adata = _from_scanpy(dataset)
+    elif dataset.source == "synthetic":
+        params = dataclasses.asdict(dataset.synthetic)
         adata = synthetic_counts(**params, label_key=label_key, batch_key=batch_key or "batch")
-    elif source == "path":
-        adata = _from_path(dataset, entry)
+    elif dataset.source == "path":
+        adata = _from_path(dataset)
     else:
-        adata = _from_url(dataset, entry, cache_dir, lockfile, require_checksum)
+        from .fetch import fetch_url_dataset  # lazy: requests etc. only for url entries
+
+        adata = fetch_url_dataset(
+            dataset.name, dict(dataset.entry), cache_dir, lockfile, require_checksum
+        )
+    name = dataset.name
 
     if not adata.obs_names.is_unique:
         # later stages match cells by obs_names (embeddings, metrics): they must be unique
-        log.warning("dataset %s: obs_names are not unique; making them unique", dataset)
+        log.warning("dataset %s: obs_names are not unique; making them unique", name)
         adata.obs_names_make_unique()
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
 
-    validate_raw(adata, dataset, label_key, batch_key)
+    validate_raw(adata, name, label_key, batch_key)
 
     # raw.h5ad holds counts, cells and genes only: drop derived slots of the source (a PCA or a
     # neighbour graph of a scaled matrix would be stale once prepare filters cells)
@@ -149,10 +128,10 @@ def load_dataset(
         if key is not None:
             adata.obs[key] = pd.Categorical(adata.obs[key].astype(str))
     info = {
-        "dataset": dataset,
-        "source": source,
+        "dataset": name,
+        "source": dataset.source,
         "label_key": label_key,
-        "normalized": bool(entry.get("normalized", False)),
+        "normalized": dataset.normalized,
     }
     if batch_key is not None:
         info["batch_key"] = batch_key  # h5ad cannot store None: absent means no batch
@@ -169,8 +148,7 @@ def run_download(args: argparse.Namespace) -> None:
     log_to_stderr()
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
     adata = load_dataset(
-        args.dataset,
-        entry,
+        config.dataset(args.dataset, entry),
         cache_dir=args.cache_dir,
         lockfile=args.lockfile,
         require_checksum=args.require_checksum,

@@ -50,15 +50,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import config
+from .config import Evaluate
 from .errors import ConfigError, DataError
 from .io import write_csv
-from .prepare import check_params
 from .runtime import log_to_stderr, parse_json_arg
 from .validate import entry_keys
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {"n_neighbors": 15}
 
 #: neighbours for LISI: scib-metrics' Benchmarker uses 90 (perplexity 90 / 3 = 30, as Harmony)
 LISI_NEIGHBORS = 90
@@ -232,17 +231,13 @@ def evaluate(
     obs: pd.DataFrame,
     embedding_paths: list[str],
     entry: dict,
-    params: dict | None = None,
+    params: Evaluate,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score every embedding against the prepared cells' ``obs`` (labels, batches by obs_names).
 
-    Returns ``(metrics, umap)`` frames, the contents of ``metrics.csv`` and ``umap.csv``.
+    ``params``: the config's ``evaluate`` section. Returns ``(metrics, umap)`` frames, the
+    contents of ``metrics.csv`` and ``umap.csv``.
     """
-    p = check_params(params, DEFAULTS, "evaluate")
-    if not isinstance(p["n_neighbors"], int) or p["n_neighbors"] < 2:
-        raise ConfigError(
-            f"evaluate: n_neighbors must be an integer >= 2, got {p['n_neighbors']!r}"
-        )
     label_key, batch_key = entry_keys(entry, dataset)
     for key, what in ((label_key, "label_key"), (batch_key, "batch_key")):
         if key is not None and key not in obs.columns:
@@ -273,7 +268,7 @@ def evaluate(
             *emb["X"].shape,
         )
         started = time.perf_counter()
-        scores = score_embedding(emb["X"], labels, batches, n_neighbors=p["n_neighbors"])
+        scores = score_embedding(emb["X"], labels, batches, n_neighbors=params.n_neighbors)
         metric_rows.append(
             {
                 "dataset": dataset,
@@ -284,7 +279,7 @@ def evaluate(
                 **scores,
             }
         )
-        coords = umap_coordinates(emb["X"], n_neighbors=p["n_neighbors"])
+        coords = umap_coordinates(emb["X"], n_neighbors=params.n_neighbors)
         frame = pd.DataFrame(
             {
                 "dataset": dataset,
@@ -328,7 +323,7 @@ def _read_obs(path: str, dataset: str) -> pd.DataFrame:
 def run_evaluate(args: argparse.Namespace) -> None:
     log_to_stderr()
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
-    params = parse_json_arg(args.params_json, "evaluate: --params-json")
+    params = config.section("evaluate", parse_json_arg(args.params_json, "evaluate: --params-json"))
     folders = setup_compile_caches()
     log.info("compilation caches: %s", folders)
     obs = _read_obs(args.prepared, args.dataset)

@@ -109,37 +109,14 @@ def _as_list(value) -> list[str]:
 
 def _remote_file(dataset: str, part: str, spec: dict[str, Any]) -> RemoteFile:
     urls = _as_list(spec.get("url")) + _as_list(spec.get("mirrors"))
-    if not urls:
-        raise ConfigError(f"dataset {dataset!r}: file {part!r} needs a 'url'")
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"dataset {dataset!r}: address {url!r} of file {part!r} is not http(s)"
-            )
-    fmt = spec.get("format")
-    if not fmt:
-        raise ConfigError(
-            f"dataset {dataset!r}: file {part!r} needs a 'format' "
-            f"(one of {', '.join(sorted(FORMAT_SUFFIX))})"
-        )
-    if fmt not in FORMAT_SUFFIX:
-        raise ConfigError(
-            f"dataset {dataset!r}: unknown format {fmt!r} of file {part!r}; "
-            f"known: {', '.join(sorted(FORMAT_SUFFIX))}"
-        )
     sha = spec.get("sha256")
-    if sha is not None and not _is_sha256(sha):
-        raise ConfigError(f"dataset {dataset!r}: sha256 of file {part!r} is not 64 hex digits")
-    size = spec.get("size")
-    if size is not None and (not isinstance(size, int) or size < 0):
-        raise ConfigError(f"dataset {dataset!r}: size of file {part!r} must be bytes (int >= 0)")
     return RemoteFile(
         dataset=dataset,
         part=part,
         urls=list(dict.fromkeys(urls)),  # keep order, drop repeats
-        format=fmt,
+        format=spec["format"],
         sha256=sha.lower() if sha else None,
-        size=size,
+        size=spec.get("size"),
         reader=dict(spec.get("reader") or {}),
         batch=None if spec.get("batch") is None else str(spec["batch"]),
         join=dict(spec.get("join") or {}),
@@ -147,25 +124,18 @@ def _remote_file(dataset: str, part: str, spec: dict[str, Any]) -> RemoteFile:
 
 
 def plan_files(dataset: str, entry: dict[str, Any]) -> tuple[list[RemoteFile], RemoteFile | None]:
-    """The data files and the optional labels file of a url entry, in reading order."""
+    """The data files and the optional labels file of a url entry, in reading order.
+
+    ``entry`` is validated (:func:`sigmoid_sc.config.dataset`): addresses, formats, checksums,
+    file names and reader options are as the schema and the readers want them.
+    """
     files = entry.get("files")
     if files:
-        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-            raise ConfigError(f"dataset {dataset!r}: 'files' must be a list of mappings")
-        names = [str(f.get("name", "")) for f in files]
-        if not all(names) or len(set(names)) != len(names):
-            raise ConfigError(
-                f"dataset {dataset!r}: every item of 'files' needs a unique 'name' (got {names})"
-            )
-        data = [_remote_file(dataset, name, f) for name, f in zip(names, files)]
+        data = [_remote_file(dataset, f["name"], f) for f in files]
     else:
         data = [_remote_file(dataset, "data", entry)]
-    labels = None
     obs = entry.get("obs")
-    if obs is not None:
-        if not isinstance(obs, dict):
-            raise ConfigError(f"dataset {dataset!r}: 'obs' must be a mapping with a 'url'")
-        labels = _remote_file(dataset, str(obs.get("name", "labels")), obs)
+    labels = _remote_file(dataset, obs.get("name", "labels"), obs) if obs is not None else None
     return data, labels
 
 
@@ -719,8 +689,9 @@ def fetch_url_dataset(
     Returns an AnnData with raw counts in ``X`` (cells x genes), genes as ``var_names``, the
     label in ``obs[entry["label_key"]]`` and, when ``batch_key`` is set, the batch in
     ``obs[batch_key]`` (taken from the file, or from each part's ``batch`` value when the
-    entry lists several ``files``). Raises :class:`DownloadError` for a failed or unverified
-    download, :class:`ConfigError` for a bad entry, :class:`DataError` for unusable contents.
+    entry lists several ``files``). ``entry`` is validated (:func:`sigmoid_sc.config.dataset`).
+    Raises :class:`DownloadError` for a failed or unverified download, :class:`DataError` for
+    unusable contents.
     """
     from . import readers
 
@@ -733,16 +704,7 @@ def fetch_url_dataset(
         "timeout_s": float(entry.get("timeout_s", DEFAULT_TIMEOUT_S)),
         "backoff_s": float(entry.get("backoff_s", DEFAULT_BACKOFF_S)),
     }
-    # refuse bad reader options and unknown checksums before any byte of any file moves
-    for rf in data_files:
-        readers.check_options(rf.format, rf.reader, name)
-    if labels_file is not None:
-        readers.check_options(labels_file.format, labels_file.reader, name, labels=True)
-        unknown = set(labels_file.join) - {"key_column", "drop_unlabelled", "min_fraction"}
-        if unknown:
-            raise ConfigError(
-                f"dataset {name!r}: unknown obs.join option(s) {', '.join(sorted(unknown))}"
-            )
+    # refuse unknown checksums before any byte of any file moves
     if require_checksum:
         for rf in data_files + ([labels_file] if labels_file else []):
             if expected_sha256(rf, lock)[0] is None:
@@ -754,11 +716,7 @@ def fetch_url_dataset(
     for rf in data_files:
         path = fetch_file(rf, cache_dir, lock, require_checksum, **knobs)
         adata = readers.read_dataset(path, rf.format, dataset=name, options=rf.reader)
-        if rf.batch is not None:
-            if not batch_key:
-                raise ConfigError(
-                    f"dataset {name!r}: file {rf.part!r} sets 'batch' but the entry has no batch_key"
-                )
+        if rf.batch is not None:  # the config checked that the entry has a batch_key
             adata.obs[batch_key] = rf.batch
         parts.append((rf.part, adata))
     adata = readers.concat_parts(parts, dataset=name)

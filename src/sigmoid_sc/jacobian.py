@@ -25,51 +25,24 @@ largest off-diagonal entry autograd finds).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import config
 from .attention.reference import default_scale
-from .errors import ConfigError, DataError
+from .config import Jacobian
+from .errors import DataError
 from .io import write_csv
-from .runtime import resolve_device, set_threads
+from .runtime import parse_json_arg, resolve_device, set_threads
 from .tokens import load_tokens, pack
 from .train import load_model
 
 SIGMOID_BOUND = 0.25
 HIST_BINS = 50  # bins of sigma'(s) over [0, 0.25]
 EXAMPLE_KEYS = 32  # keys shown in the example Jacobian heat maps
-
-JACOBIAN_KEYS = {"enabled": bool, "dataset": (str, type(None)), "seed": (int, type(None)),
-                 "split": str, "n_cells": int, "check_rows": int}  # fmt: skip
-
-
-def parse_jacobian_params(params: dict) -> dict:
-    """The ``experiments.jacobian`` section with defaults; ConfigError names a bad key."""
-    if not isinstance(params, dict):
-        raise ConfigError(f"experiments.jacobian must be a mapping, got {params!r}")
-    for key, value in params.items():
-        if key not in JACOBIAN_KEYS:
-            raise ConfigError(
-                f"unknown key experiments.jacobian.{key}; expected some of: "
-                f"{', '.join(JACOBIAN_KEYS)}"
-            )
-        if not isinstance(value, JACOBIAN_KEYS[key]) or (
-            isinstance(value, bool) and JACOBIAN_KEYS[key] is not bool
-        ):
-            raise ConfigError(f"experiments.jacobian.{key} has the wrong type: {value!r}")
-    out = {"split": "test", "n_cells": 32, "check_rows": 4, **params}
-    if out["split"] not in ("train", "val", "test"):
-        raise ConfigError(
-            f"experiments.jacobian.split must be train, val or test, not {out['split']!r}"
-        )
-    if out["n_cells"] < 1 or out["check_rows"] < 0:
-        raise ConfigError("experiments.jacobian: n_cells must be >= 1 and check_rows >= 0")
-    return out
-
 
 # ----------------------------------------------------------------------------------------
 # the analytic Jacobians and their summaries
@@ -269,17 +242,19 @@ def jacobian_analysis(
     dataset: str,
     tokens_path: str,
     model_paths: dict[str, str],
-    params: dict,
+    params: Jacobian,
     device: str,
 ) -> dict:
-    """Both models on the same cells; ``{"table": DataFrame, "per_attention": {...}, ...}``."""
-    params = parse_jacobian_params(params)
+    """Both models on the same cells; ``{"table": DataFrame, "per_attention": {...}, ...}``.
+
+    ``params``: the config's ``experiments.jacobian`` section (split, n_cells, check_rows).
+    """
     dev = resolve_device(device)
     tokens = load_tokens(tokens_path, dataset)
-    cells = tokens.cells(params["split"])
+    cells = tokens.cells(params.split)
     if cells.size == 0:
         raise DataError(f"{dataset}: {tokens_path} has no {params['split']} cells")
-    cells = cells[: params["n_cells"]]
+    cells = cells[: params.n_cells]
     ids, cu, max_seqlen = pack(tokens, cells)
     per_attention, tables = {}, []
     for attention, path in model_paths.items():
@@ -290,7 +265,7 @@ def jacobian_analysis(
             )
         if record["tokens"]["sha256"] != tokens.metadata()["sha256"]:
             raise DataError(f"{dataset}: {path} was trained on other tokens than {tokens_path}")
-        result = analyse_model(model, attention, ids, cu, max_seqlen, dev, params["check_rows"])
+        result = analyse_model(model, attention, ids, cu, max_seqlen, dev, params.check_rows)
         per_attention[attention] = result
         tables.append(result["table"])
     table = pd.concat(tables, ignore_index=True)
@@ -304,10 +279,9 @@ def jacobian_analysis(
 def _run(args: argparse.Namespace) -> None:
     from .experiment_figures import plot_jacobian, save_figure
 
-    try:
-        params = json.loads(args.params_json) or {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--params-json is not valid JSON: {exc}") from exc
+    params = config.section(
+        "experiments.jacobian", parse_json_arg(args.params_json, "--params-json")
+    )
     set_threads()
     result = jacobian_analysis(
         args.dataset,

@@ -15,67 +15,26 @@ Input ``raw.h5ad`` (from ``download``), output ``prepared.h5ad``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ConfigError, DataError
+from . import config
+from .config import Prepare
+from .errors import DataError
 from .io import write_h5ad
 from .runtime import log_to_stderr, parse_json_arg
 from .validate import entry_keys, expressed_genes_per_cell, validate_raw
 
 log = logging.getLogger(__name__)
 
-#: defaults of the ``prepare`` config section (config.yaml and the schema carry the same values)
-DEFAULTS = {
-    "min_genes": 20,
-    "min_cells": 3,
-    "n_top_genes": None,
-    "val_fraction": 0.1,
-    "test_fraction": 0.2,
-    "split_seed": 0,
-}
-
 #: fewer cells than this after QC cannot give a train, val and test set worth scoring
 MIN_CELLS_AFTER_QC = 30
 
 SPLITS = ("train", "val", "test")
-
-
-def check_params(params: dict | None, defaults: dict, section: str) -> dict:
-    """Fill defaults; raise ConfigError naming any unknown key of the config ``section``."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{section}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **params}
-
-
-def _check_prepare_params(p: dict) -> None:
-    for key in ("min_genes", "min_cells"):
-        if not isinstance(p[key], int) or p[key] < 0:
-            raise ConfigError(f"prepare: {key} must be an integer >= 0, got {p[key]!r}")
-    if p["n_top_genes"] is not None and (
-        not isinstance(p["n_top_genes"], int) or p["n_top_genes"] < 2
-    ):
-        raise ConfigError(
-            f"prepare: n_top_genes must be null or an integer >= 2, got {p['n_top_genes']!r}"
-        )
-    for key in ("val_fraction", "test_fraction"):
-        if not isinstance(p[key], (int, float)) or not 0 <= p[key] < 1:
-            raise ConfigError(f"prepare: {key} must be in [0, 1), got {p[key]!r}")
-    if p["val_fraction"] + p["test_fraction"] >= 1:
-        raise ConfigError(
-            "prepare: val_fraction + test_fraction must be < 1 to leave training cells, got "
-            f"{p['val_fraction']} + {p['test_fraction']}"
-        )
-    if not isinstance(p["split_seed"], int):
-        raise ConfigError(f"prepare: split_seed must be an integer, got {p['split_seed']!r}")
 
 
 def stratified_split(labels, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -113,17 +72,16 @@ def stratified_split(labels, val_fraction: float, test_fraction: float, seed: in
     return split.astype(str)
 
 
-def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
+def prepare(adata, dataset: str, entry: dict, params: Prepare):
     """QC, normalise, select genes and split one raw dataset; returns the prepared AnnData.
 
     ``adata``: raw cells x genes (``X`` counts, or log-normalised when ``entry["normalized"]``).
-    Output: ``X`` float32 CSR log1p(CP10K) (or the given log-normalised values),
-    ``layers["counts"]`` (counts inputs only), ``obs["split"]``, the label and batch columns.
+    ``params``: the config's ``prepare`` section. Output: ``X`` float32 CSR log1p(CP10K) (or
+    the given log-normalised values), ``layers["counts"]`` (counts inputs only),
+    ``obs["split"]``, the label and batch columns.
     """
     import scanpy as sc
 
-    p = check_params(params, DEFAULTS, "prepare")
-    _check_prepare_params(p)
     label_key, batch_key = entry_keys(entry, dataset)
     normalized = bool(entry.get("normalized", False))
     validate_raw(adata, dataset, label_key, batch_key)
@@ -133,17 +91,17 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
     n_cells_raw, n_genes_raw = adata.shape
 
     # QC. Cells first (drop near-empty droplets), then genes, then cells emptied by gene removal.
-    keep_cells = expressed_genes_per_cell(adata.X) >= p["min_genes"]
+    keep_cells = expressed_genes_per_cell(adata.X) >= params.min_genes
     adata = adata[keep_cells].copy()
     if adata.n_obs:
         n_cells_per_gene = expressed_genes_per_cell(adata.X.T.tocsr())
-        adata = adata[:, n_cells_per_gene >= p["min_cells"]].copy()
+        adata = adata[:, n_cells_per_gene >= params.min_cells].copy()
     if adata.n_obs and adata.n_vars:
         adata = adata[expressed_genes_per_cell(adata.X) > 0].copy()
     if adata.n_obs < MIN_CELLS_AFTER_QC or adata.n_vars == 0:
         raise DataError(
             f"dataset {dataset!r}: QC left {adata.n_obs} of {n_cells_raw} cells and {adata.n_vars} "
-            f"of {n_genes_raw} genes (min_genes={p['min_genes']}, min_cells={p['min_cells']}); "
+            f"of {n_genes_raw} genes (min_genes={params.min_genes}, min_cells={params.min_cells}); "
             f"need at least {MIN_CELLS_AFTER_QC} cells and 1 gene. Lower min_genes/min_cells."
         )
     labels = adata.obs[label_key].astype(str)
@@ -161,15 +119,15 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
 
-    if p["n_top_genes"] is not None and p["n_top_genes"] < adata.n_vars:
-        sc.pp.highly_variable_genes(adata, n_top_genes=p["n_top_genes"], flavor="seurat")
+    if params.n_top_genes is not None and params.n_top_genes < adata.n_vars:
+        sc.pp.highly_variable_genes(adata, n_top_genes=params.n_top_genes, flavor="seurat")
         adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
         # a cell whose expressed genes were all dropped has nothing to tokenise
         adata = adata[expressed_genes_per_cell(adata.X) > 0].copy()
         if adata.n_obs < MIN_CELLS_AFTER_QC:
             raise DataError(
                 f"dataset {dataset!r}: only {adata.n_obs} cells express any of the "
-                f"{p['n_top_genes']} highly variable genes; raise n_top_genes"
+                f"{params.n_top_genes} highly variable genes; raise n_top_genes"
             )
 
     adata.uns.pop("log1p", None)  # scanpy's marker; its None base does not round-trip cleanly
@@ -177,7 +135,7 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
     adata.X.sort_indices()
     adata.obs["split"] = pd.Categorical(
         stratified_split(
-            adata.obs[label_key], p["val_fraction"], p["test_fraction"], p["split_seed"]
+            adata.obs[label_key], params.val_fraction, params.test_fraction, params.split_seed
         ),
         categories=list(SPLITS),
     )
@@ -185,7 +143,7 @@ def prepare(adata, dataset: str, entry: dict, params: dict | None = None):
         "dataset": dataset,
         "label_key": label_key,
         "normalized": normalized,
-        "prepare": {k: v for k, v in p.items() if v is not None},
+        "prepare": {k: v for k, v in dataclasses.asdict(params).items() if v is not None},
     }
     if batch_key is not None:
         info["batch_key"] = batch_key
@@ -208,7 +166,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     import anndata as ad
 
     entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
-    params = parse_json_arg(args.params_json, "prepare: --params-json")
+    params = config.section("prepare", parse_json_arg(args.params_json, "prepare: --params-json"))
     adata = prepare(ad.read_h5ad(args.input), args.dataset, entry, params)
     write_h5ad(args.output, adata)
 

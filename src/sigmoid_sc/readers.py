@@ -63,15 +63,6 @@ def _counts(X) -> sp.csr_matrix:
     return X
 
 
-def _check_options(dataset: str, fmt: str, options: dict[str, Any], known: set[str]) -> None:
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigError(
-            f"dataset {dataset!r}: unknown reader option(s) {', '.join(sorted(unknown))} for "
-            f"format {fmt!r}; known: {', '.join(sorted(known)) or '(none)'}"
-        )
-
-
 def _open_text(path: Path):
     """A text handle, gunzipping when the file starts with the gzip magic."""
     with open(path, "rb") as fh:
@@ -484,26 +475,47 @@ _LABEL_OPTIONS = {
 _REQUIRED_OPTIONS = {"hdf5": ("matrix", "var_names", "obs_names")}
 
 
-def check_options(
-    fmt: str, options: dict[str, Any] | None, dataset: str = "?", labels: bool = False
-) -> None:
-    """Refuse an unknown format or reader option before anything is downloaded."""
+def reader_option_problems(
+    fmt: str, options: dict[str, Any] | None, labels: bool = False
+) -> list[str]:
+    """What is wrong with the ``reader`` options of a file of format ``fmt`` (a data file, or a
+    labels file when ``labels``): unknown options, or ones its reader needs. Empty when fine.
+
+    The config's schema knows the formats; the options each reader takes are known here, beside
+    the readers, and :mod:`sigmoid_sc.config` asks before any job runs.
+    """
     table = (
         _LABEL_OPTIONS
         if labels
         else {f: _READER_OPTIONS["text" if f in TEXT_FORMATS else f] for f in READ_FORMATS}
     )
     if fmt not in table:
-        raise ConfigError(
-            f"dataset {dataset!r}: unknown {'labels ' if labels else ''}format {fmt!r}; "
-            f"known: {', '.join(sorted(table))}"
-        )
+        return [
+            f"no reader for {'labels ' if labels else ''}format {fmt!r} (known: {', '.join(sorted(table))})"
+        ]
     options = dict(options or {})
     options.pop("member", None)
-    _check_options(dataset, fmt, options, table[fmt])
+    known = table[fmt]
+    problems = []
+    unknown = sorted(set(options) - known)
+    if unknown:
+        problems.append(
+            f"unknown reader option(s) {', '.join(unknown)} for format {fmt!r}; "
+            f"known: {', '.join(sorted(known | {'member'}))}"
+        )
     for key in () if labels else _REQUIRED_OPTIONS.get(fmt, ()):
         if key not in options:
-            raise ConfigError(f"dataset {dataset!r}: format {fmt} needs reader.{key}")
+            problems.append(f"format {fmt} needs reader.{key}")
+    return problems
+
+
+def check_options(
+    fmt: str, options: dict[str, Any] | None, dataset: str = "?", labels: bool = False
+) -> None:
+    """Refuse unknown or missing reader options (see :func:`reader_option_problems`)."""
+    problems = reader_option_problems(fmt, options, labels)
+    if problems:
+        raise ConfigError(f"dataset {dataset!r}: {'; '.join(problems)}")
 
 
 def read_dataset(
@@ -515,11 +527,6 @@ def read_dataset(
     """Read one file, folder or tar(.gz) bundle of format ``fmt`` into a counts AnnData."""
     path = Path(path)
     fmt = fmt or infer_format(path)
-    if fmt not in READ_FORMATS:
-        raise ConfigError(
-            f"dataset {dataset!r}: format {fmt!r} is not a count-matrix format; "
-            f"known: {', '.join(sorted(READ_FORMATS))}"
-        )
     options = dict(options or {})
     member = options.pop("member", None)
     if not path.exists():

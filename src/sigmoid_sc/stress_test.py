@@ -42,125 +42,28 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .attention import ATTENTION_KINDS
+from . import config
 from .attention.reference import default_scale
-from .errors import ConfigError
+from .config import StressTest
 from .io import write_csv, write_json
 from .model import Encoder, ModelConfig
-from .runtime import resolve_device, set_threads
+from .runtime import parse_json_arg, resolve_device, set_threads
 from .tokens import choose_masked, masked_gene_loss
 
 N_SPECIAL = 3  # pad 0, mask 1, cls 2 (docs/ARCHITECTURE.md)
 MASK_ID = 1
 
 
-@dataclass
-class StressConfig:
-    """The ``experiments.stress_test`` config section (schema defaults mirror these)."""
-
-    enabled: bool = False  # read by the workflow only
-    attentions: list = field(default_factory=lambda: list(ATTENTION_KINDS))
-    # model: 159,952,896 parameters with these defaults
-    n_layers: int = 10
-    d_model: int = 1024
-    n_heads: int = 16
-    d_ff: int = 4096
-    vocab_size: int = 25000  # genes + 3 special tokens
-    # data
-    seq_len: int = 8192  # tokens per sequence
-    batch_size: int = 2  # sequences per step
-    n_cell_types: int = 16  # programmes of the synthetic rank sequences
-    rank_noise: float = 1.0  # sd of the noise added to a programme's gene preference
-    mask_prob: float = 0.15
-    # optimisation: no gradient clipping, by design
-    lr: float | list = 3.0e-3  # constant after warm-up; high on purpose; a list: one arm per lr
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    precision: str = "bf16"  # "bf16" (autocast, CUDA only) | "fp32"
-    seed: int = 0
-    # bounds and detection
-    max_steps: int = 1000  # per arm
-    max_seconds: float = 240.0  # per arm, wall clock (2 arms fit a 10-minute GPU job)
-    early_steps: int = 20  # steps whose median gradient norm is the reference
-    divergence_factor: float = 1.0e4
-    logit_queries: int = 256  # query rows per sequence for the max logit; 0 = all (exact)
-    logit_every: int = 1  # measure the max logit every N steps (NaN in between)
-
-    @property
-    def lrs(self) -> list[float]:
-        """The peak learning rates of the run: ``lr`` as a list."""
-        return [float(v) for v in self.lr] if isinstance(self.lr, list) else [float(self.lr)]
-
-
-def parse_stress_config(params: dict) -> StressConfig:
-    """Check the section's keys and values; ConfigError names the bad key."""
-    if not isinstance(params, dict):
-        raise ConfigError(f"experiments.stress_test must be a mapping, got {params!r}")
-    fields = {f.name: f for f in dataclasses.fields(StressConfig)}
-    defaults = StressConfig()
-    for key, value in params.items():
-        if key not in fields:
-            raise ConfigError(
-                f"unknown key experiments.stress_test.{key}; expected some of: {', '.join(fields)}"
-            )
-        kind = type(getattr(defaults, key))
-        if key == "lr":  # a number, or a non-empty list of numbers (a sweep: one arm per lr)
-            values = value if isinstance(value, list) and value else [value]
-            ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        else:
-            accepted = (int, float) if kind is float else (kind,)
-            ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
-        if not ok:
-            expected = "a number or a list of numbers" if key == "lr" else kind.__name__
-            raise ConfigError(f"experiments.stress_test.{key} must be {expected}, got {value!r}")
-    cfg = StressConfig(**params)
-    for key in ("n_layers", "d_model", "n_heads", "d_ff", "seq_len", "batch_size",
-                "n_cell_types", "max_steps", "early_steps", "logit_every"):  # fmt: skip
-        if getattr(cfg, key) < 1:
-            raise ConfigError(
-                f"experiments.stress_test.{key} must be >= 1, got {getattr(cfg, key)}"
-            )
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(
-            f"experiments.stress_test: d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
-        )
-    if cfg.seq_len > cfg.vocab_size - N_SPECIAL:
-        raise ConfigError(
-            f"experiments.stress_test: seq_len={cfg.seq_len} needs at least that many genes, "
-            f"but vocab_size={cfg.vocab_size} holds {cfg.vocab_size - N_SPECIAL}"
-        )
-    if not cfg.attentions or any(a not in ATTENTION_KINDS for a in cfg.attentions):
-        raise ConfigError(
-            f"experiments.stress_test.attentions must list some of {ATTENTION_KINDS}, "
-            f"got {cfg.attentions!r}"
-        )
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(
-            f"experiments.stress_test.precision must be bf16 or fp32, got {cfg.precision!r}"
-        )
-    if min(cfg.lrs) <= 0 or cfg.weight_decay < 0 or cfg.warmup_steps < 0 or cfg.logit_queries < 0:
-        raise ConfigError(
-            "experiments.stress_test: lr must be > 0; weight_decay, warmup_steps, logit_queries >= 0"
-        )
-    if cfg.max_seconds <= 0 or cfg.divergence_factor <= 1 or not 0 < cfg.mask_prob < 1:
-        raise ConfigError(
-            "experiments.stress_test: max_seconds must be > 0, divergence_factor > 1, "
-            "mask_prob in (0, 1)"
-        )
-    return cfg
-
-
-def arm_name(cfg: StressConfig, attention: str, lr: float) -> str:
+def arm_name(cfg: StressTest, attention: str, lr: float) -> str:
     """``softmax`` for a single learning rate; ``softmax lr=0.003`` in a sweep."""
     return attention if len(cfg.lrs) == 1 else f"{attention} lr={lr:g}"
 
 
-def model_config(cfg: StressConfig, attention: str) -> ModelConfig:
+def model_config(cfg: StressTest, attention: str) -> ModelConfig:
     return ModelConfig(
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
@@ -189,7 +92,7 @@ class RankSequences:
     and keeps the top ``seq_len``, highest first.
     """
 
-    def __init__(self, cfg: StressConfig):
+    def __init__(self, cfg: StressTest):
         self.cfg = cfg
         n_genes = cfg.vocab_size - N_SPECIAL
         rng = np.random.default_rng([cfg.seed, 7])
@@ -340,7 +243,7 @@ class DivergenceDetector:
 
 
 def run_arm(
-    cfg: StressConfig,
+    cfg: StressTest,
     attention: str,
     device: torch.device,
     data: RankSequences | None = None,
@@ -475,7 +378,7 @@ def run_arm(
 
 
 def run_stress_test(
-    cfg: StressConfig, device: torch.device, log=print, on_progress=None
+    cfg: StressTest, device: torch.device, log=print, on_progress=None
 ) -> tuple[list, dict]:
     """Every arm of ``cfg.attentions`` on the same data; (rows of all arms, summary).
 
@@ -502,10 +405,12 @@ def run_stress_test(
     return rows, stress_summary(cfg, arms, device)
 
 
-def stress_summary(cfg: StressConfig, arms: dict, device: torch.device) -> dict:
+def stress_summary(cfg: StressTest, arms: dict, device: torch.device) -> dict:
     """The run's summary: config, environment and the summary of each finished arm."""
     return {
-        "config": dataclasses.asdict(cfg),
+        "config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+        },
         "n_params": next(iter(arms.values()))["n_params"] if arms else None,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -523,17 +428,13 @@ def stress_summary(cfg: StressConfig, arms: dict, device: torch.device) -> dict:
 
 
 def _run(args: argparse.Namespace) -> None:
-    import json
-
     import pandas as pd
 
     from .experiment_figures import plot_stress, save_figure
 
-    try:
-        params = json.loads(args.params_json) or {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--params-json is not valid JSON: {exc}") from exc
-    cfg = parse_stress_config(params)
+    cfg = config.section(
+        "experiments.stress_test", parse_json_arg(args.params_json, "--params-json")
+    )
     device = resolve_device(args.device)
     set_threads()
 

@@ -6,10 +6,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ConfigError
-
-SYNTHETIC_KEYS = {"n_cells", "n_genes", "n_cell_types", "n_batches", "seed"}
-
 
 def synthetic_counts(
     n_cells: int = 1500,
@@ -37,17 +33,13 @@ def synthetic_counts(
       numbers of genes;
     - cell-type proportions are unequal (Dirichlet), every type has at least a few cells.
 
-    Returns an AnnData: ``X`` float32 CSR counts ``[n_cells, n_genes]``, ``obs[label_key]``
+    Sizes as the config's schema allows them (``n_cells >= 2 * n_cell_types``,
+    ``n_genes >= 4 * n_cell_types``; :mod:`sigmoid_sc.config` checks them). Returns an AnnData:
+    ``X`` float32 CSR counts ``[n_cells, n_genes]``, ``obs[label_key]``
     ("type_0", ...) and ``obs[batch_key]`` ("batch_0", ...) as categoricals.
     """
     import anndata as ad
 
-    if n_cells < 2 * n_cell_types or n_genes < 4 * n_cell_types or n_batches < 1:
-        raise ConfigError(
-            f"synthetic: need n_cells >= 2 * n_cell_types, n_genes >= 4 * n_cell_types and "
-            f"n_batches >= 1 (got n_cells={n_cells}, n_genes={n_genes}, "
-            f"n_cell_types={n_cell_types}, n_batches={n_batches})"
-        )
     rng = np.random.default_rng(seed)
 
     # cell types: unequal proportions, at least 2 cells each

@@ -28,17 +28,16 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ConfigError, DataError
+from . import config
+from .config import Tokenize
+from .errors import DataError
 from .io import write_npz
-from .prepare import check_params
 from .runtime import log_to_stderr, parse_json_arg
 
 log = logging.getLogger(__name__)
 
 PAD_ID, MASK_ID, CLS_ID = 0, 1, 2
 N_SPECIAL = 3
-
-DEFAULTS = {"max_len": 256, "gene_median_norm": True}
 
 #: rows sorted per chunk; bounds the lexsort's working memory (a few x nnz of a chunk)
 CHUNK_CELLS = 8192
@@ -71,8 +70,6 @@ def rank_value_encode(
     Returns ``(input_ids, offsets)``: int32 token ids (gene index + 3), concatenated row after
     row, and int64 ``offsets [n_cells + 1]``.
     """
-    if max_len < 1:
-        raise ConfigError(f"tokenize: max_len must be >= 1, got {max_len}")
     X = sp.csr_matrix(X)
     if not X.has_sorted_indices:
         X = X.sorted_indices()  # a copy: the caller's matrix is left as it is
@@ -105,15 +102,9 @@ def rank_value_encode(
     return input_ids, offsets
 
 
-def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.ndarray]:
-    """Tokenise a prepared AnnData; returns the arrays of ``tokens.npz`` (see the module doc)."""
-    p = check_params(params, DEFAULTS, "tokenize")
-    if not isinstance(p["max_len"], int) or isinstance(p["max_len"], bool) or p["max_len"] < 1:
-        raise ConfigError(f"tokenize: max_len must be an integer >= 1, got {p['max_len']!r}")
-    if not isinstance(p["gene_median_norm"], bool):
-        raise ConfigError(
-            f"tokenize: gene_median_norm must be true or false, got {p['gene_median_norm']!r}"
-        )
+def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
+    """Tokenise a prepared AnnData with the config's ``tokenize`` section; returns the arrays of
+    ``tokens.npz`` (see the module doc)."""
     if "split" not in adata.obs:
         raise DataError(
             f"dataset {dataset!r}: prepared data has no obs['split']; run prepare first"
@@ -121,7 +112,7 @@ def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.nd
     X = sp.csr_matrix(adata.X)
     split = adata.obs["split"].astype(str).to_numpy()
     n_genes = X.shape[1]
-    if p["gene_median_norm"]:
+    if params.gene_median_norm:
         # normalised expression (CP10K); ranks compare x / median_g, a ratio of linear values
         X = X.copy()
         X.data = np.expm1(X.data.astype(np.float64))
@@ -129,10 +120,10 @@ def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.nd
         if not train.any():
             raise DataError(f"dataset {dataset!r}: no training cells to take gene medians from")
         gene_median = gene_nonzero_median(X[train])
-        input_ids, offsets = rank_value_encode(X, p["max_len"], gene_median)
+        input_ids, offsets = rank_value_encode(X, params.max_len, gene_median)
     else:
         gene_median = np.ones(n_genes)
-        input_ids, offsets = rank_value_encode(X, p["max_len"])
+        input_ids, offsets = rank_value_encode(X, params.max_len)
     lengths = np.diff(offsets)
     if (lengths == 0).any():
         raise DataError(
@@ -147,7 +138,7 @@ def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.nd
         lengths.min(),
         np.median(lengths),
         lengths.max(),
-        p["max_len"],
+        params.max_len,
     )
     return {
         "input_ids": input_ids,
@@ -157,7 +148,7 @@ def tokenize(adata, dataset: str, params: dict | None = None) -> dict[str, np.nd
         "gene_names": np.asarray(adata.var_names, dtype=str),
         "gene_median": gene_median.astype(np.float32),
         "vocab_size": np.int64(n_genes + N_SPECIAL),
-        "max_len": np.int64(p["max_len"]),
+        "max_len": np.int64(params.max_len),
         "pad_id": np.int64(PAD_ID),
         "mask_id": np.int64(MASK_ID),
         "cls_id": np.int64(CLS_ID),
@@ -168,7 +159,7 @@ def run_tokenize(args: argparse.Namespace) -> None:
     log_to_stderr()
     import anndata as ad
 
-    params = parse_json_arg(args.params_json, "tokenize: --params-json")
+    params = config.section("tokenize", parse_json_arg(args.params_json, "tokenize: --params-json"))
     arrays = tokenize(ad.read_h5ad(args.input), args.dataset, params)
     write_npz(args.output, **arrays)
 

@@ -30,12 +30,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import config
+from .attention import ATTENTION_KINDS
+from .config import Model, Train
 from .distributed import StopVote, dist_from_env, init_distributed, shard_batch, wrap_ddp
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_csv
@@ -47,70 +49,7 @@ HISTORY_COLUMNS = ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
 MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 32  # cells per step
-    lr: float = 1.0e-3  # peak learning rate, reached after warm-up
-    weight_decay: float = 0.01  # on matrices and embeddings, not on biases and norms
-    warmup_steps: int = 30
-    mask_prob: float = 0.15  # each token's chance to be masked (at least one per cell)
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast, CUDA only)
-
-
-MODEL_SECTION_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "dropout")
-
-
-# ----------------------------------------------------------------------------------------
-# config
-
-
-def _section(cls, params: dict, section: str, keys: tuple[str, ...]) -> dict:
-    """Check one config section's keys and value types; returns the values given."""
-    if not isinstance(params, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping, got {params!r}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for key, value in params.items():
-        if key not in keys:
-            raise ConfigError(f"unknown key {section}.{key}; expected some of: {', '.join(keys)}")
-        kind = type(defaults[key])
-        accepted = (int, float) if kind is float else (kind,)
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ConfigError(f"{section}.{key} must be {kind.__name__}, got {value!r}")
-    return dict(params)
-
-
-def parse_train_config(params: dict) -> TrainConfig:
-    keys = tuple(f.name for f in dataclasses.fields(TrainConfig))
-    cfg = TrainConfig(**_section(TrainConfig, params, "train", keys))
-    for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.warmup_steps < 0 or cfg.lr <= 0 or cfg.weight_decay < 0:
-        raise ConfigError("train.warmup_steps, train.weight_decay must be >= 0 and train.lr > 0")
-    if not 0.0 < cfg.mask_prob < 1.0:
-        raise ConfigError(f"train.mask_prob must be in (0, 1), got {cfg.mask_prob}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
-    return cfg
-
-
-def parse_model_config(params: dict, attention: str, vocab_size: int, max_len: int) -> ModelConfig:
-    values = _section(ModelConfig, params, "model", MODEL_SECTION_KEYS)
-    for key in ("n_layers", "d_model", "n_heads", "d_ff"):
-        if values.get(key, 1) < 1:
-            raise ConfigError(f"model.{key} must be >= 1, got {values[key]}")
-    if not 0.0 <= values.get("dropout", 0.0) < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {values['dropout']}")
-    try:
-        return ModelConfig(**values, vocab_size=vocab_size, max_len=max_len, attention=attention)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from exc
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: Train) -> float:
     """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, cosine."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -147,8 +86,8 @@ def train(
     tokens_path: str | os.PathLike,
     attention: str,
     seed: int,
-    model_params: dict,
-    train_params: dict,
+    model_params: Model,
+    train_params: Train,
     device: str,
     out_dir: str | os.PathLike,
     on_step=None,
@@ -158,11 +97,16 @@ def train(
     ``on_step(step)``, if given, is called after each completed optimiser step (tests use it to
     interrupt a run).
     """
-    cfg = parse_train_config(train_params)
+    cfg = train_params
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{dataset}: seed must be an integer >= 0, got {seed!r}")
     tokens = load_tokens(tokens_path, dataset)
-    model_cfg = parse_model_config(model_params, attention, tokens.vocab_size, tokens.max_len)
+    model_cfg = ModelConfig(
+        **dataclasses.asdict(model_params),
+        vocab_size=tokens.vocab_size,
+        max_len=tokens.max_len,
+        attention=attention,
+    )
     dev = resolve_device(device)
     dist = dist_from_env()
     if dist.world > 1 and min(cfg.batch_size, tokens.cells("train").size) < dist.world:
@@ -462,8 +406,8 @@ def _run(args: argparse.Namespace) -> None:
         tokens_path=args.tokens,
         attention=args.attention,
         seed=args.seed,
-        model_params=parse_json_arg(args.model_json, "train: --model-json"),
-        train_params=parse_json_arg(args.train_json, "train: --train-json"),
+        model_params=config.section("model", parse_json_arg(args.model_json, "--model-json")),
+        train_params=config.section("train", parse_json_arg(args.train_json, "--train-json")),
         device=args.device,
         out_dir=args.out_dir,
     )
@@ -478,7 +422,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dataset", required=True, help="dataset name (for messages and metadata)")
     p.add_argument("--tokens", required=True, help="tokens.npz from `sigmoid-sc tokenize`")
-    p.add_argument("--attention", required=True, choices=("softmax", "sigmoid"))
+    p.add_argument("--attention", required=True, choices=ATTENTION_KINDS)
     p.add_argument("--seed", required=True, type=int)
     p.add_argument("--model-json", default="{}", help="the config's model section as JSON")
     p.add_argument("--train-json", default="{}", help="the config's train section as JSON")

@@ -27,7 +27,7 @@ METHODS = ATTENTIONS + ["pca"]
 
 wildcard_constraints:
     dataset="|".join(re.escape(name) for name in DATASETS),
-    attention="softmax|sigmoid",
+    attention="|".join(sigmoid_sc_config.ATTENTIONS),
     seed=r"\d+",
 
 
@@ -88,13 +88,12 @@ def dataset_histories(wildcards):
 
 # --- download (written by the downloads engineer; the rule is in download.smk) ---
 
-# the download section (the schema's defaults fill a missing section only at its top level)
-DOWNLOAD = config.get("download") or {}
+DOWNLOAD = config["download"]
 
 
 def download_lockfile():
     """The lock file: download.lockfile if set, else `<config stem>.lock.yaml` beside it."""
-    if DOWNLOAD.get("lockfile"):
+    if DOWNLOAD["lockfile"]:
         return DOWNLOAD["lockfile"]
     if workflow.configfiles:
         config_path = str(workflow.configfiles[-1])
@@ -123,8 +122,7 @@ def download_entry(wildcards):
     entry = dict(config["datasets"][wildcards.dataset])
     if entry["source"] == "url":
         for key in ("retries", "timeout_s"):
-            if DOWNLOAD.get(key) is not None:
-                entry.setdefault(key, DOWNLOAD[key])
+            entry.setdefault(key, DOWNLOAD[key])
     elif entry["source"] == "path" and config.get("data_dir"):
         entry["path"] = os.path.join(config["data_dir"], entry["path"])
     return entry
@@ -203,8 +201,8 @@ EXPERIMENT_OUTPUTS = {
 
 
 def experiment(name):
-    """The experiments.<name> config section ({} when absent)."""
-    return (config.get("experiments") or {}).get(name) or {}
+    """The experiments.<name> config section (validated, defaults filled)."""
+    return config["experiments"][name]
 
 
 def experiment_targets():
@@ -212,30 +210,17 @@ def experiment_targets():
     return [
         path
         for name, paths in EXPERIMENT_OUTPUTS.items()
-        if experiment(name).get("enabled", False)
+        if experiment(name)["enabled"]
         for path in paths
     ]
 
 
 def jacobian_run():
-    """(dataset, seed) whose trained softmax and sigmoid models the Jacobian analysis reads."""
+    """(dataset, seed) whose trained softmax and sigmoid models the Jacobian analysis reads
+    (sigmoid_sc.config checked that they are among datasets and seeds)."""
     section = experiment("jacobian")
-    dataset = section.get("dataset") or DATASETS[0]
-    seed = section.get("seed")
-    seed = SEEDS[0] if seed is None else int(seed)
-    if section.get("enabled", False):
-        if dataset not in DATASETS:
-            raise ValueError(
-                f"experiments.jacobian.dataset {dataset!r} is not a key of datasets ({', '.join(DATASETS)})"
-            )
-        if seed not in SEEDS:
-            raise ValueError(
-                f"experiments.jacobian.seed {seed} is not one of seeds {SEEDS}"
-            )
-        if not {"softmax", "sigmoid"} <= set(ATTENTIONS):
-            raise ValueError(
-                "experiments.jacobian needs attentions to list softmax and sigmoid"
-            )
+    dataset = section["dataset"] or DATASETS[0]
+    seed = SEEDS[0] if section["seed"] is None else int(section["seed"])
     return dataset, seed
 
 

@@ -17,10 +17,10 @@ rule download:
         raw="results/{dataset}/raw.h5ad",
     params:
         entry=lambda wildcards: json.dumps(download_entry(wildcards), sort_keys=True),
-        cache_dir=DOWNLOAD.get("cache_dir", "results/.cache/downloads"),
+        cache_dir=DOWNLOAD["cache_dir"],
         lockfile=download_lockfile_option,
         require_checksum=(
-            "--require-checksum" if DOWNLOAD.get("require_checksum") else ""
+            "--require-checksum" if DOWNLOAD["require_checksum"] else ""
         ),
     benchmark:
         "results/benchmarks/download/{dataset}.tsv"

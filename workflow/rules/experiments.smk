@@ -106,10 +106,10 @@ rule kernel_benchmark:
         ),
         md="results/tables/kernel.md",
     params:
-        bench_args=" ".join(experiment("kernel_benchmark").get("bench_args", ["--no-sweep"])),
+        bench_args=" ".join(experiment("kernel_benchmark")["bench_args"]),
         fallback=(
             f"--fallback-csv {experiment('kernel_benchmark')['fallback_csv']}"
-            if experiment("kernel_benchmark").get("fallback_csv")
+            if experiment("kernel_benchmark")["fallback_csv"]
             else ""
         ),
         raw_dir="results/experiments/kernel_benchmark",

@@ -1,0 +1,665 @@
+"""The pipeline's config: one schema, one validation, a frozen dataclass per section.
+
+``config.schema.yaml`` (beside this module) is the only source of defaults and checks: types,
+ranges, enums, unknown keys. :func:`validate` checks a whole config against it, fills the
+defaults in place (the Snakefile calls it before any job) and adds the checks that span several
+keys, which a JSON schema cannot express (and the readers' option tables). Every error is one line in
+plain words that names the key (``prepare.val_fraction must be < 1; got 1.5``), never a
+jsonschema dump.
+
+The stages get their section as JSON on the command line and turn it into the section's
+dataclass with :func:`section` (``section("train", params) -> Train``) or, for a dataset entry,
+:func:`dataset`; both validate the same way, so a stage trusts what it gets. :func:`load`
+reads YAML files (later ones merged over earlier ones, as Snakemake merges ``--configfile``
+overlays) into a :class:`Config` holding every section's dataclass.
+
+Imports only yaml and jsonschema (and, for datasets with reader options, the readers' option
+tables), so the Snakefile can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+N_SPECIAL_TOKENS = 3  # pad, mask, cls: ids 0-2 of every vocabulary (sigmoid_sc.tokenize)
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    n_cells: int
+    n_genes: int
+    n_cell_types: int
+    n_batches: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One entry of ``datasets``. ``name`` is its key; ``scanpy_name`` is the entry's ``name``
+    (the scanpy function); ``entry`` is the whole validated entry, read-only, for the keys of
+    the ``url`` source (url, files, obs, sha256, ...; see :mod:`sigmoid_sc.fetch`)."""
+
+    name: str
+    source: str
+    label_key: str
+    batch_key: str | None
+    use_raw: bool
+    normalized: bool
+    scanpy_name: str | None
+    path: str | None
+    format: str | None
+    reader: Mapping[str, Any]
+    synthetic: Synthetic | None
+    entry: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Download:
+    cache_dir: str
+    lockfile: str | None
+    require_checksum: bool
+    retries: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Prepare:
+    min_genes: int
+    min_cells: int
+    n_top_genes: int | None
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    max_len: int
+    gene_median_norm: bool
+
+
+@dataclass(frozen=True)
+class Model:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class Train:
+    steps: int
+    batch_size: int  # cells per step
+    lr: float  # peak learning rate, reached after warm-up
+    weight_decay: float  # on matrices and embeddings, not on biases and norms
+    warmup_steps: int
+    mask_prob: float  # each token's chance to be masked (at least one per cell)
+    eval_every: int
+    checkpoint_every: int
+    precision: str  # fp32 | bf16 (autocast, CUDA only)
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    n_neighbors: int
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    claim_metric: str
+    claim_relative_change: float
+    metrics: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class StressTest:
+    enabled: bool
+    attentions: tuple[str, ...]
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    n_cell_types: int
+    rank_noise: float
+    mask_prob: float
+    lr: float | tuple[float, ...]
+    warmup_steps: int
+    weight_decay: float
+    precision: str
+    seed: int
+    max_steps: int
+    max_seconds: float
+    early_steps: int
+    divergence_factor: float
+    logit_queries: int
+    logit_every: int
+
+    @property
+    def lrs(self) -> list[float]:
+        """The peak learning rates of the run: ``lr`` as a list (a sweep when several)."""
+        return [float(v) for v in self.lr] if isinstance(self.lr, tuple) else [float(self.lr)]
+
+
+@dataclass(frozen=True)
+class Jacobian:
+    enabled: bool
+    dataset: str | None
+    seed: int | None
+    split: str
+    n_cells: int
+    check_rows: int
+
+
+@dataclass(frozen=True)
+class KernelBenchmark:
+    enabled: bool
+    bench_args: tuple[str, ...]
+    fallback_csv: str | None
+
+
+@dataclass(frozen=True)
+class TrainingSpeed:
+    enabled: bool
+    n_layers: int
+    d_models: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    vocab_size: int
+    seq_len: int
+    tokens: int
+    workloads: tuple[str, ...]
+    precision: str
+    warmup: int
+    repeats: int
+    smoke: bool
+
+
+#: section name (a dotted path of the config) -> its dataclass
+SECTIONS = {
+    "download": Download,
+    "prepare": Prepare,
+    "tokenize": Tokenize,
+    "model": Model,
+    "train": Train,
+    "evaluate": Evaluate,
+    "aggregate": Aggregate,
+    "experiments.stress_test": StressTest,
+    "experiments.jacobian": Jacobian,
+    "experiments.kernel_benchmark": KernelBenchmark,
+    "experiments.training_speed": TrainingSpeed,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated config, every section as its dataclass (see :func:`load`)."""
+
+    data_dir: str | None
+    seeds: tuple[int, ...]
+    attentions: tuple[str, ...]
+    device: str
+    train_gpus: int
+    datasets: Mapping[str, Dataset]
+    download: Download
+    prepare: Prepare
+    tokenize: Tokenize
+    model: Model
+    train: Train
+    evaluate: Evaluate
+    aggregate: Aggregate
+    stress_test: StressTest
+    jacobian: Jacobian
+    kernel_benchmark: KernelBenchmark
+    training_speed: TrainingSpeed
+    raw: Mapping[str, Any]  # the validated dict, defaults filled
+
+
+# ----------------------------------------------------------------------------------------------
+# the schema and its validator (defaults filled while validating, as Snakemake's validate does)
+
+
+@functools.cache
+def schema() -> dict:
+    """The config's JSON schema (config.schema.yaml), parsed once."""
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _subschema(path: str) -> dict:
+    """The schema of a dotted section path (``experiments.stress_test``)."""
+    node = schema()
+    for part in path.split("."):
+        try:
+            node = node["properties"][part]
+        except KeyError:
+            raise ConfigError(f"the config has no section {path!r}") from None
+    return node
+
+
+@functools.cache
+def _validator_class():
+    from jsonschema import Draft202012Validator, validators
+
+    properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, props, instance, sub):
+        if isinstance(instance, dict):
+            for key, subschema in props.items():
+                if "default" in subschema:
+                    instance.setdefault(key, copy.deepcopy(subschema["default"]))
+        yield from properties(validator, props, instance, sub)
+
+    return validators.extend(Draft202012Validator, {"properties": properties_with_defaults})
+
+
+def _errors(instance: Any, subschema: dict) -> list:
+    """Every schema error of ``instance`` (defaults filled into it on the way)."""
+    root = _validator_class()(schema())
+    validator = root if subschema is schema() else root.evolve(schema=subschema)
+    return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+
+
+ATTENTIONS: tuple[str, ...] = tuple(schema()["properties"]["attentions"]["items"]["enum"])
+"""The attention kinds the config accepts; the tests check them against
+``sigmoid_sc.attention.ATTENTION_KINDS``, the one list of kinds."""
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-word messages
+
+
+def _key(path: Iterable, prefix: str = "") -> str:
+    """``datasets.pbmc.files[0].url`` from a path of keys and indices."""
+    out = prefix
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "the config"
+
+
+def _words(value: Any) -> str:
+    return ", ".join(str(v) for v in value)
+
+
+_TYPES = {
+    "integer": ("an integer", "integers"),
+    "number": ("a number", "numbers"),
+    "string": ("a string", "strings"),
+    "boolean": ("true or false", "true or false"),
+    "array": ("a list", "lists"),
+    "object": ("a mapping", "mappings"),
+    "null": ("null", "nulls"),
+}
+
+
+def _resolve(ref: str) -> dict:
+    node = schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _describe(sub: dict, plural: bool = False) -> str:
+    """A value the schema ``sub`` accepts, in words (``a number > 0``, ``a list of ...``)."""
+    if "$ref" in sub:
+        sub = {**_resolve(sub["$ref"]), **{k: v for k, v in sub.items() if k != "$ref"}}
+    if "oneOf" in sub or "anyOf" in sub:
+        return " or ".join(_describe(b, plural) for b in sub.get("oneOf") or sub["anyOf"])
+    if "enum" in sub:
+        return f"one of {_words(sub['enum'])}"
+    kind = sub.get("type")
+    if isinstance(kind, list):
+        return " or ".join(_describe({**sub, "type": k}, plural) for k in kind)
+    if kind == "array":
+        text = f"{_TYPES['array'][plural]} of {_describe(sub.get('items', {}), plural=True)}"
+        return text.replace("a lists", "lists")
+    text = _TYPES.get(kind, ("a value", "values"))[plural]
+    if "exclusiveMinimum" in sub:
+        text += f" > {sub['exclusiveMinimum']}"
+    elif "minimum" in sub:
+        text += f" >= {sub['minimum']}"
+    if "pattern" in sub:
+        text += f" matching {sub['pattern']}"
+    return text
+
+
+def _needs(keys: Iterable[str]) -> str:
+    """``format`` (one of h5ad, ...) and ``url``: required keys, with the choices of ``format``."""
+    out = []
+    for key in keys:
+        note = f" (one of {_words(schema()['$defs']['format']['enum'])})" if key == "format" else ""
+        out.append(f"`{key}`{note}")
+    return " and ".join(out)
+
+
+def _condition(error, root: dict) -> str:
+    """`` (source: url)`` when the error comes from the ``then`` of an ``if`` on a constant."""
+    path = list(error.absolute_schema_path)
+    if "then" not in path:
+        return ""
+    node = root
+    for part in path[: path.index("then")]:
+        if isinstance(node, dict) and part not in node and "$ref" in node:
+            node = _resolve(node["$ref"])  # a $ref is no step of the schema path
+        node = node[part]
+    for key, sub in ((node.get("if") or {}).get("properties") or {}).items():
+        if "const" in sub:
+            return f" ({key}: {sub['const']})"
+    return ""
+
+
+def message(error, prefix: str = "", root: dict | None = None) -> str:
+    """One jsonschema ``ValidationError`` as a sentence that names the key.
+
+    ``prefix``: the dotted path of the validated section (``train``); ``root``: the schema it
+    was validated against (the whole config's by default).
+    """
+    root = schema() if root is None else root
+    kind, value, instance = error.validator, error.validator_value, error.instance
+    path = list(error.absolute_path)
+    where = _key(path, prefix)
+    got = f"; got {instance!r}"
+    if kind == "additionalProperties":
+        known = sorted((error.schema.get("properties") or {}).keys())
+        base = _key(path, prefix) if (path or prefix) else ""
+        extra = [f"{base}.{k}" if base else k for k in sorted(set(instance) - set(known))]
+        return f"unknown key {', '.join(extra)} (known keys of {where}: {_words(known)})"
+    if kind == "required":
+        return f"{where}{_condition(error, root)} needs {_needs(k for k in value if k not in instance)}"
+    if kind in ("oneOf", "anyOf"):
+        if error.context and all(e.validator == "required" for e in error.context):
+            missing: dict[int, list[str]] = {}
+            for e in error.context:
+                missing.setdefault(e.relative_schema_path[0], []).extend(
+                    k for k in e.validator_value if k not in e.instance
+                )
+            choices = ", or ".join(_needs(dict.fromkeys(keys)) for keys in missing.values())
+            return f"{where}{_condition(error, root)} needs {choices}"
+        if not error.context and all("required" in b for b in value):
+            choices = ", or ".join(_needs(b["required"]) for b in value)
+            return f"{where}{_condition(error, root)}: give only one of {choices}"
+        return f"{where} must be {_describe(error.schema)}{got}"
+    if kind == "enum":
+        return f"{where} must be one of {_words(value)}{got}"
+    if kind == "const":
+        return f"{where} must be {value!r}{got}"
+    if kind == "type":
+        return f"{where} must be {_describe(error.schema)}{got}"
+    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+    if kind in bounds:
+        return f"{where} must be {bounds[kind]} {value}{got}"
+    if kind == "minItems":
+        return f"{where} needs at least {value} item{'s' if value != 1 else ''}"
+    if kind == "uniqueItems":
+        return f"{where} lists a value more than once{got}"
+    if kind == "minProperties":
+        return f"{where} needs at least {value} entr{'ies' if value != 1 else 'y'}"
+    if kind == "minLength":
+        return f"{where} must not be empty"
+    if kind == "pattern" and "propertyNames" in error.schema_path:
+        return f"{where}: the name {instance!r} must match {value}"
+    if kind == "pattern":
+        return f"{where} must match {value}{got}"
+    return f"{where}: {error.message}"
+
+
+def _raise(problems: list[str], what: str) -> None:
+    problems = list(dict.fromkeys(problems))  # one line per problem, in order
+    if len(problems) == 1:
+        raise ConfigError(f"{what}: {problems[0]}")
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(f"{what}: {len(problems)} problems:\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------
+# checks a JSON schema cannot express (several keys at once, or the readers' option tables)
+
+
+def _section_checks(name: str, s: Mapping, where: str) -> list[str]:
+    problems = []
+    if name in ("model", "experiments.stress_test") and s["d_model"] % s["n_heads"]:
+        problems.append(
+            f"{where}.d_model ({s['d_model']}) must be a multiple of {where}.n_heads "
+            f"({s['n_heads']})"
+        )
+    if name == "prepare" and s["val_fraction"] + s["test_fraction"] >= 1:
+        problems.append(
+            f"{where}.val_fraction + {where}.test_fraction must be < 1 to leave training cells; "
+            f"got {s['val_fraction']} + {s['test_fraction']}"
+        )
+    if name == "experiments.stress_test" and s["seq_len"] > s["vocab_size"] - N_SPECIAL_TOKENS:
+        problems.append(
+            f"{where}.seq_len ({s['seq_len']}) needs as many distinct genes, but "
+            f"{where}.vocab_size ({s['vocab_size']}) holds {s['vocab_size'] - N_SPECIAL_TOKENS} "
+            f"(vocab_size - {N_SPECIAL_TOKENS})"
+        )
+    return problems
+
+
+def _dataset_checks(name: str, entry: Mapping, where: str) -> list[str]:
+    problems = []
+    synthetic = entry.get("synthetic")
+    if entry["source"] == "synthetic" and synthetic:
+        k = synthetic["n_cell_types"]
+        if synthetic["n_cells"] < 2 * k or synthetic["n_genes"] < 4 * k:
+            problems.append(
+                f"{where}.synthetic needs n_cells >= 2 x n_cell_types and n_genes >= 4 x "
+                f"n_cell_types; got n_cells {synthetic['n_cells']}, n_genes "
+                f"{synthetic['n_genes']}, n_cell_types {k}"
+            )
+    files = entry.get("files") or []
+    names = [f["name"] for f in files]
+    for repeated in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where}.files: the name {repeated!r} is used more than once")
+    for i, f in enumerate(files):
+        if f.get("batch") is not None and not entry.get("batch_key"):
+            problems.append(f"{where}.files[{i}] sets `batch` but {where} has no `batch_key`")
+    specs = [(where, entry, False)] + [
+        (f"{where}.files[{i}]", f, False) for i, f in enumerate(files)
+    ]
+    if entry.get("obs"):
+        specs.append((f"{where}.obs", entry["obs"], True))
+    for place, spec, labels in specs:
+        if spec.get("format"):  # a path entry without one: the reader infers it
+            from .readers import reader_option_problems
+
+            problems += [
+                f"{place}.reader: {p}"
+                for p in reader_option_problems(spec["format"], spec.get("reader"), labels)
+            ]
+    return problems
+
+
+def _config_checks(config: Mapping) -> list[str]:
+    problems = []
+    for name, entry in config["datasets"].items():
+        problems += _dataset_checks(name, entry, f"datasets.{name}")
+    for name in ("prepare", "model"):
+        problems += _section_checks(name, config[name], name)
+    experiments = config["experiments"]
+    problems += _section_checks(
+        "experiments.stress_test", experiments["stress_test"], "experiments.stress_test"
+    )
+    jacobian = experiments["jacobian"]
+    if jacobian["enabled"]:
+        datasets, seeds = list(config["datasets"]), config["seeds"]
+        if jacobian["dataset"] is not None and jacobian["dataset"] not in datasets:
+            problems.append(
+                f"experiments.jacobian.dataset {jacobian['dataset']!r} is not a key of datasets "
+                f"({_words(datasets)})"
+            )
+        if jacobian["seed"] is not None and jacobian["seed"] not in seeds:
+            problems.append(
+                f"experiments.jacobian.seed {jacobian['seed']} is not one of seeds ({_words(seeds)})"
+            )
+        if not {"softmax", "sigmoid"} <= set(config["attentions"]):
+            problems.append("experiments.jacobian needs attentions to list softmax and sigmoid")
+    metrics = config["aggregate"]["metrics"] or []
+    batch_metrics = [m for m in metrics if m in ("asw_batch", "ilisi", "graph_connectivity")]
+    if batch_metrics and not any(e.get("batch_key") for e in config["datasets"].values()):
+        problems.append(
+            f"aggregate.metrics lists batch metrics ({_words(batch_metrics)}) but no dataset "
+            "has a batch_key"
+        )
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# the API
+
+
+def validate(config: dict) -> dict:
+    """Check a whole config; fill its defaults in place and return it.
+
+    Raises :class:`ConfigError` listing every problem in plain words, each naming its key.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"invalid config: expected a mapping, got {type(config).__name__}")
+    problems = [message(e) for e in _errors(config, schema())]
+    if not problems:
+        problems = _config_checks(config)
+    if problems:
+        _raise(problems, "invalid config")
+    return config
+
+
+def _checked(params: Any, subschema: dict, where: str) -> dict:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} must be a mapping, got {params!r}")
+    params = copy.deepcopy(params)
+    problems = [message(e, where, subschema) for e in _errors(params, subschema)]
+    if problems:
+        _raise(problems, f"invalid {where}")
+    return params
+
+
+def _build(cls, values: Mapping):
+    def frozen(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    return cls(**{f.name: frozen(values[f.name]) for f in dataclasses.fields(cls)})
+
+
+def section(name: str, params: Mapping | None):
+    """A config section (``"train"``, ``"experiments.stress_test"``, ...) as its dataclass.
+
+    ``params`` is the section as the config gives it (keys left out take the schema's
+    defaults). Raises :class:`ConfigError` naming the key when a value is wrong.
+    """
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section {name!r}; known: {_words(SECTIONS)}")
+    values = _checked(params, _subschema(name), name)
+    problems = _section_checks(name, values, name)
+    if problems:
+        _raise(problems, f"invalid {name}")
+    return _build(SECTIONS[name], values)
+
+
+def dataset(name: str, entry: Mapping) -> Dataset:
+    """The entry of dataset ``name`` (a key of ``datasets``) as a :class:`Dataset`."""
+    where = f"datasets.{name}"
+    pattern = schema()["properties"]["datasets"]["propertyNames"]["pattern"]
+    if not re.match(pattern, name):
+        raise ConfigError(f"invalid config: the dataset name {name!r} must match {pattern}")
+    values = _checked(entry, schema()["$defs"]["dataset"], where)
+    problems = _dataset_checks(name, values, where)
+    if problems:
+        _raise(problems, f"invalid {where}")
+    synthetic = values.get("synthetic")
+    return Dataset(
+        name=name,
+        source=values["source"],
+        label_key=values["label_key"],
+        batch_key=values["batch_key"] or None,
+        use_raw=values["use_raw"],
+        normalized=values["normalized"],
+        scanpy_name=values.get("name"),
+        path=values.get("path"),
+        format=values.get("format"),
+        reader=MappingProxyType(dict(values.get("reader") or {})),
+        synthetic=_build(Synthetic, synthetic) if synthetic else None,
+        entry=MappingProxyType(values),
+    )
+
+
+def merge(base: dict, overlay: Mapping) -> dict:
+    """``overlay`` merged into a copy of ``base``, key by key (as Snakemake merges configs)."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def from_dict(config: Mapping) -> Config:
+    """A validated :class:`Config` from a config mapping (left unchanged)."""
+    raw = validate(copy.deepcopy(dict(config)))
+    experiments = raw["experiments"]
+    return Config(
+        data_dir=raw["data_dir"],
+        seeds=tuple(raw["seeds"]),
+        attentions=tuple(raw["attentions"]),
+        device=raw["device"],
+        train_gpus=raw["train_gpus"],
+        datasets=MappingProxyType({n: dataset(n, e) for n, e in raw["datasets"].items()}),
+        download=_build(Download, raw["download"]),
+        prepare=_build(Prepare, raw["prepare"]),
+        tokenize=_build(Tokenize, raw["tokenize"]),
+        model=_build(Model, raw["model"]),
+        train=_build(Train, raw["train"]),
+        evaluate=_build(Evaluate, raw["evaluate"]),
+        aggregate=_build(Aggregate, raw["aggregate"]),
+        stress_test=_build(StressTest, experiments["stress_test"]),
+        jacobian=_build(Jacobian, experiments["jacobian"]),
+        kernel_benchmark=_build(KernelBenchmark, experiments["kernel_benchmark"]),
+        training_speed=_build(TrainingSpeed, experiments["training_speed"]),
+        raw=MappingProxyType(raw),
+    )
+
+
+def load(*paths: str | os.PathLike) -> Config:
+    """Read config files (each later one merged over the earlier ones) and validate them."""
+    import yaml
+
+    if not paths:
+        raise ConfigError("config.load: no config file given")
+    merged: dict = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+        merged = merge(merged, data)
+    return from_dict(merged)
