@@ -166,21 +166,20 @@ def accepted(name: str, key: str, value):
         return None
 
 
-ENTRY = {"label_key": "cell_type", "batch_key": "batch"}
-
-
 @pytest.fixture(scope="module")
 def raw_cells():
-    from sigmoid_sc.synthetic import synthetic_counts
+    from sigmoid_sc.download import load_dataset
 
-    return synthetic_counts(n_cells=200, n_genes=60, n_cell_types=3, n_batches=2, seed=3)
+    synthetic = {"n_cells": 200, "n_genes": 60, "n_cell_types": 3, "n_batches": 2, "seed": 3}
+    entry = {"source": "synthetic", "label_key": "cell_type", "synthetic": synthetic}
+    return load_dataset(config.dataset("edges", entry))
 
 
 @pytest.fixture(scope="module")
 def prepared(raw_cells):
     from sigmoid_sc.prepare import prepare
 
-    return prepare(raw_cells, "edges", ENTRY, config.section("prepare", BASES["prepare"]))
+    return prepare(raw_cells, "edges", config.section("prepare", BASES["prepare"]))
 
 
 @pytest.mark.parametrize(("key", "value"), edge_cases("prepare"))
@@ -189,7 +188,7 @@ def test_prepare_takes_every_value_the_schema_takes(raw_cells, key, value):
 
     params = accepted("prepare", key, value)
     if params is not None:
-        out = prepare(raw_cells, "edges", ENTRY, params)
+        out = prepare(raw_cells, "edges", params)
         # train needs train and val cells, embed and evaluate test cells
         assert set(out.obs["split"]) == {"train", "val", "test"}
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from sigmoid_sc import cli, config
+from sigmoid_sc.download import load_dataset
 from sigmoid_sc.errors import DataError
 from sigmoid_sc.evaluate import BATCH_METRICS, LABEL_METRICS, score_embedding
 from sigmoid_sc.pca import pca_embedding
 from sigmoid_sc.prepare import prepare
-from sigmoid_sc.synthetic import synthetic_counts
 
 
 @pytest.fixture(autouse=True)
@@ -77,11 +77,10 @@ def test_batch_separated_embedding_scores_low_mixing():
 
 
 def test_pca_and_evaluate_cli(tmp_path):
-    raw = synthetic_counts(n_cells=240, n_genes=100, n_cell_types=3, n_batches=2, seed=0)
-    entry = {"source": "synthetic", "label_key": "cell_type", "batch_key": "batch"}
-    prepared = prepare(
-        raw, "syn", entry, config.section("prepare", {"min_genes": 5, "min_cells": 1})
-    )
+    entry = {"source": "synthetic", "label_key": "cell_type", "batch_key": "batch",
+             "synthetic": {"n_cells": 240, "n_genes": 100, "n_cell_types": 3, "n_batches": 2}}  # fmt: skip
+    raw = load_dataset(config.dataset("syn", entry))  # the keys in uns, as download writes them
+    prepared = prepare(raw, "syn", config.section("prepare", {"min_genes": 5, "min_cells": 1}))
     prepared_path = tmp_path / "prepared.h5ad"
     prepared.write_h5ad(prepared_path)
 
@@ -115,7 +114,7 @@ def test_pca_and_evaluate_cli(tmp_path):
     metrics_path, umap_path = tmp_path / "metrics.csv", tmp_path / "umap.csv"
     base = [
         "evaluate", "--dataset", "syn", "--prepared", str(prepared_path),
-        "--entry-json", json.dumps(entry), "--params-json", json.dumps({"n_neighbors": 10}),
+        "--params-json", json.dumps({"n_neighbors": 10}),
         "--metrics", str(metrics_path), "--umap", str(umap_path),
     ]  # fmt: skip
     assert cli.main([*base, "--embeddings", str(pca_path), str(model_path)]) == 0

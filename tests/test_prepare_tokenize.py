@@ -156,16 +156,21 @@ def test_split_is_deterministic_and_stratified():
 
 # ---- prepare --------------------------------------------------------------------------------
 
-ENTRY = {"source": "synthetic", "label_key": "cell_type", "batch_key": "batch"}
-
 
 def P(params: dict) -> config.Prepare:
     """The prepare section with ``params`` over the schema's defaults."""
     return config.section("prepare", params)
 
 
+def raw_data(adata, label_key="cell_type", batch_key="batch", normalized=False):
+    """``adata`` as ``download`` writes raw.h5ad: the keys and ``normalized`` in its uns."""
+    adata.uns["sigmoid_sc"] = {"label_key": label_key, "batch_key": batch_key,
+                               "normalized": normalized}  # fmt: skip
+    return adata
+
+
 def test_prepare_counts_qc_normalisation_split():
-    raw = synthetic_counts(n_cells=300, n_genes=120, n_cell_types=3, seed=2)
+    raw = raw_data(synthetic_counts(n_cells=300, n_genes=120, n_cell_types=3, seed=2))
     dense = raw.X.toarray()
     dense[:5] = 0  # five nearly-empty droplets: one count each
     dense[:5, 0] = 1
@@ -173,7 +178,7 @@ def test_prepare_counts_qc_normalisation_split():
     dense[:, 9] = 0  # a gene expressed in two cells only
     dense[10:12, 9] = 4
     raw.X = sp.csr_matrix(dense)
-    out = prepare(raw, "syn", ENTRY, P({"min_genes": 10, "min_cells": 3}))
+    out = prepare(raw, "syn", P({"min_genes": 10, "min_cells": 3}))
     kept_cells = (dense > 0).sum(axis=1) >= 10
     kept_genes = (dense[kept_cells] > 0).sum(axis=0) >= 3
     assert out.obs_names.tolist() == raw.obs_names[kept_cells].tolist()
@@ -187,15 +192,15 @@ def test_prepare_counts_qc_normalisation_split():
     np.testing.assert_array_equal(out.layers["counts"].toarray(), counts)
     assert set(out.obs["split"]) == {"train", "val", "test"}
     assert (pd.crosstab(out.obs["cell_type"], out.obs["split"])["test"] > 0).all()
+    # the keys travel on with the data
     assert out.uns["sigmoid_sc"]["label_key"] == "cell_type"
+    assert out.uns["sigmoid_sc"]["batch_key"] == "batch" and not out.uns["sigmoid_sc"]["normalized"]
 
 
 def test_prepare_normalized_input_is_kept():
     raw = synthetic_counts(n_cells=200, n_genes=80, n_cell_types=2, seed=4)
     raw.X = sp.csr_matrix(np.log1p(raw.X.toarray()))
-    out = prepare(
-        raw, "lognorm", {**ENTRY, "normalized": True}, P({"min_genes": 1, "min_cells": 1})
-    )
+    out = prepare(raw_data(raw, normalized=True), "lognorm", P({"min_genes": 1, "min_cells": 1}))
     assert "counts" not in out.layers
     np.testing.assert_allclose(
         out.X.toarray(), raw[out.obs_names, out.var_names].X.toarray(), rtol=1e-6
@@ -203,29 +208,30 @@ def test_prepare_normalized_input_is_kept():
 
 
 def test_prepare_hvg_and_errors():
-    raw = synthetic_counts(n_cells=200, n_genes=100, n_cell_types=3, seed=5)
-    assert prepare(raw, "syn", ENTRY, P({"n_top_genes": 30, "min_genes": 5})).n_vars == 30
+    raw = raw_data(synthetic_counts(n_cells=200, n_genes=100, n_cell_types=3, seed=5))
+    assert prepare(raw, "syn", P({"n_top_genes": 30, "min_genes": 5})).n_vars == 30
     with pytest.raises(ConfigError, match="unknown key prepare.min_gene"):
         P({"min_gene": 5})
     with pytest.raises(DataError, match=r"'syn'.*QC left 0 of 200 cells"):
-        prepare(raw, "syn", ENTRY, P({"min_genes": 1000}))
+        prepare(raw, "syn", P({"min_genes": 1000}))
+    raw.uns.clear()  # not written by download: the keys are unknown
+    with pytest.raises(DataError, match=r"'syn'.*not written by `sigmoid-sc download`"):
+        prepare(raw, "syn", P({}))
     with pytest.raises(ConfigError, match=r"prepare.val_fraction \+ prepare.test_fraction"):
         P({"val_fraction": 0.5, "test_fraction": 0.5})
 
 
 def test_prepare_and_tokenize_cli(tmp_path, capsys):
     raw_path, prepared, tokens = tmp_path / "raw.h5ad", tmp_path / "p.h5ad", tmp_path / "t.npz"
-    synthetic_counts(n_cells=150, n_genes=60, n_cell_types=3, seed=6).write_h5ad(raw_path)
+    raw = synthetic_counts(n_cells=150, n_genes=60, n_cell_types=3, seed=6)
+    raw_data(raw, label_key="ct").write_h5ad(raw_path)
     base = ["--dataset", "syn", "--input", str(raw_path), "--output", str(prepared)]
     # a failing prepare leaves no output
-    bad = cli.main(["prepare", *base, "--entry-json", json.dumps({**ENTRY, "label_key": "ct"})])
-    assert bad == 2 and not prepared.exists()
+    assert cli.main(["prepare", *base]) == 2 and not prepared.exists()
     assert "label_key 'ct'" in capsys.readouterr().err
+    raw_data(raw).write_h5ad(raw_path)
     params = json.dumps({"min_genes": 5, "min_cells": 1, "split_seed": 3})
-    assert (
-        cli.main(["prepare", *base, "--entry-json", json.dumps(ENTRY), "--params-json", params])
-        == 0
-    )
+    assert cli.main(["prepare", *base, "--params-json", params]) == 0
     code = cli.main(
         ["tokenize", "--dataset", "syn", "--params-json", json.dumps({"max_len": 16}),
          "--input", str(prepared), "--output", str(tokens)]

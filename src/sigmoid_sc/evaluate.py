@@ -27,7 +27,7 @@ column                 range   meaning
 ``graph_connectivity`` [0, 1]  fraction of each type's cells in its largest kNN component
 =====================  ======  ==========================================================
 
-The batch metrics appear only when the entry has ``batch_key``. Each row also carries
+The batch metrics appear only when the dataset has a ``batch_key`` (recorded in prepared.h5ad). Each row also carries
 ``dataset, method, seed, val_loss, n_cells`` (``val_loss`` as stored in the embedding: the
 model's validation loss, NaN for PCA). Neighbours are exact euclidean kNN (self included):
 ``n_neighbors`` (config, default 15) for Leiden and graph connectivity, 90 for the LISI metrics
@@ -55,7 +55,7 @@ from .config import Evaluate
 from .errors import ConfigError, DataError
 from .io import write_csv
 from .runtime import log_to_stderr, parse_json_arg
-from .validate import entry_keys
+from .validate import recorded_keys
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,16 @@ def evaluate(
     dataset: str,
     obs: pd.DataFrame,
     embedding_paths: list[str],
-    entry: dict,
     params: Evaluate,
+    label_key: str,
+    batch_key: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score every embedding against the prepared cells' ``obs`` (labels, batches by obs_names).
 
-    ``params``: the config's ``evaluate`` section. Returns ``(metrics, umap)`` frames, the
-    contents of ``metrics.csv`` and ``umap.csv``.
+    ``params``: the config's ``evaluate`` section; ``label_key``, ``batch_key``: the columns of
+    ``obs`` (prepared.h5ad records them). Returns ``(metrics, umap)`` frames, the contents of
+    ``metrics.csv`` and ``umap.csv``.
     """
-    label_key, batch_key = entry_keys(entry, dataset)
     for key, what in ((label_key, "label_key"), (batch_key, "batch_key")):
         if key is not None and key not in obs.columns:
             raise DataError(
@@ -306,8 +307,8 @@ def evaluate(
     return metrics, pd.concat(umap_frames, ignore_index=True)
 
 
-def _read_obs(path: str, dataset: str) -> pd.DataFrame:
-    """obs of prepared.h5ad without loading X."""
+def read_prepared_obs(path: str, dataset: str) -> tuple[pd.DataFrame, str, str | None]:
+    """obs of prepared.h5ad (without loading X) and the label and batch keys it records."""
     import anndata as ad
 
     try:
@@ -315,19 +316,19 @@ def _read_obs(path: str, dataset: str) -> pd.DataFrame:
     except (OSError, KeyError) as exc:
         raise DataError(f"dataset {dataset!r}: cannot read {path!r}: {exc}") from exc
     try:
-        return adata.obs.copy()
+        label_key, batch_key, _ = recorded_keys(adata.uns, dataset, path)
+        return adata.obs.copy(), label_key, batch_key
     finally:
         adata.file.close()
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     log_to_stderr()
-    entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
     params = config.section("evaluate", parse_json_arg(args.params_json, "evaluate: --params-json"))
     folders = setup_compile_caches()
     log.info("compilation caches: %s", folders)
-    obs = _read_obs(args.prepared, args.dataset)
-    metrics, umap_frame = evaluate(args.dataset, obs, args.embeddings, entry, params)
+    obs, label_key, batch_key = read_prepared_obs(args.prepared, args.dataset)
+    metrics, umap_frame = evaluate(args.dataset, obs, args.embeddings, params, label_key, batch_key)
     # both files are computed before either is written: a failure leaves neither
     write_csv(args.metrics, metrics)
     write_csv(args.umap, umap_frame)
@@ -338,8 +339,9 @@ def register(subparsers) -> None:
         "evaluate", help="scib metrics and UMAP of every embedding: metrics.csv, umap.csv"
     )
     p.add_argument("--dataset", required=True)
-    p.add_argument("--prepared", required=True, help="prepared.h5ad (labels, batches)")
-    p.add_argument("--entry-json", required=True, help="the dataset's config entry as JSON")
+    p.add_argument(
+        "--prepared", required=True, help="prepared.h5ad (labels, batches and their keys)"
+    )
     p.add_argument("--params-json", default="{}", help="the config's evaluate section as JSON")
     p.add_argument("--embeddings", nargs="+", required=True, help="embedding .npz files")
     p.add_argument("--metrics", required=True, help="output metrics.csv")

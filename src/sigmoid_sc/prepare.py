@@ -5,7 +5,8 @@ Input ``raw.h5ad`` (from ``download``), output ``prepared.h5ad``:
 - QC: cells with fewer than ``min_genes`` expressed genes are dropped, then genes expressed in
   fewer than ``min_cells`` cells, then (again) cells left with no expressed gene;
 - normalisation: counts -> ``normalize_total`` to 10^4 per cell, then ``log1p`` (log1p CP10K);
-  skipped when the entry says ``normalized: true``. Counts are kept in ``layers["counts"]``;
+  skipped when the data are ``normalized`` (the dataset entry says so; ``download`` records it
+  in ``uns["sigmoid_sc"]`` with the label and batch keys). Counts are kept in ``layers["counts"]``;
 - optional ``n_top_genes`` highly variable genes (scanpy's ``seurat`` flavour on log values);
 - the gene vocabulary is ``var_names`` in order: gene ``g`` gets token id ``g + 3``;
 - ``obs["split"]`` in {train, val, test}: seeded and stratified by cell type, so both attention
@@ -27,7 +28,7 @@ from .config import Prepare
 from .errors import DataError
 from .io import write_h5ad
 from .runtime import log_to_stderr, parse_json_arg
-from .validate import entry_keys, expressed_genes_per_cell, validate_raw
+from .validate import expressed_genes_per_cell, recorded_keys, validate_raw
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,18 @@ def stratified_split(labels, val_fraction: float, test_fraction: float, seed: in
     return split.astype(str)
 
 
-def prepare(adata, dataset: str, entry: dict, params: Prepare):
+def prepare(adata, dataset: str, params: Prepare):
     """QC, normalise, select genes and split one raw dataset; returns the prepared AnnData.
 
-    ``adata``: raw cells x genes (``X`` counts, or log-normalised when ``entry["normalized"]``).
+    ``adata``: raw cells x genes as ``download`` wrote them: ``X`` counts (or log-normalised
+    values), and in ``uns["sigmoid_sc"]`` the label and batch keys and ``normalized``.
     ``params``: the config's ``prepare`` section. Output: ``X`` float32 CSR log1p(CP10K) (or
     the given log-normalised values), ``layers["counts"]`` (counts inputs only),
-    ``obs["split"]``, the label and batch columns.
+    ``obs["split"]``, the label and batch columns, and the keys passed on in ``uns``.
     """
     import scanpy as sc
 
-    label_key, batch_key = entry_keys(entry, dataset)
-    normalized = bool(entry.get("normalized", False))
+    label_key, batch_key, normalized = recorded_keys(adata.uns, dataset, "raw.h5ad")
     validate_raw(adata, dataset, label_key, batch_key)
 
     adata = adata.copy()
@@ -165,9 +166,8 @@ def run_prepare(args: argparse.Namespace) -> None:
     log_to_stderr()
     import anndata as ad
 
-    entry = parse_json_arg(args.entry_json, f"dataset {args.dataset!r}: --entry-json")
     params = config.section("prepare", parse_json_arg(args.params_json, "prepare: --params-json"))
-    adata = prepare(ad.read_h5ad(args.input), args.dataset, entry, params)
+    adata = prepare(ad.read_h5ad(args.input), args.dataset, params)
     write_h5ad(args.output, adata)
 
 
@@ -176,7 +176,6 @@ def register(subparsers) -> None:
         "prepare", help="QC, normalise, pick the gene vocabulary and split cells: prepared.h5ad"
     )
     p.add_argument("--dataset", required=True)
-    p.add_argument("--entry-json", required=True, help="the dataset's config entry as JSON")
     p.add_argument("--params-json", default="{}", help="the config's prepare section as JSON")
     p.add_argument("--input", required=True, help="raw.h5ad")
     p.add_argument("--output", required=True, help="prepared.h5ad")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 
 #: how many offending cell names an error message lists
 N_EXAMPLES = 5
@@ -39,12 +39,21 @@ def expressed_genes_per_cell(X) -> np.ndarray:
     return (np.asarray(X) > 0).sum(axis=1).astype(np.int64)
 
 
-def entry_keys(entry: dict, dataset: str) -> tuple[str, str | None]:
-    """``(label_key, batch_key)`` of a dataset's config entry; ``batch_key`` None when unset."""
-    label_key = entry.get("label_key")
-    if not label_key:
-        raise ConfigError(f"dataset {dataset!r}: the entry needs a label_key")
-    return label_key, entry.get("batch_key") or None
+def recorded_keys(uns, dataset: str, path: str) -> tuple[str, str | None, bool]:
+    """``(label_key, batch_key, normalized)`` as ``download`` recorded them in the data's
+    ``uns["sigmoid_sc"]`` (``prepare`` passes them on); ``path`` names the file in messages."""
+    info = uns.get("sigmoid_sc") if uns is not None else None
+    if not info or "label_key" not in info:
+        raise DataError(
+            f"dataset {dataset!r}: {path} has no uns['sigmoid_sc']['label_key']; it was not "
+            "written by `sigmoid-sc download` (or `prepare`): run the pipeline from download"
+        )
+    batch_key = info.get("batch_key") or None  # h5ad cannot store None: absent means no batch
+    return (
+        str(info["label_key"]),
+        None if batch_key is None else str(batch_key),
+        bool(info.get("normalized", False)),
+    )
 
 
 def check_obs_key(adata, dataset: str, key: str, what: str) -> None:

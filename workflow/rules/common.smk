@@ -31,11 +31,6 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def dataset_entry_json(wildcards):
-    """The dataset's config entry, as the JSON the CLI's --entry-json takes."""
-    return json.dumps(config["datasets"][wildcards.dataset], sort_keys=True)
-
-
 def section_json(section):
     """A top-level config section (prepare, tokenize, model, ...) as JSON for --params-json."""
     return json.dumps(config[section], sort_keys=True)

@@ -16,7 +16,6 @@ rule evaluate:
         "../../envs/sigmoid-sc.yaml"
     threads: 2
     params:
-        entry=dataset_entry_json,
         evaluate=section_json("evaluate"),
         # compiled JAX programs persist across jobs and runs
         jax_cache="results/.cache/jax",
@@ -26,6 +25,6 @@ rule evaluate:
         "JAX_COMPILATION_CACHE_DIR={params.jax_cache:q} OMP_NUM_THREADS={threads}"
         " NUMBA_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli evaluate --dataset {wildcards.dataset:q} --prepared {input.prepared:q}"
-        " --entry-json {params.entry:q} --params-json {params.evaluate:q}"
+        " --params-json {params.evaluate:q}"
         " --embeddings {input.embeddings:q} --metrics {output.metrics:q} --umap {output.umap:q}"
         " > {log:q} 2>&1"

@@ -14,11 +14,9 @@ rule prepare:
         "../../envs/sigmoid-sc.yaml"
     threads: 1
     params:
-        entry=dataset_entry_json,
         prepare=section_json("prepare"),
     message:
         "prepare {wildcards.dataset}"
     shell:
-        "python -m sigmoid_sc.cli prepare --dataset {wildcards.dataset:q} --entry-json {params.entry:q}"
-        " --params-json {params.prepare:q} --input {input.raw:q} --output {output.prepared:q}"
-        " > {log:q} 2>&1"
+        "python -m sigmoid_sc.cli prepare --dataset {wildcards.dataset:q} --params-json {params.prepare:q}"
+        " --input {input.raw:q} --output {output.prepared:q} > {log:q} 2>&1"
