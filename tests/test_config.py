@@ -88,9 +88,17 @@ def test_the_lists_of_names_agree_with_the_code():
     from sigmoid_sc.attention import ATTENTION_KINDS
     from sigmoid_sc.evaluate import BATCH_METRICS, LABEL_METRICS
 
+    # the kinds: the schema's enums, the train stage's choices and the Snakefile's wildcard
     assert config.ATTENTIONS == ATTENTION_KINDS
     stress = config._subschema("experiments.stress_test")["properties"]["attentions"]
     assert tuple(stress["items"]["enum"]) == ATTENTION_KINDS
+    from sigmoid_sc.cli import build_parser
+
+    train = build_parser("train")._subparsers._group_actions[0].choices["train"]
+    attention = next(a for a in train._actions if a.dest == "attention")
+    assert tuple(attention.choices) == ATTENTION_KINDS
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert 'attention="|".join(sigmoid_sc_config.ATTENTIONS)' in common
     metrics = config.schema()["$defs"]["metric"]["enum"]
     assert set(metrics) == {"val_loss", *LABEL_METRICS, *BATCH_METRICS}
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import config
-from .config import Aggregate
+from .config import ATTENTIONS, Aggregate
 from .errors import ConfigError, DataError
 from .io import read_table, write_csv, write_text
 from .runtime import parse_json_arg
@@ -33,7 +33,7 @@ from .runtime import parse_json_arg
 ID_COLUMNS = ("dataset", "method", "seed")
 #: columns of metrics.csv that describe an embedding rather than score it
 DESCRIPTIVE_COLUMNS = ("n_cells",)
-METHOD_ORDER = ("softmax", "sigmoid", "pca")
+METHOD_ORDER = (*ATTENTIONS, "pca")
 OVERALL = "overall"
 #: the fewest pairs for which the Wilcoxon signed-rank test is reported (below, its smallest
 #: attainable two-sided p is over 0.05 and says nothing)

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import ATTENTIONS
 from .errors import DataError
-from .figures import pyplot, save_figure
+from .figures import METHOD_COLOURS, pyplot, save_figure
 from .io import write_csv, write_text
-
-KIND_COLOURS = {"softmax": "#1f77b4", "sigmoid": "#d62728"}
 
 #: the paper's forward TFLOPS on an H100 (claim e), drawn as reference marks
 PAPER_H100_FWD_TFLOPS = {"TritonSigmoid (paper)": 515, "FlashSigmoid": 440, "FlashAttention-2": 361}
@@ -82,7 +81,7 @@ def plot_stress(log: pd.DataFrame, summary: dict | None = None):
     for ax, (column, label) in zip(axes[0], panels):
         for name, arm_log in log.groupby(arm_column, sort=False):
             attention = arm_log["attention"].iloc[0]
-            colour = KIND_COLOURS.get(attention, "k")
+            colour = METHOD_COLOURS.get(attention, "k")
             style = styles[lrs.index(arm_log["peak_lr"].iloc[0]) % len(styles)] if lrs else "-"
             arm = arms.get(name, {})
             values = arm_log[column].astype(float).where(lambda v: v > 0)  # log scale: > 0 only
@@ -341,7 +340,7 @@ def plot_jacobian(result: dict):
     if sig is not None and sig["hist"] is not None:
         edges = np.linspace(0, bound, len(sig["hist"]) + 1)
         ax_hist.bar(edges[:-1], sig["hist"], width=np.diff(edges), align="edge",
-                    color=KIND_COLOURS["sigmoid"], alpha=0.8)  # fmt: skip
+                    color=METHOD_COLOURS["sigmoid"], alpha=0.8)  # fmt: skip
         ax_hist.axvline(bound, color="k", ls="--", lw=1)
         ax_hist.annotate("bound 1/4", (bound, 0.95), xycoords=("data", "axes fraction"),
                          ha="right", fontsize=8)  # fmt: skip
@@ -351,7 +350,7 @@ def plot_jacobian(result: dict):
     ax_hist.set_ylabel("count")
     ax_hist.set_title("(a) sigmoid: elementwise derivative", fontsize=10)
 
-    attentions = [a for a in ("softmax", "sigmoid") if a in per]
+    attentions = [a for a in ATTENTIONS if a in per]
     layers = sorted(next(iter(per.values()))["row_max_by_layer"]) if per else []
     width = 0.8 / max(1, len(attentions))
     for j, attention in enumerate(attentions):
@@ -360,12 +359,12 @@ def plot_jacobian(result: dict):
         parts = ax_violin.violinplot(data, positions=positions, widths=width * 0.9,
                                      showmedians=True, showextrema=True)  # fmt: skip
         for body in parts["bodies"]:
-            body.set_facecolor(KIND_COLOURS[attention])
+            body.set_facecolor(METHOD_COLOURS[attention])
             body.set_alpha(0.5)
         for key in ("cmedians", "cmaxes", "cmins", "cbars"):
             if key in parts:
-                parts[key].set_color(KIND_COLOURS[attention])
-        ax_violin.plot([], [], color=KIND_COLOURS[attention], lw=6, alpha=0.5, label=attention)
+                parts[key].set_color(METHOD_COLOURS[attention])
+        ax_violin.plot([], [], color=METHOD_COLOURS[attention], lw=6, alpha=0.5, label=attention)
     ax_violin.axhline(0.25, color="k", ls="--", lw=1)
     ax_violin.set_yscale("log")
     ax_violin.set_xticks(np.arange(len(layers)))
@@ -380,9 +379,9 @@ def plot_jacobian(result: dict):
         l1 = part["offdiag_l1_share_mean"].mean()
         frob = part["offdiag_frob_share_mean"].mean()
         x = np.arange(len(l1)) + (j - (len(attentions) - 1) / 2) * width
-        ax_off.bar(x, l1.fillna(0).to_numpy(), width * 0.9, color=KIND_COLOURS[attention],
+        ax_off.bar(x, l1.fillna(0).to_numpy(), width * 0.9, color=METHOD_COLOURS[attention],
                    alpha=0.6, label=f"{attention}: L1 share")  # fmt: skip
-        ax_off.plot(x, frob.fillna(0).to_numpy(), "o", color=KIND_COLOURS[attention],
+        ax_off.plot(x, frob.fillna(0).to_numpy(), "o", color=METHOD_COLOURS[attention],
                     mec="k", label=f"{attention}: Frobenius share")  # fmt: skip
     ax_off.set_ylim(0, 1)
     ax_off.set_xticks(np.arange(len(layers)))

@@ -6,26 +6,23 @@ seed, mean ± sd) beside the PCA baseline, from ``representation.csv``.
 side, coloured by cell type, from ``umap.csv`` (the lowest seed of each attention kind; the panel
 titles give that embedding's ASW from ``metrics.csv``).
 ``sigmoid-sc figures loss``: one dataset's training and validation loss against steps, every
-run of ``history.csv`` (its attention kind and seed come from the run folder's name,
-``{attention}_seed{seed}``).
+run's ``history.csv`` (its attention kind and seed are read from the run's ``model.pt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .config import ATTENTIONS
 from .errors import DataError
 from .io import atomic_path, read_table
 
 METHOD_COLOURS = {"softmax": "#1f77b4", "sigmoid": "#d62728", "pca": "#7f7f7f"}
-METHOD_ORDER = ("softmax", "sigmoid", "pca")
-RUN_DIR = re.compile(r"^(?P<attention>softmax|sigmoid)_seed(?P<seed>\d+)$")
+METHOD_ORDER = (*ATTENTIONS, "pca")
 #: metrics with these names are drawn on their own scale, not [0, 1]
 UNBOUNDED = frozenset({"val_loss"})
 
@@ -162,19 +159,22 @@ def plot_umap(dataset: str, umap: pd.DataFrame, metrics: pd.DataFrame | None = N
 # loss curves
 
 
-def read_histories(paths: list[str]) -> pd.DataFrame:
-    """history.csv of several runs, with ``attention`` and ``seed`` from each run's folder."""
+def read_histories(histories: list[str], models: list[str]) -> pd.DataFrame:
+    """history.csv of several runs, each with the ``attention`` and ``seed`` its model.pt
+    records (``models[i]`` is the model of ``histories[i]``)."""
+    from .train import model_record
+
+    if len(histories) != len(models):
+        raise DataError(
+            f"figures loss: {len(histories)} history.csv but {len(models)} model.pt; give the "
+            "model of every history, in the same order"
+        )
     frames = []
-    for path in paths:
-        match = RUN_DIR.match(Path(path).parent.name)
-        if match is None:
-            raise DataError(
-                f"{path}: the run folder must be named <attention>_seed<seed> "
-                "(results/<dataset>/train/sigmoid_seed0/history.csv)"
-            )
-        frame = read_table(path, ("step", "split", "loss"))
-        frame["attention"] = match["attention"]
-        frame["seed"] = int(match["seed"])
+    for history, model in zip(histories, models):
+        record = model_record(model)
+        frame = read_table(history, ("step", "split", "loss"))
+        frame["attention"] = record["attention"]
+        frame["seed"] = int(record["seed"])
         frames.append(frame)
     if not frames:
         raise DataError("figures loss: no history.csv given")
@@ -231,7 +231,8 @@ def run_umap(args: argparse.Namespace) -> None:
 
 
 def run_loss(args: argparse.Namespace) -> None:
-    save_figure(plot_loss(args.dataset, read_histories(args.histories)), args.png, args.pdf)
+    histories = read_histories(args.histories, args.models)
+    save_figure(plot_loss(args.dataset, histories), args.png, args.pdf)
 
 
 def register(subparsers) -> None:
@@ -257,5 +258,8 @@ def register(subparsers) -> None:
     q = kinds.add_parser("loss", help="one dataset's training and validation loss curves")
     q.add_argument("--dataset", required=True)
     q.add_argument("--histories", nargs="+", required=True, help="history.csv of each run")
+    q.add_argument(
+        "--models", nargs="+", required=True, help="model.pt of each run, in the same order"
+    )
     outputs(q)
     q.set_defaults(func=run_loss)

@@ -385,12 +385,18 @@ def train(
     return out_dir
 
 
-def load_model(path: str | os.PathLike, device: torch.device) -> tuple[Encoder, dict]:
-    """``model.pt`` -> (encoder in eval mode on ``device``, the saved record)."""
+def model_record(path: str | os.PathLike) -> dict:
+    """What ``model.pt`` records about its run (dataset, attention, seed, configs, ...), read
+    on the CPU; the weights are in ``record["model"]``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"model file {path} does not exist")
-    record = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> tuple[Encoder, dict]:
+    """``model.pt`` -> (encoder in eval mode on ``device``, the saved record)."""
+    record = model_record(path)
     model = Encoder(ModelConfig(**record["model_config"]))
     model.load_state_dict(record["model"])
     return model.to(device).eval(), record

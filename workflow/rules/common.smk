@@ -81,6 +81,17 @@ def dataset_histories(wildcards):
     )
 
 
+def dataset_models(wildcards):
+    """model.pt of every training run of one dataset, in the order of dataset_histories: the
+    record of each run (attention, seed) for its history."""
+    return expand(
+        "results/{dataset}/train/{attention}_seed{seed}/model.pt",
+        dataset=wildcards.dataset,
+        attention=ATTENTIONS,
+        seed=SEEDS,
+    )
+
+
 # --- download (written by the downloads engineer; the rule is in download.smk) ---
 
 DOWNLOAD = config["download"]
