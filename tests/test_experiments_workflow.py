@@ -1,4 +1,4 @@
-"""The experiments' workflow side: bench/train_speed.py --smoke, the kernel figure and tables,
+"""The experiments' workflow side: sigmoid-sc training-speed --smoke, the kernel figure and tables,
 and the experiments rules in small Snakemake runs (dry-run of the embedded default, a tiny DAG)."""
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout
 
 
 # --------------------------------------------------------------------------------------------
-# bench/train_speed.py
+# sigmoid-sc training-speed
 
 
 def test_train_speed_smoke_writes_its_table(tmp_path):
     csv, md = tmp_path / "speed.csv", tmp_path / "speed.md"
     process = run(
-        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--smoke",
+        [sys.executable, "-m", "sigmoid_sc.cli", "training-speed", "--smoke",
          "--out-csv", str(csv), "--out-md", str(md)],
         tmp_path,
     )  # fmt: skip
@@ -73,11 +73,24 @@ def test_train_speed_smoke_writes_its_table(tmp_path):
     assert "| sigmoid_ours |" in md.read_text()
 
 
+def test_train_speed_takes_the_config_section_and_the_command_line_wins(tmp_path):
+    from sigmoid_sc.training_speed import add_arguments, settle
+
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    section = json.dumps({"n_layers": 3, "d_models": [256], "workloads": ["real"]})
+    args = settle(parser.parse_args(
+        ["--params-json", section, "--d-models", "512", "--out-csv", "c", "--out-md", "m"]
+    ))  # fmt: skip
+    assert (args.n_layers, args.d_models, args.workloads) == (3, [512], ["real"])
+    assert (args.head_dims, args.repeats, args.smoke) == ([64, 128], 20, False)  # the schema's
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the skip path is for machines without CUDA")
 def test_train_speed_without_cuda_writes_a_table_saying_so(tmp_path):
     csv, md = tmp_path / "speed.csv", tmp_path / "speed.md"
     process = run(
-        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--out-csv", str(csv),
+        [sys.executable, "-m", "sigmoid_sc.cli", "training-speed", "--out-csv", str(csv),
          "--out-md", str(md)],
         tmp_path,
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """tools/gpu_experiments.sh (the one-call GPU run of issue #6 items 1-2) in its CPU smoke mode,
-and the partial-result paths it relies on: bench/train_speed.py --time-limit / --merge / the
+and the partial-result paths it relies on: sigmoid-sc training-speed --time-limit / --merge / the
 ``cells`` workload, and the stress test's log written while it runs."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from sigmoid_sc import stress_test as stress
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_experiments.sh"
-SPEED = ROOT / "bench" / "train_speed.py"
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT
 
 
@@ -51,10 +50,11 @@ def run_script(tmp_path: Path, **extra_env: str) -> tuple[subprocess.CompletedPr
 
 
 def run_speed(tmp_path: Path, name: str, *args: str):
-    """bench/train_speed.py with ``args``, its table in ``<name>.csv`` / ``<name>.md``."""
+    """sigmoid-sc training-speed with ``args``, its table in ``<name>.csv`` / ``<name>.md``."""
     csv, md = tmp_path / f"{name}.csv", tmp_path / f"{name}.md"
     process = subprocess.run(
-        [sys.executable, str(SPEED), *args, "--out-csv", str(csv), "--out-md", str(md)],
+        [sys.executable, "-m", "sigmoid_sc.cli", "training-speed", *args,
+         "--out-csv", str(csv), "--out-md", str(md)],
         env=env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return process, csv, md

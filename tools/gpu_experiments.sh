@@ -9,7 +9,7 @@
 #     fresh machine; ours: 11). They share the GPU with the stress test, which is a stability
 #     measurement, not a timing one; part 2 then runs alone and re-autotunes from the on-disk
 #     compile cache (autotune results themselves are per process).
-#   part 2, training speed (~3 min): bench/train_speed.py
+#   part 2, training speed (~3 min): sigmoid-sc training-speed
 #     a) the configs/shared_data.yaml model (6 layers, width 256, 8 heads of 32, bf16) on a new
 #        batch of 64 pbmc3k cells every step: ms/step of the first steps and steady state, for
 #        sigmoid (ours) and softmax (varlen, cuDNN);
@@ -137,10 +137,10 @@ EOF
 log "stress params: $STRESS_JSON"
 
 WARM_PIDS=()
-warm() {  # warm NAME ARGS...: one train_speed run whose only purpose is compiling kernels
+warm() {  # warm NAME ARGS...: one training-speed run whose only purpose is compiling kernels
     local name=$1
     shift
-    timeout -k 5 "$WARM_BUDGET" "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" --n-layers 1 \
+    timeout -k 5 "$WARM_BUDGET" "$PY" -m sigmoid_sc.cli training-speed "${SPEED_FLAGS[@]}" --n-layers 1 \
         --d-models 1024 --warmup 1 --repeats 1 --out-csv "$WORK/warm_$name.csv" \
         --out-md "$WORK/warm_$name.md" "$@" >"$WORK/warm_$name.log" 2>&1 &
     WARM_PIDS+=($!)
@@ -195,21 +195,21 @@ if [[ " $PARTS " == *" speed "* ]]; then
     # a) the shared-data model, a new batch of 64 real pbmc3k cells every step (the total token
     # count changes each step: an autotune keyed on it would re-tune every step). Vocabulary:
     # pbmc3k keeps ~13.7K genes after prepare's min_cells=3; cells capped at tokenize.max_len 1024.
-    run_part "$CELLS_BUDGET" speed_shared_model "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
-        --workloads cells --cells-per-step 64 --lengths-file bench/lengths_pbmc3k.txt \
+    run_part "$CELLS_BUDGET" speed_shared_model "$PY" -m sigmoid_sc.cli training-speed "${SPEED_FLAGS[@]}" \
+        --workloads cells --cells-per-step 64 --lengths-file src/sigmoid_sc/data/lengths_pbmc3k.txt \
         --n-layers 6 --d-models 256 --head-dims 32 --vocab-size 13717 --seq-len 1024 \
         --impls sigmoid_ours softmax_varlen softmax_sdpa_cudnn --warmup 10 --repeats 40 \
         --out-csv "$WORK/training_speed_shared_model.csv" --out-md "$WORK/training_speed_shared_model.md"
 
     # b) the comparison (table in $OUT as it goes)
-    run_part "$SPEED_BUDGET" speed_width1024 "$PY" bench/train_speed.py "${SPEED_FLAGS[@]}" \
+    run_part "$SPEED_BUDGET" speed_width1024 "$PY" -m sigmoid_sc.cli training-speed "${SPEED_FLAGS[@]}" \
         --n-layers 12 --d-models 1024 --head-dims 128 64 --workloads fixed real \
         --impls sigmoid_ours softmax_sdpa_cudnn softmax_sdpa_flash softmax_varlen sigmoid_triton_paper \
         --warmup 3 --repeats 12 --time-limit "$SPEED_TIME_LIMIT" \
         --out-csv "$OUT/training_speed.csv" --out-md "$OUT/training_speed.md"
 
     # one table: the width-1024 rows, then the shared-data model's
-    run_part 60 speed_merge "$PY" bench/train_speed.py --merge "$OUT/training_speed.csv" \
+    run_part 60 speed_merge "$PY" -m sigmoid_sc.cli training-speed --merge "$OUT/training_speed.csv" \
         "$WORK/training_speed_shared_model.csv" --out-csv "$OUT/training_speed.csv" \
         --out-md "$OUT/training_speed.md"
 fi

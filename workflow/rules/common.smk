@@ -233,23 +233,3 @@ def jacobian_run():
 def jacobian_model(attention):
     dataset, seed = jacobian_run()
     return f"results/{dataset}/train/{attention}_seed{seed}/model.pt"
-
-
-def training_speed_args():
-    """bench/train_speed.py's options from experiments.training_speed."""
-    s = experiment("training_speed")
-    if s.get("smoke", False):
-        return "--smoke"
-    words = [
-        f"--n-layers {s.get('n_layers', 12)}",
-        "--d-models " + " ".join(str(d) for d in s.get("d_models", [768, 1024])),
-        "--head-dims " + " ".join(str(d) for d in s.get("head_dims", [64, 128])),
-        f"--vocab-size {s.get('vocab_size', 25000)}",
-        f"--seq-len {s.get('seq_len', 8192)}",
-        f"--tokens {s.get('tokens', 16384)}",
-        "--workloads " + " ".join(s.get("workloads", ["fixed", "real"])),
-        f"--precision {s.get('precision', 'bf16')}",
-        f"--warmup {s.get('warmup', 5)}",
-        f"--repeats {s.get('repeats', 20)}",
-    ]
-    return " ".join(words)

@@ -131,10 +131,8 @@ rule kernel_benchmark:
         " --table-csv {output.csv:q} --table-md {output.md:q} > {log:q} 2>&1"
 
 
-# Training-step time and tokens/s per attention implementation (bench/train_speed.py).
+# Training-step time and tokens/s per attention implementation (sigmoid_sc.training_speed).
 rule training_speed:
-    input:
-        script=os.path.join(workflow.basedir, "bench", "train_speed.py"),
     output:
         csv=report(
             "results/tables/training_speed.csv",
@@ -144,7 +142,7 @@ rule training_speed:
         ),
         md="results/tables/training_speed.md",
     params:
-        args=training_speed_args(),
+        speed=json.dumps(experiment("training_speed"), sort_keys=True),
     benchmark:
         "results/benchmarks/training_speed/training_speed.tsv"
     log:
@@ -158,5 +156,5 @@ rule training_speed:
         gpu=gpus_per_job(),
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        " python {input.script:q} {params.args}"
+        " python -m sigmoid_sc.cli training-speed --params-json {params.speed:q}"
         " --out-csv {output.csv:q} --out-md {output.md:q} > {log:q} 2>&1"

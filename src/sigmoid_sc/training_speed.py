@@ -1,15 +1,16 @@
-"""Training-step speed of the encoder: sigmoid (our Triton kernel, packed) vs softmax (claim b).
+"""``sigmoid-sc training-speed``: training-step time of the encoder per attention implementation
+(claim b): sigmoid (our Triton kernel, packed) vs softmax.
 
-One full optimiser step of the pipeline's own encoder (``sigmoid_sc.model.Encoder``: forward,
-masked-gene loss, backward, fused AdamW), bf16 autocast, per attention implementation:
+One full optimiser step of the pipeline's own encoder (:class:`sigmoid_sc.model.Encoder`:
+forward, masked-gene loss, backward, fused AdamW), bf16 autocast, per attention implementation:
 
 - ``sigmoid_ours``: the model's sigmoid path (``attention_varlen("sigmoid")``: our Triton kernel
   on the packed tokens, no padding);
-- ``softmax_varlen``: SDPA on nested jagged tensors (FA2-class varlen; the model's softmax path
-  on CUDA until 2026-11-29, ``SIGMOID_SC_SOFTMAX_BACKEND=njt`` now);
+- ``softmax_varlen``: SDPA on nested jagged tensors (FA2-class varlen,
+  ``SIGMOID_SC_SOFTMAX_BACKEND=njt`` in the model);
 - ``softmax_sdpa_cudnn``: SDPA's cuDNN backend on the padded ``[B, N, H, D]`` batch (a key
   mask when lengths differ), through the package's ``softmax_attention_varlen_padded``: the
-  model's softmax path on CUDA since it measured fastest here;
+  model's softmax path on CUDA;
 - ``softmax_sdpa_flash``: SDPA's flash backend on the dense batch (fixed lengths only: it
   takes no mask);
 - ``softmax_sdpa_padded``: SDPA's default dispatch on the padded batch with a key mask;
@@ -17,28 +18,29 @@ masked-gene loss, backward, fused AdamW), bf16 autocast, per attention implement
   if it is installed (a comparison, never a dependency).
 
 The attention implementation is switched by rebinding ``sigmoid_sc.model.attention_varlen``
-for the run, so every other layer is identical. Workloads: ``fixed`` (``--seq-len`` tokens x
-``--tokens / --seq-len`` sequences, 8K x 2 by default) and ``real`` (cells drawn with seed 0
-from ``bench/lengths_*.txt``, the expressed genes per cell of real datasets, until
-``--tokens``) and ``cells`` (a fresh batch of ``--cells-per-step`` cells drawn from
-``--lengths-file`` every step, capped at ``--seq-len``: the training loop's situation, where
-the total token count changes from batch to batch). Step time: CUDA events around each step,
-median of ``--repeats`` after ``--warmup`` steps (perf_counter on the CPU); tokens/s = real
-tokens per step (mean over the timed steps for ``cells``) / step time. The warm-up steps are
-timed too: ``first_step_ms`` (compilation and autotuning included) and ``warmup_steps_ms``.
+for the run, so every other layer is identical. Workloads: ``fixed`` (``seq_len`` tokens x
+``tokens / seq_len`` sequences, 8K x 2 by default), ``real`` (cells drawn with seed 0 from the
+expressed genes per cell of real datasets, ``sigmoid_sc/data/lengths_*.txt``, until ``tokens``)
+and ``cells`` (a fresh batch of ``--cells-per-step`` cells drawn from ``--lengths-file`` every
+step, capped at ``seq_len``: the training loop's situation, where the total token count
+changes from batch to batch). Step time: CUDA events around each step, median of ``repeats``
+after ``warmup`` steps (perf_counter on the CPU); tokens/s = real tokens per step (mean over
+the timed steps for ``cells``) / step time. The warm-up steps are timed too:
+``first_step_ms`` (compilation and autotuning included) and ``warmup_steps_ms``.
 
-Rows are written (CSV and Markdown) after every implementation, so a run cut short keeps what
-it measured; ``--time-limit`` skips the implementations not started in time (noted in the
-row). The paper's kernel comes last: its autotuning (48 configs per head dim and length
-bucket) is the slowest part on a fresh machine. ``--merge A.csv B.csv ...`` joins tables of
-several runs (e.g. two model sizes) into one CSV and Markdown table.
+The settings come from the config's ``experiments.training_speed`` section (``--params-json``,
+as the ``training_speed`` rule passes it); options on the command line override them. Rows are
+written (CSV and Markdown) after every implementation, so a run cut short keeps what it
+measured; ``--time-limit`` skips the implementations not started in time (noted in the row).
+The paper's kernel comes last: its autotuning (48 configs per head dim and length bucket) is
+the slowest part on a fresh machine. ``--merge A.csv B.csv ...`` joins tables of several runs
+(e.g. two model sizes) into one CSV and Markdown table.
 
-    python bench/train_speed.py --out-csv results/tables/training_speed.csv \\
-        --out-md results/tables/training_speed.md            # on a CUDA machine
-    python bench/train_speed.py --smoke --out-csv x.csv --out-md x.md   # tiny, on the CPU
-    python bench/train_speed.py --merge a.csv b.csv --out-csv ab.csv --out-md ab.md
+    sigmoid-sc training-speed --out-csv training_speed.csv --out-md training_speed.md  # CUDA
+    sigmoid-sc training-speed --smoke --out-csv x.csv --out-md x.md   # tiny, on the CPU
+    sigmoid-sc training-speed --merge a.csv b.csv --out-csv ab.csv --out-md ab.md
 
-Without CUDA (and without ``--smoke``) it writes a table that says so and exits 0.
+Without CUDA (and without ``smoke``) it writes a table that says so and exits 0.
 """
 
 from __future__ import annotations
@@ -56,21 +58,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # a checkout without installing the package
-
-import sigmoid_sc.model as model_module  # noqa: E402
-from sigmoid_sc.attention import (  # noqa: E402
+from . import config
+from . import model as model_module
+from .attention import (
     SDPA_REFUSED_VIEWS,
     attention_varlen,
     softmax_attention_varlen_njt,
     softmax_attention_varlen_padded,
 )
-from sigmoid_sc.attention.reference import pad_packed, unpad  # noqa: E402
-from sigmoid_sc.io import write_csv, write_text  # noqa: E402
-from sigmoid_sc.model import Encoder, ModelConfig  # noqa: E402
-from sigmoid_sc.tokens import choose_masked, masked_gene_loss  # noqa: E402
+from .attention.reference import pad_packed, unpad
+from .errors import DataError
+from .io import write_csv, write_text
+from .model import Encoder, ModelConfig
+from .runtime import parse_json_arg
+from .tokens import choose_masked, masked_gene_loss
 
+#: expressed genes per cell of real datasets (pbmc3k, Baron pancreas), one number a line
+LENGTHS_DIR = Path(__file__).with_name("data")
 IMPLS = (
     "sigmoid_ours",
     "softmax_varlen",
@@ -172,16 +176,16 @@ def length_pool(paths: list[Path], max_len: int, divisor: int = 1) -> np.ndarray
     """Expressed genes per cell of every file in ``paths``, shrunk by ``divisor``, capped."""
     pool = np.concatenate([np.loadtxt(p, dtype=np.int64, comments="#", ndmin=1) for p in paths])
     if pool.size == 0:
-        raise SystemExit(f"{', '.join(map(str, paths))}: no cell lengths found")
+        raise DataError(f"{', '.join(map(str, paths))}: no cell lengths found")
     return np.clip(pool // divisor, 1, max_len)
 
 
 def default_length_files() -> list[Path]:
-    return sorted((ROOT / "bench").glob("lengths_*.txt"))
+    return sorted(LENGTHS_DIR.glob("lengths_*.txt"))
 
 
 def real_lengths(tokens: int, max_len: int, divisor: int = 1, seed: int = 0) -> np.ndarray:
-    """Cells drawn (seeded) from every bench/lengths_*.txt until ``tokens``, capped at max_len.
+    """Cells drawn (seeded) from every data/lengths_*.txt until ``tokens``, capped at max_len.
 
     ``divisor`` shrinks every length (the CPU smoke run keeps their spread at a tiny size).
     """
@@ -503,14 +507,14 @@ def merge(paths: list[str]) -> pd.DataFrame:
     frames = []
     for path in paths:
         if not Path(path).is_file():
-            print(f"train_speed --merge: {path} is missing, left out", file=sys.stderr)
+            print(f"training-speed --merge: {path} is missing, left out", file=sys.stderr)
             continue
         # warm-up times stay text ("12.5 3.1"), even when a run had a single warm-up step
         frame = pd.read_csv(path, dtype={"warmup_steps_ms": str, "note": str})
         if "workload" in frame.columns:  # a skipped run's table has no rows to merge
             frames.append(frame)
     if not frames:
-        raise SystemExit(f"train_speed --merge: no table among {', '.join(paths)}")
+        raise DataError(f"training-speed --merge: no table among {', '.join(paths)}")
     frame = pd.concat(frames, ignore_index=True).drop(
         columns=["speedup_vs_best_softmax"], errors="ignore"
     )
@@ -525,37 +529,52 @@ def write_skipped(args, reason: str) -> None:
     write_text(
         args.out_md, f"# Training-step speed: sigmoid vs softmax attention\n\nSkipped: {reason}\n"
     )
-    print(f"train_speed: skipped, {reason}", file=sys.stderr)
+    print(f"training-speed: skipped, {reason}", file=sys.stderr)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+#: settings of the config's section; the command line may override each
+SETTINGS = ("n_layers", "d_models", "head_dims", "vocab_size", "seq_len", "tokens", "workloads",
+            "precision", "warmup", "repeats", "smoke")  # fmt: skip
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--params-json", default="{}", help="the config's experiments.training_speed section"
+    )
     ap.add_argument("--out-csv", required=True)
     ap.add_argument("--out-md", required=True)
-    ap.add_argument("--n-layers", type=int, default=12)
-    ap.add_argument("--d-models", type=int, nargs="+", default=[768, 1024])
-    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--vocab-size", type=int, default=25000)
-    ap.add_argument("--seq-len", type=int, default=8192, help="fixed workload: tokens per sequence")
-    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (both workloads)")
-    ap.add_argument(
-        "--workloads", nargs="+", choices=("fixed", "real", "cells"), default=["fixed", "real"]
-    )
+    ap.add_argument("--n-layers", type=int)
+    ap.add_argument("--d-models", type=int, nargs="+")
+    ap.add_argument("--head-dims", type=int, nargs="+")
+    ap.add_argument("--vocab-size", type=int)
+    ap.add_argument("--seq-len", type=int, help="fixed workload: tokens per sequence")
+    ap.add_argument("--tokens", type=int, help="tokens per step (fixed and real workloads)")
+    ap.add_argument("--workloads", nargs="+", choices=("fixed", "real", "cells"))
     ap.add_argument("--cells-per-step", type=int, default=64, help="cells workload: batch size")
     ap.add_argument(
-        "--lengths-file", nargs="+", help="cells workload: lengths files (default: bench/lengths_*)"
+        "--lengths-file", nargs="+", help="cells workload: lengths files (default: data/lengths_*)"
     )
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--precision", choices=("bf16", "fp32"))
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--repeats", type=int)
     ap.add_argument(
         "--time-limit", type=float, default=0.0,
         help="seconds; implementations not started by then are recorded as skipped (0: none)",
     )  # fmt: skip
     ap.add_argument("--merge", nargs="+", metavar="CSV", help="join these tables, time nothing")
-    ap.add_argument("--smoke", action="store_true", help="a tiny CPU run (tests)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--smoke", action="store_true", default=None, help="a tiny CPU run (tests)")
+
+
+def settle(args: argparse.Namespace) -> argparse.Namespace:
+    """The config section's settings under the options given on the command line."""
+    section = config.section(
+        "experiments.training_speed", parse_json_arg(args.params_json, "--params-json")
+    )
+    for name in SETTINGS:
+        if getattr(args, name) is None:
+            value = getattr(section, name)
+            setattr(args, name, list(value) if isinstance(value, tuple) else value)
     args.length_divisor = 1
     if args.smoke:  # seconds on a CPU: tiny widths and lengths, few steps
         args.n_layers, args.d_models, args.head_dims = 2, [32], [8, 16]
@@ -566,20 +585,23 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_training_speed(args: argparse.Namespace) -> None:
+    args = settle(args)
     if args.merge:
         write_table(merge(args.merge), args)
-        return 0
+        return
     if not args.smoke and not torch.cuda.is_available():
-        write_skipped(
-            args, "no CUDA GPU on this machine (bench/train_speed.py times GPU training steps)"
-        )
-        return 0
+        write_skipped(args, "no CUDA GPU on this machine (training-speed times GPU training steps)")
+        return
     frame = run(args, on_rows=lambda partial: write_table(partial, args))
     write_table(frame, args)
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "training-speed",
+        help="training-step time of the encoder per attention implementation (a GPU table)",
+        description=__doc__.splitlines()[0],
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_training_speed)
