@@ -263,24 +263,26 @@ def test_bad_config_values_are_named(tokens_path, tmp_path):
 # --- the run's record ------------------------------------------------------------------------
 
 
-def test_the_loss_figure_reads_each_runs_kind_and_seed_from_its_model(tokens_path, tmp_path):
-    """No meaning in folder names: the record in model.pt says which run a history is."""
+def test_the_loss_figure_reads_each_runs_kind_and_seed_from_its_record(tokens_path, tmp_path):
+    """No meaning in folder names: each run's attention and seed come from the model's record,
+    which embed copies into the run's embedding."""
     from sigmoid_sc.cli import main
     from sigmoid_sc.figures import read_histories
 
     params = {**TINY_TRAIN, "steps": 2}
-    run(tokens_path, tmp_path / "a", attention="softmax", seed=3, train_params=params)
-    run(tokens_path, tmp_path / "b", attention="sigmoid", seed=1, train_params=params)
-    runs = [tmp_path / "a", tmp_path / "b"]
-    histories = [str(r / "history.csv") for r in runs]
-    models = [str(r / "model.pt") for r in runs]
-    frame = read_histories(histories, models)
+    histories, embeddings = [], []
+    for name, attention, seed in (("a", "softmax", 3), ("b", "sigmoid", 1)):
+        run(tokens_path, tmp_path / name, attention=attention, seed=seed, train_params=params)
+        embed("toy", tokens_path, tmp_path / name / "model.pt", "cpu", tmp_path / f"{name}.npz")
+        histories.append(str(tmp_path / name / "history.csv"))
+        embeddings.append(str(tmp_path / f"{name}.npz"))
+    frame = read_histories(histories, embeddings)
     assert set(zip(frame["attention"], frame["seed"])) == {("softmax", 3), ("sigmoid", 1)}
     png, pdf = tmp_path / "loss.png", tmp_path / "loss.pdf"
     figure = ["figures", "loss", "--dataset", "toy", "--histories", *histories]
-    assert main([*figure, "--models", *models, "--png", str(png), "--pdf", str(pdf)]) == 0
+    assert main([*figure, "--embeddings", *embeddings, "--png", str(png), "--pdf", str(pdf)]) == 0
     assert png.stat().st_size > 0 and pdf.stat().st_size > 0
-    assert main([*figure, "--models", models[0], "--png", str(png), "--pdf", str(pdf)]) == 2
+    assert main([*figure, "--embeddings", embeddings[0], "--png", str(png), "--pdf", str(pdf)]) == 2
 
 
 # --- embed ---------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ seed, mean ± sd) beside the PCA baseline, from ``representation.csv``.
 side, coloured by cell type, from ``umap.csv`` (the lowest seed of each attention kind; the panel
 titles give that embedding's ASW from ``metrics.csv``).
 ``sigmoid-sc figures loss``: one dataset's training and validation loss against steps, every
-run's ``history.csv`` (its attention kind and seed are read from the run's ``model.pt``).
+run's ``history.csv`` (its attention kind and seed are the run's record, as its embedding keeps
+them; never parsed from a folder name).
 """
 
 from __future__ import annotations
@@ -159,22 +160,31 @@ def plot_umap(dataset: str, umap: pd.DataFrame, metrics: pd.DataFrame | None = N
 # loss curves
 
 
-def read_histories(histories: list[str], models: list[str]) -> pd.DataFrame:
-    """history.csv of several runs, each with the ``attention`` and ``seed`` its model.pt
-    records (``models[i]`` is the model of ``histories[i]``)."""
-    from .train import model_record
+def run_of(embedding: str) -> tuple[str, int]:
+    """(attention, seed) of a trained run, as its embedding records them (``embed`` copies
+    them from the model's record in model.pt; embeddings, unlike models, are small enough to
+    travel back from a GPU host)."""
+    try:
+        with np.load(embedding, allow_pickle=False) as npz:
+            return str(npz["method"]), int(npz["seed"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{embedding}: cannot read the run's method and seed ({exc})") from exc
 
-    if len(histories) != len(models):
+
+def read_histories(histories: list[str], embeddings: list[str]) -> pd.DataFrame:
+    """history.csv of several runs, each with the ``attention`` and ``seed`` of its run
+    (``embeddings[i]`` is the embedding of the run of ``histories[i]``, see :func:`run_of`)."""
+    if len(histories) != len(embeddings):
         raise DataError(
-            f"figures loss: {len(histories)} history.csv but {len(models)} model.pt; give the "
-            "model of every history, in the same order"
+            f"figures loss: {len(histories)} history.csv but {len(embeddings)} embeddings; give "
+            "the embedding of every run's history, in the same order"
         )
     frames = []
-    for history, model in zip(histories, models):
-        record = model_record(model)
+    for history, embedding in zip(histories, embeddings):
+        attention, seed = run_of(embedding)
         frame = read_table(history, ("step", "split", "loss"))
-        frame["attention"] = record["attention"]
-        frame["seed"] = int(record["seed"])
+        frame["attention"] = attention
+        frame["seed"] = seed
         frames.append(frame)
     if not frames:
         raise DataError("figures loss: no history.csv given")
@@ -231,7 +241,7 @@ def run_umap(args: argparse.Namespace) -> None:
 
 
 def run_loss(args: argparse.Namespace) -> None:
-    histories = read_histories(args.histories, args.models)
+    histories = read_histories(args.histories, args.embeddings)
     save_figure(plot_loss(args.dataset, histories), args.png, args.pdf)
 
 
@@ -259,7 +269,7 @@ def register(subparsers) -> None:
     q.add_argument("--dataset", required=True)
     q.add_argument("--histories", nargs="+", required=True, help="history.csv of each run")
     q.add_argument(
-        "--models", nargs="+", required=True, help="model.pt of each run, in the same order"
+        "--embeddings", nargs="+", required=True, help="each run's embedding, in the same order"
     )
     outputs(q)
     q.set_defaults(func=run_loss)

@@ -18,7 +18,6 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,9 +25,6 @@ import torch.nn.functional as F
 
 from .errors import DataError
 from .model import Encoder
-
-if TYPE_CHECKING:
-    from .distributed import Dist
 
 VAL_MASK_SEED = 20260429  # the validation cells' masking, shared by every run
 
@@ -162,12 +158,13 @@ def validation_loss(
     batch_size: int,
     device: torch.device,
     autocast=contextlib.nullcontext,
-    dist: Dist | None = None,
+    dist=None,
 ) -> float:
     """Mean masked-gene cross-entropy (nats per masked token) over ``cells``.
 
     The masking is drawn once over all the cells packed in order from ``VAL_MASK_SEED``, so it
-    does not depend on the run's seed or on ``batch_size``. Under DDP (``dist.world`` > 1)
+    does not depend on the run's seed or on ``batch_size``. Under DDP (``dist``, a
+    :class:`sigmoid_sc.distributed.Dist` with ``world`` > 1)
     rank ``r`` computes chunks ``r, r + world, ...``; the chunk sums are all-reduced (each is
     added to zeros, exactly) and summed in chunk order, so every rank returns exactly what one
     process would with the same weights.

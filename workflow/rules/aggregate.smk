@@ -92,7 +92,7 @@ rule figure_umap:
 rule figure_loss:
     input:
         histories=dataset_histories,
-        models=dataset_models,
+        embeddings=run_embeddings,
     output:
         png=report(
             "results/figures/loss_{dataset}.png",
@@ -113,4 +113,4 @@ rule figure_loss:
         "figure: loss curves of {wildcards.dataset}"
     shell:
         "python -m sigmoid_sc.cli figures loss --dataset {wildcards.dataset:q} --histories {input.histories:q}"
-        " --models {input.models:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
+        " --embeddings {input.embeddings:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

@@ -63,12 +63,7 @@ def train_cli():
 
 def model_embeddings(wildcards):
     """Embeddings of one dataset's test cells: every attention x seed, then PCA."""
-    return expand(
-        "results/{dataset}/embed/{attention}_seed{seed}.npz",
-        dataset=wildcards.dataset,
-        attention=ATTENTIONS,
-        seed=SEEDS,
-    ) + [f"results/{wildcards.dataset}/embed/pca.npz"]
+    return run_embeddings(wildcards) + [f"results/{wildcards.dataset}/embed/pca.npz"]
 
 
 def dataset_histories(wildcards):
@@ -81,11 +76,11 @@ def dataset_histories(wildcards):
     )
 
 
-def dataset_models(wildcards):
-    """model.pt of every training run of one dataset, in the order of dataset_histories: the
-    record of each run (attention, seed) for its history."""
+def run_embeddings(wildcards):
+    """The embedding of every training run of one dataset, in the order of dataset_histories:
+    each holds its run's attention and seed, from the model's record."""
     return expand(
-        "results/{dataset}/train/{attention}_seed{seed}/model.pt",
+        "results/{dataset}/embed/{attention}_seed{seed}.npz",
         dataset=wildcards.dataset,
         attention=ATTENTIONS,
         seed=SEEDS,
