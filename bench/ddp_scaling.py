@@ -21,8 +21,8 @@ and ``no_sync`` (a diagnosis, not training: no all-reduce at all, so its gap to 
 DDP costs besides communication). ``--profile-dir`` writes, for each launch, rank 0's CUDA
 kernel times over three profiled steps of each row (torch.profiler).
 
-    python bench/ddp_scaling.py --out-csv docs/results/ddp_scaling.csv \\
-        --out-md docs/results/ddp_scaling.md                   # on a multi-GPU machine
+    python bench/ddp_scaling.py --out-csv ddp_scaling.csv \\
+        --out-md ddp_scaling.md                                # on a multi-GPU machine
     python bench/ddp_scaling.py --smoke --out-csv x.csv --out-md x.md   # tiny, CPU/gloo
 
 Without CUDA (and without ``--smoke``) it writes a table that says so and exits 0.

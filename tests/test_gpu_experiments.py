@@ -1,4 +1,5 @@
-"""tools/gpu_experiments.sh (the one-call GPU run of issue #6 items 1-2) in its CPU smoke mode,
+"""tools/gpu_experiments.sh (the stress test and training-speed tables in one GPU command) in its
+CPU smoke mode,
 and the partial-result paths it relies on: sigmoid-sc training-speed --time-limit / --merge / the
 ``cells`` workload, and the stress test's log written while it runs."""
 
@@ -24,7 +25,7 @@ from sigmoid_sc import stress_test as stress
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_experiments.sh"
-NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # plain file names, flat in PACK_DIR
 
 
 def env() -> dict:
@@ -37,12 +38,12 @@ TINY_STRESS = {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "vocab_si
 
 
 def run_script(tmp_path: Path, **extra_env: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """tools/gpu_experiments.sh in smoke mode, its $OUT in ``tmp_path/out``."""
+    """tools/gpu_experiments.sh in smoke mode, its PACK_DIR in ``tmp_path/out``."""
     out = tmp_path / "out"
     process = subprocess.run(
         ["bash", str(SCRIPT)],
         cwd=ROOT,
-        env={**env(), "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
+        env={**env(), "SMOKE": "1", "PACK_DIR": str(out), "PYTHON": sys.executable,
              "TMPDIR": str(tmp_path), **extra_env},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

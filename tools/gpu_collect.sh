@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# Finish, here on the CPU, a DAG whose GPU part ran on the lent machine (tools/gpu_pipeline.sh).
+# Finish, here on the CPU, a DAG whose GPU part ran on an offline GPU host (tools/gpu_pipeline.sh).
 #
-#   bash tools/gpu_collect.sh WORKDIR DEVICE_OUT [DEVICE_OUT ...]
+#   bash tools/gpu_collect.sh WORKDIR BUNDLE_DIR [BUNDLE_DIR ...]
 #
-# Each DEVICE_OUT is one call's $OUT as it came back (run_info.txt, tables_figures.tar.gz,
+# Each BUNDLE_DIR is one call's PACK_DIR as it came back (run_info.txt, tables_figures.tar.gz,
 # logs.tar.gz, embeddings.tar.gz or embeddings.tar.gz.part0, .part1, ...). Their results/ trees
 # are unpacked into WORKDIR in the order given (a later call's file replaces an earlier one's),
 # then Snakemake runs the same Snakefile and configs there with only the rules that need no
 # trained model allowed (download, prepare, pca, evaluate, aggregate, the figures): the models'
 # embeddings stand as they came, nothing is trained or embedded again, and the cells are
 # selected by `prepare` anew (deterministic: same code, same config; evaluate looks every
-# embedded cell up by name in the prepared data and stops on one it cannot find). Nothing is written into WORKDIR unless every
-# bundle unpacks whole. Used for the records of
-# docs/results/2026-11-29_h200/session3 (two device calls of three and four datasets).
+# embedded cell up by name in the prepared data and stops on one it cannot find). Nothing is
+# written into WORKDIR unless every bundle unpacks whole.
 #
 # Environment (all optional): COLLECT_CONFIGS (config files, default configs/shared_data.yaml
 # configs/h200_run.yaml, relative to the repository), COLLECT_CORES (nproc), COLLECT_EXTRA (more
@@ -24,7 +23,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -lt 2 ]; then
-  echo "usage: $0 WORKDIR DEVICE_OUT [DEVICE_OUT ...]" >&2
+  echo "usage: $0 WORKDIR BUNDLE_DIR [BUNDLE_DIR ...]" >&2
   exit 2
 fi
 WORKDIR=$1
@@ -43,7 +42,7 @@ TARGETS=${COLLECT_TARGETS:-}
 for dir in "$@"; do
   [ -d "$dir" ] || { echo "gpu_collect: $dir is not a directory" >&2; exit 2; }
   if [ ! -f "$dir/embeddings.tar.gz" ] && [ ! -f "$dir/embeddings.tar.gz.part0" ]; then
-    echo "gpu_collect: $dir has no embeddings.tar.gz (or .part0): not a tools/gpu_pipeline.sh \$OUT" >&2
+    echo "gpu_collect: $dir has no embeddings.tar.gz (or .part0): not a bundle of tools/gpu_pipeline.sh" >&2
     exit 2
   fi
 done

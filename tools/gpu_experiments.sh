@@ -1,54 +1,58 @@
 #!/usr/bin/env bash
-# Issue #6, items 1-2, in ONE call on the lent H200 (<= ~7 min wall, compiles included):
+# The paper's GPU experiments beside the DAG, in one command on a GPU host with a time limit
+# (about 7 minutes of wall time, compiles included):
 #
-#   part 1, stress test (~3 min): `sigmoid-sc stress-test` exactly as the stress_test rule runs
-#     it, on configs/paper.yaml's experiments.stress_test section with only max_steps and
-#     max_seconds overridden (softmax then sigmoid, 160M encoder, 8K x 2 tokens, no clipping).
-#     While it runs, background "warmers" compile the Triton kernels that part 2 will autotune
-#     (the paper's triton-sigmoid: 48 configs per head dim and length bucket, ~1 min each on a
-#     fresh machine; ours: 11). They share the GPU with the stress test, which is a stability
-#     measurement, not a timing one; part 2 then runs alone and re-autotunes from the on-disk
-#     compile cache (autotune results themselves are per process).
-#   part 2, training speed (~3 min): sigmoid-sc training-speed
+#   part 1, stress test (~3 min, claim c): `sigmoid-sc stress-test` exactly as the stress_test
+#     rule runs it, on configs/paper.yaml's experiments.stress_test section with only max_steps
+#     and max_seconds overridden (softmax then sigmoid, 160M encoder, 8K x 2 tokens, no
+#     clipping). While it runs, background "warmers" compile the Triton kernels that part 2 will
+#     autotune (the paper's triton-sigmoid: 48 configs per head dim and length bucket, ~1 min
+#     each on a fresh machine; ours: 11). They share the GPU with the stress test, which is a
+#     stability measurement, not a timing one; part 2 then runs alone and re-autotunes from the
+#     on-disk compile cache (autotune results themselves are per process).
+#   part 2, training speed (~3 min, claim b): sigmoid-sc training-speed
 #     a) the configs/shared_data.yaml model (6 layers, width 256, 8 heads of 32, bf16) on a new
 #        batch of 64 pbmc3k cells every step: ms/step of the first steps and steady state, for
 #        sigmoid (ours) and softmax (varlen, cuDNN);
-#     b) the issue's comparison: 12 layers, width 1024, head dim 128 and 64, 8K x 2 tokens and
+#     b) the paper's comparison: 12 layers, width 1024, head dim 128 and 64, 8K x 2 tokens and
 #        real cell lengths, bf16 AdamW; ours, cuDNN, SDPA flash, varlen softmax, then the
 #        paper's triton-sigmoid last (the slowest to autotune).
-#   pack: at most 8 files in $OUT: versions.txt, gpu_experiments.log, training_speed.{csv,md},
-#     stress_test.{csv,png}, stress_test_summary.json, extras.tar.gz (the rest).
+#   pack: eight files in $PACK_DIR (a warning when there are more than PACK_MAX_FILES):
+#     versions.txt, gpu_experiments.log, training_speed.{csv,md}, stress_test.{csv,png},
+#     stress_test_summary.json, extras.tar.gz (the rest).
 #
 # GPU memory, sized on the CPU (saved tensors of one step, bf16 autocast, a flash-style kernel
 # that keeps q, k, v, o): the stress encoder (160.0M parameters) needs 2.4 GiB for weights,
 # gradients and AdamW state plus 8.2 GiB of activations at 2 x 8K tokens; the width-1024,
 # 12-layer encoder (185M) 2.8 + 9.7 GiB; the padded paths add ~0.3 GiB a layer (real cells:
 # 12 cells padded to 2,611). Warmers are 1-layer models (< 3 GiB each with the CUDA context).
-# Peak while part 1 runs: ~30 GiB of the H200's 139 GiB.
+# Peak while part 1 runs: ~30 GiB.
 #
 # Every part has its own time budget (a `timeout`) and writes its results as it goes, so a part
-# cut short still leaves its numbers. Usage, on the device machine from the repository root:
+# cut short still leaves its numbers. Usage, on the GPU host from the repository root:
 #
-#   bash tools/gpu_experiments.sh                          # OUT must be set (the run tool's $OUT)
-#   SMOKE=1 OUT=/tmp/x bash tools/gpu_experiments.sh       # tiny, on the CPU (tests)
+#   PACK_DIR=<folder> bash tools/gpu_experiments.sh
+#   SMOKE=1 PACK_DIR=/tmp/x bash tools/gpu_experiments.sh   # tiny, on the CPU (tests)
 #
 # PARTS="stress speed" (default) runs both; PARTS=speed or PARTS=stress one (a second call).
 # Budgets (seconds) can be changed by environment variables: STRESS_BUDGET (whole part 1),
 # STRESS_ARM_SECONDS, STRESS_MAX_STEPS, WARM_BUDGET, CELLS_BUDGET, SPEED_BUDGET (part 2b) and
-# SPEED_TIME_LIMIT (no new implementation starts after this many seconds of part 2b).
+# SPEED_TIME_LIMIT (no new implementation starts after this many seconds of part 2b);
+# PACK_MAX_FILES (8).
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
-: "${OUT:?OUT must name the folder for the results}"
-mkdir -p "$OUT"
+: "${PACK_DIR:?PACK_DIR must name the folder for the results}"
+mkdir -p "$PACK_DIR"
+PACK_MAX_FILES=${PACK_MAX_FILES:-8}
 SMOKE=${SMOKE:-0}
 PARTS=${PARTS:-stress speed} # a later call can redo one part: PARTS=speed or PARTS=stress
 PY=${PYTHON:-python3}
 # shellcheck source=tools/lib.sh
 source "$ROOT/tools/lib.sh"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_experiments.XXXXXX")
-LOG="$OUT/gpu_experiments.log"
+LOG="$PACK_DIR/gpu_experiments.log"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -119,8 +123,8 @@ for name in ("triton", "triton_sigmoid", "numpy", "pandas", "matplotlib"):
 EOF
     echo "budgets_s: stress $STRESS_BUDGET (arm $STRESS_ARM_SECONDS, max_steps $STRESS_MAX_STEPS)," \
         "warm $WARM_BUDGET, cells $CELLS_BUDGET, speed $SPEED_BUDGET (no new case after $SPEED_TIME_LIMIT)"
-} >"$OUT/versions.txt"
-log "versions: $(tr '\n' ';' <"$OUT/versions.txt" | cut -c1-400)"
+} >"$PACK_DIR/versions.txt"
+log "versions: $(tr '\n' ';' <"$PACK_DIR/versions.txt" | cut -c1-400)"
 
 # ------------------------------------------------------------------------------------------
 # part 1: stress test, warmers for part 2 in the background
@@ -155,15 +159,15 @@ if [[ " $PARTS " == *" speed "* ]]; then
 fi
 
 if [ -n "$STRESS_JSON" ] && [[ " $PARTS " == *" stress "* ]]; then
-    # the stress_test rule's command (workflow/rules/experiments.smk), outputs in $OUT
+    # the stress_test rule's command (workflow/rules/experiments.smk), outputs in $PACK_DIR
     run_part "$STRESS_BUDGET" stress env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
         "$PY" -m sigmoid_sc.cli stress-test --params-json "$STRESS_JSON" --device "$DEVICE" \
-        --log-csv "$OUT/stress_test.csv" --summary "$OUT/stress_test_summary.json" \
-        --png "$OUT/stress_test.png" --pdf "$WORK/stress_test.pdf" --partial-every 25
+        --log-csv "$PACK_DIR/stress_test.csv" --summary "$PACK_DIR/stress_test_summary.json" \
+        --png "$PACK_DIR/stress_test.png" --pdf "$WORK/stress_test.pdf" --partial-every 25
 fi
-if [ -f "$OUT/stress_test.csv" ] && [ ! -f "$OUT/stress_test.png" ]; then
+if [ -f "$PACK_DIR/stress_test.csv" ] && [ ! -f "$PACK_DIR/stress_test.png" ]; then
     # cut short: draw the figure from the partial log (the summary then holds finished arms only)
-    run_part 60 stress_figure_from_partial_log "$PY" - "$OUT" <<'EOF'
+    run_part 60 stress_figure_from_partial_log "$PY" - "$PACK_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 import pandas as pd
@@ -181,7 +185,7 @@ if not summary.get("n_params") and "config" in summary:  # no arm finished: coun
 summary["n_params"] = summary.get("n_params") or 0
 pdf = out / "stress_test_partial.pdf"
 save_figure(plot_stress(pd.read_csv(out / "stress_test.csv"), summary), out / "stress_test.png", pdf)
-pdf.unlink()  # only the PNG: the 8-file limit
+pdf.unlink()  # only the PNG: the pack keeps to its eight files
 print("stress: figure drawn from the partial log")
 EOF
 fi
@@ -201,26 +205,28 @@ if [[ " $PARTS " == *" speed "* ]]; then
         --impls sigmoid_ours softmax_varlen softmax_sdpa_cudnn --warmup 10 --repeats 40 \
         --out-csv "$WORK/training_speed_shared_model.csv" --out-md "$WORK/training_speed_shared_model.md"
 
-    # b) the issue's comparison (table in $OUT as it goes)
+    # b) the paper's comparison (table in $PACK_DIR as it goes)
     run_part "$SPEED_BUDGET" speed_width1024 "$PY" -m sigmoid_sc.cli training-speed "${SPEED_FLAGS[@]}" \
         --n-layers 12 --d-models 1024 --head-dims 128 64 --workloads fixed real \
         --impls sigmoid_ours softmax_sdpa_cudnn softmax_sdpa_flash softmax_varlen sigmoid_triton_paper \
         --warmup 3 --repeats 12 --time-limit "$SPEED_TIME_LIMIT" \
-        --out-csv "$OUT/training_speed.csv" --out-md "$OUT/training_speed.md"
+        --out-csv "$PACK_DIR/training_speed.csv" --out-md "$PACK_DIR/training_speed.md"
 
     # one table: the width-1024 rows, then the shared-data model's
-    run_part 60 speed_merge "$PY" -m sigmoid_sc.cli training-speed --merge "$OUT/training_speed.csv" \
-        "$WORK/training_speed_shared_model.csv" --out-csv "$OUT/training_speed.csv" \
-        --out-md "$OUT/training_speed.md"
+    run_part 60 speed_merge "$PY" -m sigmoid_sc.cli training-speed --merge "$PACK_DIR/training_speed.csv" \
+        "$WORK/training_speed_shared_model.csv" --out-csv "$PACK_DIR/training_speed.csv" \
+        --out-md "$PACK_DIR/training_speed.md"
 fi
 
 # ------------------------------------------------------------------------------------------
-# pack: everything else in one archive (the run tool brings back at most 8 files)
-cat "$WORK/parts.txt" >>"$OUT/versions.txt" 2>/dev/null
+# pack: everything else in one archive (the host may return only PACK_MAX_FILES files)
+cat "$WORK/parts.txt" >>"$PACK_DIR/versions.txt" 2>/dev/null
 log "total $(($(date +%s) - T0))s"
-tar -czf "$OUT/extras.tar.gz" -C "$WORK" . 2>>"$LOG"
+tar -czf "$PACK_DIR/extras.tar.gz" -C "$WORK" . 2>>"$LOG"
 rm -rf "$WORK"
-ls -l "$OUT" >&2
+ls -l "$PACK_DIR" >&2
+N=$(find "$PACK_DIR" -type f | wc -l)
+[ "$N" -le "$PACK_MAX_FILES" ] || log "WARNING: $N files in $PACK_DIR, more than PACK_MAX_FILES=$PACK_MAX_FILES"
 grep -E '^stress .*: (stable|diverged)' "$LOG" || echo "stress: no verdict (see gpu_experiments.log)"
-[ -f "$OUT/training_speed.md" ] && cat "$OUT/training_speed.md"
+[ -f "$PACK_DIR/training_speed.md" ] && cat "$PACK_DIR/training_speed.md"
 exit 0

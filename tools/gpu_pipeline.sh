@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole DAG on the lent GPU machine, in one command of at most 10 minutes, results into $OUT.
+# The whole DAG on an offline GPU host (no internet, no package registry), in one command with a
+# time budget; the results are packed into a folder for the trip back.
 #
 # Here, first: bash tools/gpu_wheels.sh   (wheels into .whl/ and .whl/xz/wheels.tar.xz, the six
 #                                          datasets into data/)
-# There:       bash tools/gpu_pipeline.sh  (with $OUT set; carry .whl/xz and data)
+# There:       PACK_DIR=<folder> bash tools/gpu_pipeline.sh  (carry .whl/xz and data)
 #
 # 1. installs the wheels (.whl/xz/wheels.tar.xz unpacked, else .whl/*.whl) into $GPU_SITE
 #    (/tmp/site; pip --target, no index) and puts it first on PYTHONPATH; a fallback wheel
@@ -15,34 +16,39 @@
 #    checkpoint), at most $GPU_PIPELINE_GPU_SLOTS jobs on the one GPU at once (they time-share
 #    it: the 12 big-batch trainings of baron_pancreas and pbmc3k, prioritised, beside small ones
 #    that are bound by Python and launches), stopped after $GPU_PIPELINE_BUDGET_S seconds so
-#    packing still runs.
-# 3. packs into $OUT (at most 8 files, each < 16 MiB, names [A-Za-z0-9._-]):
+#    packing still runs within the host's time limit.
+# 3. packs into $PACK_DIR, flat, names [A-Za-z0-9._-], each file under $PACK_MAX_FILE_MIB MiB
+#    (larger tarballs are split into parts), and says so when there are more than
+#    $PACK_MAX_FILES files (the host may return only so many):
 #      run_info.txt          versions, fallbacks, exit status, wall times
 #      stage_times.md        per rule: jobs, total / median / max seconds (from benchmark:)
 #      tables_figures.tar.gz results/tables, figures, report.html, per-dataset metrics and UMAPs
 #      logs.tar.gz           results/logs, benchmarks, stage_times.tsv, train histories,
 #                            snakemake's own log
-#      embeddings.tar.gz[.partN]  results/*/embed/*.npz, split into 15 MiB parts
+#      embeddings.tar.gz[.partN]  results/*/embed/*.npz
 #
-# Environment (all optional): PYTHON (python3), SKIP_WHEELS=1 (use the Python's own packages),
-# GPU_SITE, GPU_PIPELINE_CONFIGS (config files, relative to the repository),
+# Environment: PACK_DIR (required: the folder the packed results go to); all others optional:
+# PACK_MAX_FILES (8), PACK_MAX_FILE_MIB (16), PYTHON (python3), SKIP_WHEELS=1 (use the Python's
+# own packages), GPU_SITE, GPU_PIPELINE_CONFIGS (config files, relative to the repository),
 # GPU_PIPELINE_EXTRA (more snakemake arguments, e.g. "--config device=cpu"),
 # GPU_PIPELINE_WORKDIR (where results/ goes; default the repository), GPU_PIPELINE_CORES (nproc),
 # GPU_PIPELINE_GPU_SLOTS (8), GPU_PIPELINE_BUDGET_S (420), GPU_PIPELINE_PRIORITIZE (targets),
 # GPU_PIPELINE_TARGETS (snakemake targets: a subset of the DAG for this call, e.g.
 # "results/bladder/metrics.csv results/cbmc/metrics.csv results/kidney/metrics.csv"; default
-# the whole DAG). Measured 2026-11-29 (docs/results/2026-11-29_h200/session3): the 36
-# trainings of 1,000 steps do not fit one 10-minute call; two did it (pbmc3k + baron_pancreas
-# with 8 slots, 530 s; the four short-cell datasets' embeddings with 12 slots, 332 s). Finish
-# here with tools/gpu_collect.sh (evaluate, aggregate and figures on the CPU, from the bundles).
-# Exit status: snakemake's (124: stopped at the budget); packing happens in every case.
+# the whole DAG). A DAG that does not fit one call's budget is split over several calls by
+# their targets (the long-cell datasets in one, the short-cell ones in another); then, here,
+# tools/gpu_collect.sh unpacks every call's bundle and finishes the DAG on the CPU (evaluate,
+# aggregate, figures). Exit status: snakemake's (124: stopped at the budget); packing happens
+# in every case.
 set -uo pipefail
 
 T0=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-: "${OUT:?set OUT to the folder the packed results go to}"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+: "${PACK_DIR:?set PACK_DIR to the folder the packed results go to}"
+mkdir -p "$PACK_DIR"
+PACK_DIR=$(cd "$PACK_DIR" && pwd)
+PACK_MAX_FILES=${PACK_MAX_FILES:-8}
+PACK_MAX_FILE_MIB=${PACK_MAX_FILE_MIB:-16}
 # shellcheck source=tools/lib.sh
 source "$REPO/tools/lib.sh"
 PY=$(abs_path "${PYTHON:-python3}")
@@ -57,7 +63,7 @@ EXTRA=${GPU_PIPELINE_EXTRA:-}
 TARGETS=${GPU_PIPELINE_TARGETS:-}
 # the default priorities name datasets a subset may leave out
 [ -n "$TARGETS" ] && [ -z "${GPU_PIPELINE_PRIORITIZE+set}" ] && PRIORITIZE=""
-INFO=$OUT/run_info.txt
+INFO=$PACK_DIR/run_info.txt
 : >"$INFO"
 
 say() { echo "$*" | tee -a "$INFO"; }
@@ -218,14 +224,14 @@ EOF
 
 T3=$(date +%s)
 say "total wall so far $((T3 - T0)) s (set-up $((T1 - T0)) s, snakemake $((T2 - T1)) s)"
-cp results/stage_times.md "$OUT/" 2>/dev/null
-# pack NAME PATH...: the paths that exist into $OUT/NAME (nothing when none does)
+cp results/stage_times.md "$PACK_DIR/" 2>/dev/null
+# pack NAME PATH...: the paths that exist into $PACK_DIR/NAME (nothing when none does)
 pack() {
   local name=$1 p paths=()
   shift
   for p in "$@"; do [ -e "$p" ] && paths+=("$p"); done
   if [ ${#paths[@]} -gt 0 ]; then
-    tar -czf "$OUT/$name" "${paths[@]}" 2>>"$INFO"
+    tar -czf "$PACK_DIR/$name" "${paths[@]}" 2>>"$INFO"
   else
     say "pack: nothing for $name"
   fi
@@ -233,14 +239,15 @@ pack() {
 pack tables_figures.tar.gz results/tables results/figures results/report.html results/*/metrics.csv results/*/umap.csv
 pack logs.tar.gz results/logs results/benchmarks results/stage_times.tsv results/*/train/*/history.csv .snakemake/log
 pack embeddings.tar.gz results/*/embed
-# split anything over 15 MiB (the device returns files of at most 16 MiB)
-for f in "$OUT"/*.tar.gz; do
-  if [ "$(stat -c %s "$f")" -gt $((15 * 1024 * 1024)) ]; then
-    split -b 15M -d -a 1 "$f" "$f.part" && rm "$f"
+# every file under PACK_MAX_FILE_MIB: a larger tarball is split into parts of one MiB less
+PART_MIB=$((PACK_MAX_FILE_MIB > 1 ? PACK_MAX_FILE_MIB - 1 : 1))
+for f in "$PACK_DIR"/*.tar.gz; do
+  if [ "$(stat -c %s "$f")" -gt $((PART_MIB * 1024 * 1024)) ]; then
+    split -b "${PART_MIB}M" -d -a 1 "$f" "$f.part" && rm "$f"
   fi
 done
-N=$(find "$OUT" -type f | wc -l)
-say "packed $N files into \$OUT ($(du -sh "$OUT" | cut -f1)); join split parts with: cat X.part* > X"
-ls -l "$OUT" | tee -a "$INFO"
-[ "$N" -le 8 ] || say "WARNING: $N files in \$OUT, more than the 8 that come back"
+N=$(find "$PACK_DIR" -type f | wc -l)
+say "packed $N files into $PACK_DIR ($(du -sh "$PACK_DIR" | cut -f1)); join split parts with: cat X.part* > X"
+ls -l "$PACK_DIR" | tee -a "$INFO"
+[ "$N" -le "$PACK_MAX_FILES" ] || say "WARNING: $N files in $PACK_DIR, more than PACK_MAX_FILES=$PACK_MAX_FILES"
 exit "$STATUS"

@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
-# Everything the lent GPU machine needs to run the whole DAG, gathered here (it has no package
-# registry): the Python 3.12 wheels its image lacks into .whl/ (29.7 MiB, + 12.7 MiB of
+# Everything an offline GPU host (no internet, no package registry) needs to run the whole DAG,
+# gathered here: the Python 3.12 wheels its image lacks into .whl/ (29.7 MiB, + 12.7 MiB of
 # fallbacks), packed for the trip as .whl/xz/wheels.tar.xz (28.6 MiB), and the six real
 # datasets into data/ (24.3 MiB, checked against their SHA256SUMS).
 #
 #   bash tools/gpu_wheels.sh            # wheels + data + resolution check
 #   NO_CHECK=1 bash tools/gpu_wheels.sh # without the check (it downloads ~300 MB into /tmp)
 #
-# Then, on the device: bash tools/gpu_pipeline.sh (README.md, "On a GPU machine without a
-# package registry"), carrying .whl/xz and data (both git-ignored): ~54 MiB with the repository,
-# of the 64 MiB a call may send; .whl itself (42 MiB) would not fit beside the data.
+# Then, on the host: bash tools/gpu_pipeline.sh, carrying .whl/xz and data (both git-ignored):
+# ~54 MiB with the repository. CARRY_MAX_MIB (default 64) is what the trip to the host may
+# carry: the script reports the carried size against it (.whl itself, 42 MiB, would not fit
+# beside the data in 64 MiB).
 #
 # The list below is the closure of snakemake 9.27.1 (the same as .venv), scanpy 1.11.5,
 # anndata 0.12.19, scib-metrics 0.5.10 and the package's own dependencies, resolved for
 # CPython 3.12 on manylinux x86_64 with .venv's versions, MINUS the packages the GPU image holds
-# (/work/.library/device/KINDS.md, "Python packages already there"; torch and triton there too).
+# (IMAGE_PACKAGES below; torch and triton there too).
 # Left out on purpose:
 #   pulp (36 MB unpacked, the CBC solver binaries): snakemake imports it only for its ILP job
 #     scheduler; tools/gpu_pipeline.sh runs `--scheduler greedy`, and without pulp snakemake
 #     falls back to greedy anyway (snakemake/api.py), so a local run never imports it.
 #     tests/test_gpu_bundle.py runs the pipeline with `import pulp` failing to prove it.
 #   snakemake-executor-plugin-slurm(-jobstep): only for --profile profiles/slurm.
-# Fallbacks (.whl/fallback/): the image was built from a newer index than ours and most likely
-# holds pandas 3 and packaging 26 (it has no pytz, which every pandas 2 needs), while
-# anndata 0.12.19 asks for pandas<3 and snakemake 9.27.1 for packaging<26. Measured here under
-# Python 3.12 with pandas 3.1.1: anndata 0.12.19 cannot write an h5ad (the download stage fails,
+# Fallbacks (.whl/fallback/): an image built from a newer index than ours may hold pandas 3 and
+# packaging 26 (one without pytz, which every pandas 2 needs, does), while anndata 0.12.19 asks
+# for pandas<3 and snakemake 9.27.1 for packaging<26; under Python 3.12 with pandas 3.1.1,
+# anndata 0.12.19 cannot write an h5ad (the download stage fails,
 # "allow_write_nullable_strings"). gpu_pipeline.sh installs a fallback only when the image's own
 # version breaks a carried package's requirement.
 set -euo pipefail
@@ -36,6 +37,7 @@ WHL=.whl
 FALLBACK_DIR=$WHL/fallback
 SHARED_DATA=${SHARED_DATA:-../shared/data}
 CHECK_DIR=${CHECK_DIR:-/tmp/gpu-wheels-check} # throwaway: the image's own packages, never carried
+CARRY_MAX_MIB=${CARRY_MAX_MIB:-64} # what the trip to the host may carry, repository included
 
 PLATFORM_ARGS=(
   --only-binary=:all: --python-version 3.12 --implementation cp
@@ -111,7 +113,7 @@ EOF
 du -cb "$WHL"/*.whl | tail -1 | awk '{printf "wheels (.whl/*.whl): %.1f MiB\n", $1 / 1048576}'
 du -cb "$FALLBACK_DIR"/*.whl | tail -1 | awk '{printf "fallbacks (.whl/fallback): %.1f MiB\n", $1 / 1048576}'
 
-# For the trip (64 MiB a call, data and repository included): every wheel re-zipped without
+# For the trip (CARRY_MAX_MIB, data and repository included): every wheel re-zipped without
 # compression (pip reads any zip; RECORD hashes the files, not the zip), then xz over them all:
 # ~29 MiB instead of ~42. gpu_pipeline.sh unpacks it and pip-installs the wheels as they are.
 echo "== $WHL/xz/wheels.tar.xz (carry .whl/xz)"
@@ -145,7 +147,7 @@ cp -p "$SHARED_DATA"/*.h5ad "$SHARED_DATA"/SHA256SUMS data/
 (cd data && sha256sum -c --quiet SHA256SUMS)
 du -cb data/*.h5ad | tail -1 | awk '{printf "data (data/*.h5ad): %.1f MiB\n", $1 / 1048576}'
 git ls-files -z | xargs -0 du -cb | tail -1 | awk '{printf "repo (tracked files): %.1f MiB\n", $1 / 1048576}'
-du -cb "$WHL/xz" data | tail -1 | awk '{printf "carried (.whl/xz + data): %.1f MiB, plus the repository, of the 64 MiB a call may send\n", $1 / 1048576}'
+du -cb "$WHL/xz" data | tail -1 | awk -v max="$CARRY_MAX_MIB" '{printf "carried (.whl/xz + data): %.1f MiB, plus the repository, of the %s MiB the trip may carry (CARRY_MAX_MIB)\n", $1 / 1048576, max}'
 
 if [ "${NO_CHECK:-0}" = 1 ]; then
   exit 0
@@ -155,6 +157,7 @@ fi
 # downloaded into a throwaway folder, then pip resolves the pipeline's needs from the two folders
 # alone, for Python 3.12, with no index.
 echo "== resolution check (no index; .whl + the image's packages from $CHECK_DIR)"
+# the GPU image's own Python packages (besides torch and triton): not carried
 IMAGE_PACKAGES=(
   absl-py attrs certifi charset-normalizer chex cloudpickle contourpy cycler fonttools formulaic
   h5py idna interface-meta jax jaxlib jinja2 joblib kiwisolver llvmlite markdown-it-py

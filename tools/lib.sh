@@ -21,7 +21,7 @@ config_paths() {
 }
 
 # install_wheels PYTHON SITE WHEEL...: the wheels into SITE with PYTHON's pip, offline (no index,
-# no dependency resolution: the lent GPU machine reaches no registry), no bytecode
+# no dependency resolution: an offline GPU host reaches no registry), no bytecode
 install_wheels() {
   local py=$1 site=$2
   shift 2
