@@ -407,3 +407,15 @@ def test_a_section_on_the_command_line_is_checked_the_same_way():
         config.section("experiments.stress_test", {"seq_len": 9000, "vocab_size": 5000})
     with pytest.raises(ConfigError, match=r"datasets.x needs `label_key`"):
         config.dataset("x", {"source": "synthetic", "synthetic": {}})
+
+
+def test_the_cli_maps_every_stage_to_its_file():
+    """``sigmoid-sc <stage>`` lives in ``sigmoid_sc/<stage with _>.py``, registered by it alone."""
+    from sigmoid_sc.cli import COMMAND_MODULES, build_parser
+
+    for command, module in COMMAND_MODULES.items():
+        path = REPO / "src" / Path(*module.split(".")).with_suffix(".py")
+        assert path.is_file(), module
+        assert path.stem == command.replace("-", "_"), (command, module)
+        commands = build_parser(command)._subparsers._group_actions[0].choices
+        assert list(commands) == [command]

@@ -13,24 +13,6 @@ import sys
 
 from .errors import UserError
 
-STAGE_MODULES = (
-    "sigmoid_sc.download",  # download
-    "sigmoid_sc.prepare",  # prepare
-    "sigmoid_sc.tokenize",  # tokenize
-    "sigmoid_sc.train",  # train
-    "sigmoid_sc.embed",  # embed
-    "sigmoid_sc.pca",  # pca
-    "sigmoid_sc.evaluate",  # evaluate
-    "sigmoid_sc.aggregate",  # aggregate
-    "sigmoid_sc.figures",  # figures
-    "sigmoid_sc.stress_test",  # stress-test (experiments)
-    "sigmoid_sc.jacobian",  # jacobian (experiments)
-    "sigmoid_sc.kernel_benchmark",  # kernel-benchmark (experiments)
-    "sigmoid_sc.training_speed",  # training-speed (experiments)
-    "sigmoid_sc.experiment_figures",  # experiment-figures (experiments)
-)
-
-
 #: sub-command -> the module that registers it; lets a stage import only its own module
 COMMAND_MODULES = {
     "download": "sigmoid_sc.download",
@@ -48,6 +30,8 @@ COMMAND_MODULES = {
     "training-speed": "sigmoid_sc.training_speed",
     "experiment-figures": "sigmoid_sc.experiment_figures",
 }
+#: every stage module, once, in pipeline order
+STAGE_MODULES = tuple(dict.fromkeys(COMMAND_MODULES.values()))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
