@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .reference import default_scale
+from .varlen import VarlenBatch
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -950,8 +951,8 @@ def sigmoid_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens: torch.Tensor | VarlenBatch,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
     validate: bool = True,
@@ -962,47 +963,33 @@ def sigmoid_attention_varlen(
         q, k, v: ``[total_tokens, H, D]``, fp16/bf16/fp32, D in (32, 64, 128); tokens of all
             sequences concatenated.
         cu_seqlens: int32 ``[B + 1]``, 0 first, strictly increasing, ``total_tokens`` last;
-            sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
-        max_seqlen: the longest sequence's length (at least; sizes the grid).
+            sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``. Or a
+            :class:`~sigmoid_sc.attention.VarlenBatch` of them, whose kernel metadata (starts,
+            lengths, launch order, default bias) is built once and reused by every call.
+        max_seqlen: the longest sequence's length (at least; sizes the grid), a host int;
+            None beside a VarlenBatch.
         scale: logit scale, default ``1/sqrt(D)``.
         bias: None -> ``-log(n_i)`` per sequence; a float -> that constant; a ``[B]`` tensor.
         validate: check ``cu_seqlens``' values (reads them on the host: one device sync on
-            CUDA). Shapes, dtypes and devices are always checked.
+            CUDA, once per VarlenBatch). Shapes, dtypes and devices are always checked.
 
     Returns ``[total_tokens, H, D]`` in q's dtype, differentiable in q, k and v.
     """
     _check_qkv(q, k, v, 3, "varlen")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens must be an int32 tensor, got "
-            f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}"
-        )
-    max_seqlen = int(max_seqlen)
+    try:
+        seqs = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0])
+    except ValueError as exc:
+        raise ValueError(f"sigmoid attention: {exc}") from None
+    if seqs.device != q.device:
+        raise ValueError(f"sigmoid attention: cu_seqlens is on {seqs.device}, q on {q.device}")
     if validate and _checking_values():
-        cu = cu_seqlens.tolist()
-        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        if cu[0] != 0 or cu[-1] != q.shape[0]:
-            raise ValueError(
-                f"sigmoid attention: cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, got {cu[0]}..{cu[-1]}"
-            )
-        if min(lengths) <= 0:
-            raise ValueError(
-                "sigmoid attention: cu_seqlens must be strictly increasing (every sequence at least one token)"
-            )
-        if max_seqlen < max(lengths):
-            raise ValueError(
-                f"sigmoid attention: max_seqlen={max_seqlen} is below the longest sequence ({max(lengths)})"
-            )
+        try:
+            seqs.check_values()
+        except ValueError as exc:
+            raise ValueError(f"sigmoid attention: {exc}") from None
     s = _check_scale(scale, q.shape[-1])
-    seq_start, seq_len, seq_order, b = _varlen_sequences(cu_seqlens, bias)
+    seq_start, seq_len, seq_order = seqs.kernel_sequences
+    b = seqs.log_length_bias if bias is None else _bias_tensor(bias, seq_len)
     return sigmoid_attn_fwd(
         _rows_view(q),
         _rows_view(k),
@@ -1012,7 +999,7 @@ def sigmoid_attention_varlen(
         seq_order,
         b,
         s,
-        max_seqlen,
+        seqs.max_seqlen,
         False,
     )
 
