@@ -342,17 +342,6 @@ def run_table(cases, impls_filter=None, timed=True, on_case=None, deadline=math.
     )  # fmt: skip
 
 
-def autotuned_configs() -> list[str]:
-    """What the autotuner chose for `ours` in this process, a line per kernel and key:
-    ``"dkdv hd128 (8192, 'torch.bfloat16'): BLOCK_M: 64, ..."`` (key: length bucket[, rows
-    bucket], dtype)."""
-    lines = []
-    for (kind, head_dim), fn in sorted(ts._TUNED.items()):
-        for key, cfg in getattr(fn, "cache", {}).items():
-            lines.append(f"{kind} hd{head_dim} {key[:2]}: {cfg}")
-    return lines
-
-
 def write_outputs(out_dir: Path, header: dict, rows: list, checks: list, sweep_rows: list):
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{header['date'][:10]}_{core.device_slug(header['gpu'])}"
@@ -578,7 +567,7 @@ def main(argv=None):
     )
     write_outputs(args.out, header, rows, checks, sweep_rows)
     # what the autotuner chose for `ours`: key = (length bucket[, rows bucket], dtype entries)
-    for line in autotuned_configs():
+    for line in ts.autotuned_configs():
         log(f"autotuned {line}")
     log(f"total {time.time() - t_start:.0f} s; wrote {args.out}")
 

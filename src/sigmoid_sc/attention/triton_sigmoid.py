@@ -51,8 +51,9 @@ LOG2E = 1.4426950408889634
 
 # How P = sigmoid(x) is evaluated inside the kernels (x = the logit q.k * scale + b):
 #   SIG_EXACT: 1 / (1 + exp2(-x log2 e)) -- exp2 and a division (two special-function-unit ops)
-#   SIG_TANH: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1,
-#     below 16-bit rounding of P: the form for fp16/bf16 inputs, both ways
+#   SIG_TANH: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; the outputs' and gradients' errors
+#     stay those of the exact form at fp16/bf16 (bench/NOTES.md): the form for 16-bit inputs,
+#     both ways
 # Each form takes the logit in its own unit (x log2 e, or x / 2: `logit_unit`), folded into the
 # score scale and bias. The tanh is inline PTX on the GPU, exact under the interpreter; fp32
 # inputs always use the exact form.
@@ -466,6 +467,16 @@ def _tuned(kind: str, head_dim: int):
             )(_attn_bwd_dkdv)
         _TUNED[key] = fn
     return _TUNED[key]
+
+
+def autotuned_configs() -> list[str]:
+    """What the autotuner chose in this process, a line per kernel and key: ``"dkdv hd128
+    (8192, 'torch.bfloat16'): BLOCK_M: 64, ..."`` (key: length bucket[, rows bucket], dtype)."""
+    lines = []
+    for (kind, head_dim), fn in sorted(_TUNED.items()):
+        for key, cfg in getattr(fn, "cache", {}).items():
+            lines.append(f"{kind} hd{head_dim} {key[:2]}: {cfg}")
+    return lines
 
 
 def _seqlen_bucket(max_seqlen: int) -> int:
