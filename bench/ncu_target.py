@@ -6,8 +6,8 @@ program to run under Nsight Compute (``ncu``) for its hardware counters and stal
 
 The inputs are bench/kernel.py's (hidden 2048, so H = 2048 / D; ``--case`` a dense N, a
 variable-length set of bench/kernel.py such as ``pbmc3k``, or ``lengths:820,1981,17``), the
-config is fixed (no autotuning: every launch is the same kernel), and ``--options`` takes kernel
-options as bench/kernel.py does (``use_tma=0``). ``--kernel bwd`` launches the backward (its
+config is fixed (no autotuning: every launch is the same kernel), and ``--options`` takes the
+launchers' keyword options (``use_tma=0``, ``sig_mode=0``; bench/launch_args.py). ``--kernel bwd`` launches the backward (its
 dk/dv kernel is ``_attn_bwd_dkdv``). ``--device cpu`` runs the kernels under Triton's
 interpreter (tests; give ``--dtype fp32`` there).
 """
@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--case", default="8192", help="a dense N, pbmc3k, or lengths:N1,N2,...")
     ap.add_argument("--config", required=True, help="BMxBNxWARPSxSTAGES[xPIPELINE]")
-    ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0")
+    ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,sig_mode=0")
     ap.add_argument("--launches", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -49,9 +49,11 @@ def main(argv=None):
     bk = _bench_kernel()
     bk.DEVICE = args.device
     ts = bk.ts
+    from launch_args import parse_configs, parse_options  # bench/, on the path by now
+
     try:
-        options = ts.parse_options(args.options)
-        configs = ts.parse_configs(args.config, args.kernel)
+        options = parse_options(args.options)
+        configs = parse_configs(args.config, args.kernel)
     except ValueError as exc:
         sys.exit(f"ncu_target: {exc}")
     if len(configs) != 1:
@@ -65,10 +67,11 @@ def main(argv=None):
         if not cases:
             sys.exit(f"ncu_target: no case {args.case!r} (a dense N of {bk.DENSE_N}, pbmc3k, "
                      "Baron or lengths:N1,N2,...)")  # fmt: skip
-        label, _, lengths, _ = cases[0]
+        label, lengths = cases[0].name, cases[0].lengths
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     inp = bk.Inputs(lengths, args.head_dim, dtype=dtype)
-    seq = (*ts._varlen_sequences(inp.cu), args.head_dim**-0.5, inp.max_seqlen, False)
+    seqs = inp.batch
+    seq = (*seqs.kernel_sequences, seqs.log_length_bias, args.head_dim**-0.5, inp.max_seqlen, False)
     for _ in range(args.launches):
         if args.kernel == "fwd":
             out = ts.launch_fwd(inp.q, inp.k, inp.v, *seq, config=config, **options)

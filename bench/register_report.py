@@ -9,6 +9,7 @@ and warpgroup MMAs: a loop whose loads are not pipelined shows ``async`` 0.
 
     python bench/register_report.py                      # every kernel, the autotune configs
     python bench/register_report.py --kernels dkdv --head-dims 128 --configs 32x128x8x3
+    python bench/register_report.py --options use_tma=0    # the pointer-load paths
 
 Indicative only: the GPU machine may run another Triton version than this one (the header
 prints both what compiled and the target); ``STACK`` bytes are the per-thread local memory
@@ -35,13 +36,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))  # the benches' shared modules
+from launch_args import parse_configs, parse_options  # noqa: E402
+
 from sigmoid_sc.attention import triton_sigmoid as ts  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = {
     "fwd": (ts._attn_fwd, ts._FWD_CONFIGS),
     "dkdv": (ts._attn_bwd_dkdv, ts._BWD_CONFIGS),
-    "dq": (ts._attn_bwd_dq, ts._DQ_CONFIGS),
 }
 _INT_ARGS = ("pad_rows", "seqlen_bucket", "rows_bucket")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,8 +73,8 @@ def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             continue
         elif name in ("SeqStart", "SeqLen", "SeqOrder"):
             sig[name] = "*i32"
-        elif name in ("Bias", "DQ"):  # dq: the fp32 buffer of the atomic path
-            sig[name] = "*fp32" if name == "Bias" or constexprs.get("ATOMIC_DQ") else f"*{dtype}"
+        elif name in ("Bias", "DQ"):  # dq: the fp32 buffer the atomics add into
+            sig[name] = "*fp32"
         elif name[0].isupper():
             sig[name] = f"*{dtype}"
         elif name.startswith("stride") or name in _INT_ARGS:
@@ -86,25 +89,23 @@ def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 
 def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = "bf16") -> dict:
-    """Compile one kernel at one (BLOCK_M, BLOCK_N, warps, stages); return its resource use."""
+    """Compile one kernel at one (BLOCK_M, BLOCK_N, warps, stages) with the launchers' keyword
+    ``options`` (``use_tma``, ``sig_mode``; absent: the launchers' defaults); return its
+    resource use."""
     fn, _ = KERNELS[kind]
     bm, bn, warps, stages, *pipeline = config  # the forward's: a fifth entry, PIPELINE
-    opts = {**ts.DEFAULT_OPTIONS, **options}
-    if kind != "fwd" and opts.get("bwd_sig_mode") is not None:
-        opts["sig_mode"] = opts["bwd_sig_mode"]
-    # the launch wrappers' own choice (fp32 inputs always get the exact form)
-    sig_mode = ts._sig_mode(opts, _TORCH_DTYPES[dtype])
+    use_tma = bool(options.get("use_tma", True))
+    # the launch wrappers' own choice (fp32 inputs get the exact form unless told otherwise)
+    sig_mode = ts._sig_mode(_TORCH_DTYPES[dtype], options.get("sig_mode"))
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "SIG_MODE": sig_mode,
                   "IN_PREC": ts._in_prec(_TORCH_DTYPES[dtype])}  # fmt: skip
     if kind == "fwd":
-        constexprs.update(USE_TMA=bool(opts["use_tma"]), ZERO_FILL=False,
-                          PIPELINE=bool(pipeline and pipeline[0]))  # fmt: skip
-        if not constexprs["USE_TMA"]:
+        constexprs.update(USE_TMA=use_tma, ZERO_FILL=False, PIPELINE=bool(pipeline and pipeline[0]))
+        if not use_tma:
             constexprs.update(QDesc=None, KDesc=None, VDesc=None)
-    elif kind == "dkdv":
-        constexprs.update(ATOMIC_DQ=bool(opts["atomic_dq"]), ZERO_FILL=False,
-                          USE_TMA=bool(opts["bwd_tma"]))  # fmt: skip
-        if not constexprs["USE_TMA"]:
+    else:
+        constexprs.update(ZERO_FILL=False, USE_TMA=use_tma)
+        if not use_tma:
             constexprs.update(QDesc=None, DODesc=None)
     sig, attrs = signature(fn, dtype, constexprs)
     src = ASTSource(
@@ -141,26 +142,28 @@ def report(kind: str, head_dim: int, config: tuple, options: dict, dtype: str = 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--kernels", default="fwd,dkdv")
     ap.add_argument("--head-dims", default="128,64")
     ap.add_argument(
         "--configs",
         default="",
         help="BMxBNxWARPSxSTAGES[xPIPELINE],...; default: the autotune lists",
     )
-    ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,atomic_dq=0")
+    ap.add_argument("--options", default="", help="kernel options, e.g. use_tma=0,sig_mode=0")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     args = ap.parse_args(argv)
     try:
-        options = ts.parse_options(args.options)
+        options = parse_options(args.options)
     except ValueError as exc:
         raise SystemExit(f"--options: {exc}") from None
     try:
-        configs = ts.parse_configs(args.configs)
+        configs = parse_configs(args.configs)
     except ValueError as exc:
         raise SystemExit(f"--configs: {exc}, e.g. 64x128x8x2") from None
-    print(f"triton {triton.__version__}, target sm_{TARGET.arch}a, options "
-          f"{ {**ts.DEFAULT_OPTIONS, **options} }, dtype {args.dtype}")  # fmt: skip
+    shown = options or "the launchers' defaults"
+    print(
+        f"triton {triton.__version__}, target sm_{TARGET.arch}a, options {shown}, dtype {args.dtype}"
+    )
     print("| kernel | hd | config | registers | spill B | shared KiB | async | tma | wgmma |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []

@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic, on the CPU: bench/kernel.py's sweep bookkeeping (rounds,
-medians, config overrides) and bench/ncu_target.py's launches under Triton's interpreter.
-The GPU timings themselves are bench/kernel.py's job on the lent H200, not a test's."""
+medians, config overrides), the benches' option and config parsers (bench/launch_args.py),
+bench/kernel.py's variants and bench/ncu_target.py's launches under Triton's interpreter.
+The GPU timings themselves are bench/kernel.py's job on a GPU, not a test's."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from launch_args import parse_configs, parse_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +28,16 @@ def bench_kernel():
     return module
 
 
-CASES = [("dense N=8192", 128, None, True), ("pbmc3k (median 852, max 1981)", 128, None, False)]
+def cases(bench_kernel):
+    Case = bench_kernel.core.Case
+    return [Case("dense N=8192", 128, (8192,), True),
+            Case("pbmc3k (median 852, max 1981)", 128, (852, 1981), False)]  # fmt: skip
 
 
 def test_sweep_rounds_are_interleaved_within_each_case(bench_kernel):
-    one = bench_kernel.sweep_jobs(CASES, ("fwd",), ["tanh+tma", "probe:no-sigmoid"])
-    three = bench_kernel.sweep_jobs(CASES, ("fwd",), ["tanh+tma", "probe:no-sigmoid"], rounds=3)
+    one = bench_kernel.sweep_jobs(cases(bench_kernel), ("fwd",), ["tanh+tma", "tanh ptr"])
+    three = bench_kernel.sweep_jobs(cases(bench_kernel), ("fwd",), ["tanh+tma", "tanh ptr"],
+                                    rounds=3)  # fmt: skip
     assert len(three) == 3 * len(one) and all(job[0] == 0 for job in one)
     per_case = len(one) // 2
     # case 0's three rounds first (its inputs are built once), each round the whole job list
@@ -75,6 +84,39 @@ def test_sweep_configs_override_and_bad_input(bench_kernel, monkeypatch):
             bench_kernel.override_sweep_configs(bad, (128,))
 
 
+def test_parse_options_names_what_is_wrong():
+    """The benches' --options: the launchers' keyword options with integer values, else a
+    ValueError naming it (the removed experimental switches are unknown now)."""
+    assert parse_options("use_tma=0,sig_mode=1") == {"use_tma": 0, "sig_mode": 1}
+    assert parse_options("") == {}
+    with pytest.raises(ValueError, match="unknown kernel option 'tma'"):
+        parse_options("tma=1")
+    with pytest.raises(ValueError, match="unknown kernel option 'atomic_dq'"):
+        parse_options("atomic_dq=0")
+    with pytest.raises(ValueError, match="'use_tma' needs an integer, got 'yes'"):
+        parse_options("use_tma=yes")
+    assert parse_configs("128x64x8x3x1,64x128x8x3") == [(128, 64, 8, 3, 1), (64, 128, 8, 3)]
+    with pytest.raises(ValueError, match="each bwd config is BLOCK_MxBLOCK_NxWARPSxSTAGES"):
+        parse_configs("128x64x8x3x1", "bwd")
+
+
+def test_kernel_variants_differ_from_ours_by_their_options_only(bench_kernel, monkeypatch):
+    """The table's variant rows: our kernel at its first configs with explicit launcher options,
+    forward and gradients equal to the production path's (fp32 under the interpreter)."""
+    monkeypatch.setattr(bench_kernel, "DEVICE", "cpu")
+    inp = bench_kernel.Inputs([40, 17], 32, dtype=torch.float32, heads=2)
+    leaves = [t.detach().requires_grad_() for t in (inp.q, inp.k, inp.v)]
+    fwd, _ = bench_kernel.IMPLS["ours"](inp, False)
+    out = fwd(*leaves)
+    expected = [out, *torch.autograd.grad(out, leaves, inp.do)]
+    for name in bench_kernel.OURS_VARIANTS:
+        fwd, tensors = bench_kernel.IMPLS[name](inp, False)
+        out = fwd(*leaves)
+        got = [out, *torch.autograd.grad(out, leaves, tensors[3])]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(
     "kernel, config", [("fwd", "32x16x4x1x1"), ("bwd", "32x16x4x1")], ids=["fwd", "bwd"]
 )
@@ -83,7 +125,7 @@ def test_ncu_target_launches_its_kernel(kernel, config):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "ncu_target.py"), "--kernel", kernel,
            "--head-dim", "64", "--case", "lengths:40,17", "--config", config, "--launches", "2",
-           "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+           "--device", "cpu", "--dtype", "fp32", "--options", "use_tma=0"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"2 launches of {kernel} hd64 lengths [40, 17]" in done.stdout

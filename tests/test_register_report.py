@@ -32,38 +32,40 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_report_reads_registers_spills_and_pipelining():
-    """hd64's dk/dv kernel as launched, on pointer loads: pipelined (async copies), warpgroup
-    MMAs, no spills; turning the atomic dq off leaves fewer MMAs (dq is the dq kernel's then)."""
-    atomic = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x128x8x2",
-                 "--options", "bwd_tma=0")  # fmt: skip
-    two = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x128x8x2",
-              "--options", "atomic_dq=0,bwd_tma=0")  # fmt: skip
-    rows = []
-    for process in (atomic, two):
-        assert process.returncode == 0, process.stderr[-3000:]
-        row = re.search(r"^\| dkdv \| 64 \| 64x128x8x2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
-                        process.stdout, re.M)  # fmt: skip
-        assert row, process.stdout
-        rows.append([int(x) for x in row.groups()])
-    (regs, spill, shared, asyncs, tma, wgmma), two_kernel = rows
+    """hd64's dk/dv kernel as launched on GPUs without TMA (pointer loads): pipelined (async
+    copies), warpgroup MMAs, no spills."""
+    process = run("--kernels", "dkdv", "--head-dims", "64", "--configs", "64x64x4x3",
+                  "--options", "use_tma=0")  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    row = re.search(r"^\| dkdv \| 64 \| 64x64x4x3 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
+                    process.stdout, re.M)  # fmt: skip
+    assert row, process.stdout
+    regs, spill, shared, asyncs, tma, wgmma = map(int, row.groups())
     assert 0 < regs <= 255 and spill == 0 and shared > 0
     assert asyncs > 0 and tma == 0 and wgmma > 0
-    assert two_kernel[5] < wgmma
 
 
-def test_tma_paths_compile_for_hopper():
-    """The TMA paths (forward q/k/v, backward q/dO; the interpreter runs their host
-    descriptors, not Hopper's copies) compile for sm_90a and their loop loads become TMA
-    copies (no async copies)."""
-    process = run("--kernels", "fwd,dkdv", "--head-dims", "128", "--configs", "64x128x8x2",
-                  "--options", "use_tma=1,bwd_tma=1")  # fmt: skip
+#: spill bytes a production config may have: none in the forward; the hd128 dk/dv kernel sits
+#: at the 255-register limit and spills a few registers' worth (bench/NOTES.md, Triton 3.6
+#: and 3.9), which this bound allows and a real regression (hundreds of bytes) exceeds
+SPILL_BOUND = {"fwd": 0, "dkdv": 64}
+
+
+def test_production_configs_compile_for_hopper_within_the_spill_bound():
+    """hd128's autotune configs, as launched on Hopper (TMA loads both ways; the interpreter
+    runs their host descriptors, not Hopper's copies): the loop loads are TMA copies (no async
+    copies), and the spills stay within SPILL_BOUND."""
+    process = run("--kernels", "fwd,dkdv", "--head-dims", "128")
     assert process.returncode == 0, process.stderr[-3000:]
-    rows = re.findall(r"^\| (fwd|dkdv) \| 128 \| 64x128x8x2 \| (\d+) \| (\d+) \| \d+ \| (\d+) \| (\d+) \|",
+    rows = re.findall(r"^\| (fwd|dkdv) \| 128 \| ([\dx]+) \| (\d+) \| (\d+) \| \d+ \| (\d+) \| (\d+) \|",
                       process.stdout, re.M)  # fmt: skip
-    assert {r[0] for r in rows} == {"fwd", "dkdv"}, process.stdout
-    for kind, regs, spill, asyncs, tma in rows:
-        assert int(tma) > 0 and int(asyncs) == 0, (kind, process.stdout)
-        assert 0 < int(regs) <= 255 and int(spill) >= 0
+    configs = {(kind, config) for kind, config, *_ in rows}
+    assert configs == {("fwd", "128x64x8x3x1"), ("fwd", "128x32x8x3x1"), ("fwd", "128x64x4x2x0"),
+                       ("dkdv", "64x128x8x3")}, process.stdout  # fmt: skip
+    for kind, config, regs, spill, asyncs, tma in rows:
+        assert int(tma) > 0 and int(asyncs) == 0, (kind, config, process.stdout)
+        assert 0 < int(regs) <= 255, (kind, config, process.stdout)
+        assert int(spill) <= SPILL_BOUND[kind], (kind, config, process.stdout)
 
 
 def test_bad_arguments_are_named():
@@ -73,6 +75,8 @@ def test_bad_arguments_are_named():
     assert process.returncode != 0 and "'bwd' is not one of" in process.stderr
     process = run("--options", "use_tmaa=1")
     assert process.returncode != 0 and "unknown kernel option 'use_tmaa'" in process.stderr
+    process = run("--kernels", "dq")  # the two-kernel dq path is gone
+    assert process.returncode != 0 and "'dq' is not one of ['dkdv', 'fwd']" in process.stderr
 
 
 def test_pipelined_forward_compiles_with_tma():

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTENTION_KINDS, attention_varlen
-from .attention.reference import cell_and_rank, cell_index
+from .attention import ATTENTION_KINDS, VarlenBatch, attention_varlen
+from .attention.reference import cell_index
 
 
 @dataclass
@@ -56,8 +56,9 @@ class SelfAttention(nn.Module):
         self.proj.residual_out = True  # scaled init, see Encoder._init_weights
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """x: ``[T, d_model]`` packed tokens -> ``[T, d_model]``; attention stays within a cell."""
+    def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int | None = None) -> torch.Tensor:
+        """x: ``[T, d_model]`` packed tokens -> ``[T, d_model]``; attention stays within a cell.
+        ``cu_seqlens``: the batch's :class:`VarlenBatch` (or int32 ``[B + 1]`` and ``max_seqlen``)."""
         total, d_model = x.shape
         q, k, v = self.qkv(x).view(total, 3, self.n_heads, d_model // self.n_heads).unbind(1)
         # cu_seqlens come from the packer (sigmoid_sc.train.pack), valid by construction: no
@@ -86,7 +87,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cu_seqlens, max_seqlen)
         return x + self.mlp(self.ln_2(x))
 
@@ -123,10 +124,11 @@ class Encoder(nn.Module):
         max_seqlen: the longest cell (an int, so the GPU never has to be asked).
         Returns float ``[T, d_model]`` after the final layer norm.
         """
-        _, rank = cell_and_rank(cu_seqlens, input_ids.shape[0])
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(rank))
+        # the batch's sequence metadata, built once here and shared by every layer
+        batch = VarlenBatch(cu_seqlens, max_seqlen, input_ids.shape[0])
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(batch.rank))
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen)
+            x = block(x, batch)
         return self.ln_f(x)
 
     def gene_logits(self, hidden: torch.Tensor) -> torch.Tensor:

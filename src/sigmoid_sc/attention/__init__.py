@@ -1,18 +1,21 @@
 """Attention for packed variable-length tokens: sigmoid (the paper's) and softmax (the baseline).
 
-The model calls only :func:`attention_varlen`. Which implementation runs:
+The model calls only :func:`attention_varlen`, with the batch's :class:`VarlenBatch` (its
+sequence metadata, built once a forward pass and shared by every layer). Which
+implementation runs:
 
 - sigmoid on CUDA: the project's Triton kernel on the packed tokens (no compute on padding);
   elsewhere the PyTorch reference.
-- softmax on CUDA: SDPA on the padded ``[B, N, H, D]`` batch with a key mask, cuDNN first:
-  measured the fastest softmax for the pipeline's own training steps on the H200
-  (bench/train_speed.py, docs/results/2026-11-29_h200: 6 x 256 model on 64 pbmc3k cells a
-  step 41.2-44.6 ms vs 98.7-112.7 ms on nested jagged tensors; 12 x 1024 on real cell lengths
-  115.8-146.3 ms vs 144.6-225.1 ms), as long as padding at most multiplies the rows by
-  ``PADDED_MAX_RATIO``; batches of short cells beside a long one (padding beyond that) take
-  SDPA on nested jagged tensors (FlashAttention-2-class varlen, no compute on padding), which
-  can also be requested, as can FlexAttention with a document mask; elsewhere the PyTorch
-  reference.
+- softmax on CUDA: SDPA on the padded ``[B, N, H, D]`` batch with a key mask, cuDNN first (the
+  fastest softmax that bench/train_speed.py measured for the pipeline's own training steps), as
+  long as padding at most multiplies the rows by ``PADDED_MAX_RATIO``; batches of short cells
+  beside a long one (padding beyond that) take SDPA on nested jagged tensors
+  (FlashAttention-2-class varlen, no compute on padding), which can also be requested, as can
+  FlexAttention with a document mask; elsewhere the PyTorch reference.
+
+The kernel's own entry points, :func:`sigmoid_attention_varlen` and
+:func:`sigmoid_attention_padded` (FlashAttention-style signatures), import from here too; Triton
+is imported only when they are first used, so importing this package stays cheap.
 
 Environment overrides (read at each call, so tests can switch):
 ``SIGMOID_SC_ATTENTION_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference`` for sigmoid
@@ -27,17 +30,28 @@ import os
 import torch
 
 from .reference import (
-    cell_and_rank,
     cell_index,
     default_scale,
     sigmoid_attention_padded_reference,
     sigmoid_attention_varlen_reference,
     softmax_attention_varlen_reference,
 )
+from .varlen import VarlenBatch
 
 ATTENTION_KINDS = ("softmax", "sigmoid")
 SIGMOID_BACKENDS = ("auto", "triton", "reference")
 SOFTMAX_BACKENDS = ("auto", "padded", "njt", "flex", "reference")
+
+#: the kernel's public functions, imported from ``triton_sigmoid`` on first use (Triton is heavy)
+_KERNEL_API = ("sigmoid_attention_varlen", "sigmoid_attention_padded")
+
+
+def __getattr__(name: str):
+    if name in _KERNEL_API:
+        from . import triton_sigmoid
+
+        return getattr(triton_sigmoid, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _backend(env: str, allowed: tuple[str, ...]) -> str:
@@ -130,18 +144,22 @@ def _sdpa(backends, q, k, v, **kwargs):
     return call(*(t.contiguous() for t in (q, k, v)))
 
 
-def softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=None, backends="auto"):
+def softmax_attention_varlen_padded(
+    q, k, v, cu_seqlens, max_seqlen=None, scale=None, backends="auto"
+):
     """Softmax attention through SDPA on the padded batch; ``[total, H, D]`` in and out.
 
     Tokens are scattered into ``[B, max_seqlen, H, D]`` (zeros elsewhere) and attend with a key
     mask; when every sequence has ``max_seqlen`` tokens (known from the shapes alone) the
-    packed rows are viewed as the batch, no copy and no mask. ``backends``: ``auto`` = cuDNN,
-    then memory-efficient, then math for 16-bit inputs on CUDA (cuDNN takes no fp32), SDPA's
-    own dispatch otherwise; or a list of ``torch.nn.attention.SDPBackend`` names.
+    packed rows are viewed as the batch, no copy and no mask. ``cu_seqlens``: int32 ``[B + 1]``
+    with ``max_seqlen``, or a :class:`VarlenBatch` (its row map and key mask are reused).
+    ``backends``: ``auto`` = cuDNN, then memory-efficient, then math for 16-bit inputs on CUDA
+    (cuDNN takes no fp32), SDPA's own dispatch otherwise; or a list of
+    ``torch.nn.attention.SDPBackend`` names.
     """
     total, n_heads, head_dim = q.shape
-    batch = cu_seqlens.numel() - 1
-    max_seqlen = int(max_seqlen)
+    seqs = VarlenBatch.of(cu_seqlens, max_seqlen, total)
+    batch, max_seqlen = seqs.batch_size, seqs.max_seqlen
     if backends == "auto":
         half = q.dtype in (torch.float16, torch.bfloat16)
         backends = (
@@ -156,32 +174,24 @@ def softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=None,
             scale=scale,
         )  # fmt: skip
         return out.transpose(1, 2).reshape(total, n_heads, head_dim)
-    cells, rank = cell_and_rank(cu_seqlens, total)
-    rows = cells * max_seqlen + rank  # each token's row in the [B * max_seqlen] padded layout
-
-    def pad(t):
-        out = t.new_zeros((batch * max_seqlen, n_heads, head_dim))
-        return out.index_copy(0, rows, t).view(batch, max_seqlen, n_heads, head_dim)
-
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
     out = _sdpa(
-        backends, *(pad(t).transpose(1, 2) for t in (q, k, v)),
-        attn_mask=valid[:, None, None, :], scale=scale,
+        backends, *(seqs.pad(t).transpose(1, 2) for t in (q, k, v)),
+        attn_mask=seqs.key_mask[:, None, None, :], scale=scale,
     )  # fmt: skip
-    return out.transpose(1, 2).reshape(batch * max_seqlen, n_heads, head_dim)[rows]
+    return seqs.unpad(out.transpose(1, 2))
 
 
-def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=None):
+def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     """Softmax attention through SDPA on nested jagged tensors; ``[total, H, D]`` in and out.
 
     min/max sequence lengths are handed over so SDPA never reads ``cu_seqlens`` on the host.
+    ``cu_seqlens``: as in :func:`softmax_attention_varlen_padded`.
     """
-    offsets = cu_seqlens.to(torch.int64)
+    seqs = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0])
 
     def nested(x):  # [total, H, D] -> [B, H, j, D]
         return torch.nested.nested_tensor_from_jagged(
-            x, offsets, min_seqlen=1, max_seqlen=int(max_seqlen)
+            x, seqs.offsets, min_seqlen=1, max_seqlen=seqs.max_seqlen
         ).transpose(1, 2)
 
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -193,12 +203,13 @@ def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=None):
 _FLEX = {}
 
 
-def flex_document_mask(cu_seqlens: torch.Tensor, total: int):
+def flex_document_mask(cu_seqlens: torch.Tensor, total: int, cells: torch.Tensor | None = None):
     """FlexAttention's block mask for packed tokens: a token attends within its own cell only.
-    Depends on the batch's ``cu_seqlens`` alone, so a model can build it once for all layers."""
+    Depends on the batch's ``cu_seqlens`` alone, so a model can build it once for all layers
+    (:attr:`VarlenBatch.flex_block_mask` does). ``cells``: each token's cell, if known."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = cell_index(cu_seqlens, total)
+    doc = cell_index(cu_seqlens, total) if cells is None else cells
 
     def same_cell(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
@@ -206,15 +217,19 @@ def flex_document_mask(cu_seqlens: torch.Tensor, total: int):
     return create_block_mask(same_cell, None, None, total, total, device=cu_seqlens.device)
 
 
-def softmax_attention_varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale=None, block_mask=None):
+def softmax_attention_varlen_flex(
+    q, k, v, cu_seqlens, max_seqlen=None, scale=None, block_mask=None
+):
     """Softmax attention through FlexAttention with a document mask on the packed tokens
-    (``block_mask``: :func:`flex_document_mask` of these ``cu_seqlens``, built here if None)."""
+    (``block_mask``: :func:`flex_document_mask` of these ``cu_seqlens``; None: the
+    :class:`VarlenBatch`'s, built on first use). ``cu_seqlens``: as in
+    :func:`softmax_attention_varlen_padded`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     if block_mask is None:
-        block_mask = flex_document_mask(cu_seqlens, q.shape[0])
+        block_mask = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0]).flex_block_mask
     out = _FLEX["fn"](
         *(t.transpose(0, 1)[None] for t in (q, k, v)),
         block_mask=block_mask,
@@ -228,47 +243,50 @@ def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens: torch.Tensor | VarlenBatch,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Attention over packed tokens ``[total, H, D]``; ``kind`` is ``softmax`` or ``sigmoid``.
 
-    ``cu_seqlens``: int32 ``[B + 1]``. Sigmoid uses the per-sequence bias ``-log(n_i)``.
-    ``validate=False`` skips the Triton kernel's check of ``cu_seqlens``' values, which reads
-    them on the host (a device sync): for callers whose ``cu_seqlens`` are valid by
-    construction, such as the encoder, where a sync in every layer would stall the GPU.
-    Returns ``[total, H, D]`` in q's dtype.
+    ``cu_seqlens``: int32 ``[B + 1]`` with ``max_seqlen`` (a host int), or the batch's
+    :class:`VarlenBatch` (``max_seqlen`` then None), whose metadata every layer reuses.
+    Sigmoid uses the per-sequence bias ``-log(n_i)``. ``validate=False`` skips the Triton
+    kernel's check of ``cu_seqlens``' values, which reads them on the host (a device sync;
+    once per :class:`VarlenBatch`): for callers whose ``cu_seqlens`` are valid by
+    construction, such as the encoder. Returns ``[total, H, D]`` in q's dtype.
     """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
+    seqs = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0])
     if kind == "sigmoid":
         if sigmoid_backend(q.device, q.shape[-1], q.dtype) == "triton":
             from .triton_sigmoid import sigmoid_attention_varlen
 
-            return sigmoid_attention_varlen(
-                q, k, v, cu_seqlens, max_seqlen, scale=scale, validate=validate
-            )
-        return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-    if kind == "softmax":
-        backend = softmax_backend(q.device, q.shape[0], cu_seqlens.numel() - 1, int(max_seqlen))
-        if backend == "padded":
-            return softmax_attention_varlen_padded(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-        if backend == "njt":
-            return softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-        if backend == "flex":
-            return softmax_attention_varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-        return softmax_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-    raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
+            return sigmoid_attention_varlen(q, k, v, seqs, scale=scale, validate=validate)
+        return sigmoid_attention_varlen_reference(q, k, v, seqs, scale=scale)
+    backend = softmax_backend(q.device, seqs.total, seqs.batch_size, seqs.max_seqlen)
+    if backend == "padded":
+        return softmax_attention_varlen_padded(q, k, v, seqs, scale=scale)
+    if backend == "njt":
+        return softmax_attention_varlen_njt(q, k, v, seqs, scale=scale)
+    if backend == "flex":
+        return softmax_attention_varlen_flex(q, k, v, seqs, scale=scale)
+    return softmax_attention_varlen_reference(q, k, v, seqs, scale=scale)
 
 
 __all__ = [
     "ATTENTION_KINDS",
+    "VarlenBatch",
     "attention_varlen",
+    "flex_document_mask",
+    "sigmoid_attention_padded",
     "sigmoid_attention_padded_reference",
+    "sigmoid_attention_varlen",
     "sigmoid_attention_varlen_reference",
     "sigmoid_backend",
     "softmax_attention_varlen_flex",
-    "flex_document_mask",
     "softmax_attention_varlen_njt",
     "softmax_attention_varlen_padded",
     "softmax_attention_varlen_reference",

@@ -71,18 +71,23 @@ def sigmoid_attention_padded_reference(
     lengths: torch.Tensor,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
+    *,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``o = sigmoid(q k^T * scale + b_i) v`` over the first ``lengths[i]`` keys.
 
-    q, k, v: ``[B, N, H, D]``; lengths: ``[B]``. Computed in the inputs' dtype promoted to at
-    least float32; outputs at padded query positions are zero.
+    q, k, v: ``[B, N, H, D]``; lengths: ``[B]``; key_mask: ``[B, N]`` bool, True at the first
+    ``lengths[i]`` positions (built here when None). Computed in the inputs' dtype promoted to
+    at least float32; outputs at padded query positions are zero.
     """
     batch, n, heads, d = q.shape
     compute = torch.promote_types(q.dtype, torch.float32)
     s = default_scale(d, scale)
     lengths = lengths.to(q.device)
     b = sequence_bias(lengths, bias).to(compute)
-    valid = torch.arange(n, device=q.device)[None, :] < lengths.long()[:, None]  # [B, N]
+    valid = key_mask
+    if valid is None:
+        valid = torch.arange(n, device=q.device)[None, :] < lengths.long()[:, None]  # [B, N]
     # Zeroing padded rows of k and v (a cheap [B, N, H, D] pass, instead of masking the
     # [B, H, N, N] weights) makes padded keys contribute nothing, whatever the padding held.
     keep = valid[:, :, None, None]
@@ -97,42 +102,55 @@ def sigmoid_attention_padded_reference(
     return out.to(q.dtype)
 
 
+def _batch(cu_seqlens, max_seqlen, total):
+    from .varlen import VarlenBatch  # varlen.py imports this module
+
+    return VarlenBatch.of(cu_seqlens, max_seqlen, total)
+
+
 def sigmoid_attention_varlen_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Packed-token sigmoid attention, ``[total, H, D]`` in and out."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    """Packed-token sigmoid attention, ``[total, H, D]`` in and out.
+
+    ``cu_seqlens``: int32 ``[B + 1]`` with ``max_seqlen``, or a :class:`~.varlen.VarlenBatch`
+    (whose padded-layout rows and key mask are reused).
+    """
+    batch = _batch(cu_seqlens, max_seqlen, q.shape[0])
     out = sigmoid_attention_padded_reference(
-        pad_packed(q, cu_seqlens, max_seqlen),
-        pad_packed(k, cu_seqlens, max_seqlen),
-        pad_packed(v, cu_seqlens, max_seqlen),
-        lengths,
+        batch.pad(q),
+        batch.pad(k),
+        batch.pad(v),
+        batch.lengths,
         scale=scale,
         bias=bias,
+        key_mask=batch.key_mask,
     )
-    return unpad(out, lengths)
+    return batch.unpad(out)
 
 
 def softmax_attention_varlen_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens,
+    max_seqlen: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Packed-token softmax attention through SDPA on a padded batch with a key mask."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
-    valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths.long()[:, None]
-    mask = valid[:, None, None, :]  # keys only; padded query rows are dropped by unpad
+    """Packed-token softmax attention through SDPA on a padded batch with a key mask.
+
+    ``cu_seqlens``: as in :func:`sigmoid_attention_varlen_reference`.
+    """
+    batch = _batch(cu_seqlens, max_seqlen, q.shape[0])
+    qp, kp, vp = (batch.pad(t).transpose(1, 2) for t in (q, k, v))
+    mask = batch.key_mask[:, None, None, :]  # keys only; padded query rows are dropped by unpad
     out = F.scaled_dot_product_attention(
         qp, kp, vp, attn_mask=mask, scale=default_scale(q.shape[-1], scale)
     )
-    return unpad(out.transpose(1, 2), lengths)
+    return batch.unpad(out.transpose(1, 2))

@@ -20,10 +20,17 @@ the input dtype before ``P v`` (as in every flash-style kernel). fp32 inputs use
 on the GPU (no tf32).
 
 Entry points: :func:`sigmoid_attention_varlen`, :func:`sigmoid_attention_padded` (both
-differentiable through the ``torch.library`` op ``sigmoid_sc::sigmoid_attn_fwd`` with a
-registered backward, so ``torch.compile`` traces them without a graph break). On a CPU tensor
-the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` (tests); otherwise the
-op falls back to a PyTorch implementation of the same formulas.
+importable from ``sigmoid_sc.attention``, both differentiable through the ``torch.library`` op
+``sigmoid_sc::sigmoid_attn_fwd`` with a registered backward, so ``torch.compile`` traces them
+without a graph break). On a CPU tensor the kernels run under Triton's interpreter when
+``TRITON_INTERPRET=1`` (tests); otherwise the op falls back to a PyTorch implementation of the
+same formulas.
+
+What runs, and why (the measurements: bench/NOTES.md): the forward reads q, k, v through host
+TMA descriptors on compute capability 9.0+ (pointer loads elsewhere and for unaligned inputs)
+and evaluates the sigmoid in its one-special-function-op tanh form for 16-bit inputs (exact for
+fp32); the backward is one kernel per key block that accumulates dk, dv in registers and adds
+dq into an fp32 buffer with atomics, reading q and dO through TMA where the forward does.
 """
 
 from __future__ import annotations
@@ -36,24 +43,21 @@ import triton
 import triton.language as tl
 
 from .reference import default_scale
+from .varlen import VarlenBatch
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # How P = sigmoid(x) is evaluated inside the kernels (x = the logit q.k * scale + b):
-#   0: 1 / (1 + exp2(-x log2 e)) -- exp2 and a division (two special-function-unit ops)
-#   1: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; absolute error ~1e-3 near 0 and 1
-#   2: exp2 on the SFU, the reciprocal by two Newton steps on the FMA pipe (rel. error < 3e-4)
+#   SIG_EXACT: 1 / (1 + exp2(-x log2 e)) -- exp2 and a division (two special-function-unit ops)
+#   SIG_TANH: 0.5 * tanh.approx(x / 2) + 0.5 -- one SFU op; the outputs' and gradients' errors
+#     stay those of the exact form at fp16/bf16 (bench/NOTES.md): the form for 16-bit inputs,
+#     both ways
 # Each form takes the logit in its own unit (x log2 e, or x / 2: `logit_unit`), folded into the
-# score scale and bias. Mode 1's tanh is inline PTX on the GPU, exact under the interpreter;
-# fp32 inputs always use mode 0.
-SIG_EXACT, SIG_TANH, SIG_NEWTON = 0, 1, 2
-# Timing probes for bench/kernel.py, wrong values by design and never chosen by the launchers:
-# the tanh form without its MUFU op (its FMA-pipe work only), and P = the scaled logit (no
-# sigmoid work at all). Their TFLOPS beside the tanh form's say what the sigmoid costs in the
-# loop and what the loop's matmuls and data movement cost without it (bench/NOTES.md, run 18).
-SIG_PROBE_NO_MUFU, SIG_PROBE_NO_SIGMOID = 3, 4
+# score scale and bias. The tanh is inline PTX on the GPU, exact under the interpreter; fp32
+# inputs always use the exact form.
+SIG_EXACT, SIG_TANH = 0, 1
 
 
 def _interpreting() -> bool:
@@ -92,18 +96,6 @@ def _sigmoid_u(u, SIG_MODE: tl.constexpr):
     if SIG_MODE == 1:
         # sigmoid(x) = (1 + tanh(x/2)) / 2: one MUFU.TANH instead of EX2 + RCP; u = x / 2
         p = 0.5 * _tanh_approx(u) + 0.5
-    elif SIG_MODE == 3:  # SIG_PROBE_NO_MUFU
-        p = 0.5 * u + 0.5
-    elif SIG_MODE == 4:  # SIG_PROBE_NO_SIGMOID
-        p = u
-    elif SIG_MODE == 2:
-        # u = x log2(e). Clamp so 1 + 2^-u stays finite; the reciprocal starts from the
-        # exponent-flip guess (relative error < 12.5%) and two Newton steps y <- y (2 - d y)
-        # bring it under 3e-4, below bf16's rounding of P, without a second special-function op
-        d = 1.0 + tl.exp2(-tl.maximum(u, -120.0))
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        y = y * (2.0 - d * y)
-        p = y * (2.0 - d * y)
     else:
         p = 1.0 / (1.0 + tl.exp2(-u))  # u = x log2(e)
     return p
@@ -271,9 +263,10 @@ def _attn_fwd(
 @triton.jit
 def _bwd_kv_block(
     dk, dv, k, v, q, do, DQ_ptrs, dq_mask, qk_scale_u, bias_u, scale,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr,
 ):  # fmt: skip
-    """One query block against this program's key block (everything transposed: keys x queries).
+    """One query block against this program's key block (everything transposed: keys x queries);
+    this block's share of dq (``dS K``) is added into the fp32 dq buffer with atomics.
 
     Query rows past the sequence are zeros in q and do, so their columns of dP^T and dS^T are
     zero and add nothing to dk, dv or dq.
@@ -285,9 +278,8 @@ def _bwd_kv_block(
     # d sigmoid(x) / dx = p (1 - p); the factor `scale` of dS is applied once at the end
     ds_t = (p_t * (1.0 - p_t) * dp_t).to(q.dtype)
     dk = tl.dot(ds_t, q, dk, input_precision=IN_PREC)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=IN_PREC) * scale
-        tl.atomic_add(DQ_ptrs, dq, mask=dq_mask, sem="relaxed")
+    dq = tl.dot(tl.trans(ds_t), k, input_precision=IN_PREC) * scale
+    tl.atomic_add(DQ_ptrs, dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
@@ -300,16 +292,16 @@ def _attn_bwd_dkdv(
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     pad_rows, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, ZERO_FILL: tl.constexpr,
+    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr, ZERO_FILL: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """One program = one key block of one head (grid: :func:`_program_seq`).
 
-    Loops over the sequence's query blocks accumulating dk, dv in fp32 registers. With
-    ATOMIC_DQ the same tiles also give dq (``dS K``), added into an fp32 buffer with atomics;
-    otherwise :func:`_attn_bwd_dq` recomputes them. USE_TMA reads the full query blocks' q and
-    dO through the host tensor descriptors ``QDesc``, ``DODesc`` (as the forward reads k and
-    v); the last, partial block always through masked pointer loads.
+    Loops over the sequence's query blocks accumulating dk, dv in fp32 registers; the same
+    tiles give dq (``dS K``), added into an fp32 buffer with atomics (a second kernel that
+    recomputes S for dq was slower). USE_TMA reads the full query blocks' q and dO through the
+    host tensor descriptors ``QDesc``, ``DODesc`` (as the forward reads k and v); the last,
+    partial block always through masked pointer loads.
     """
     pid_n, h, b, n = _program_seq(SeqLen, SeqOrder)
     if pid_n * BLOCK_N < n:
@@ -338,8 +330,7 @@ def _attn_bwd_dkdv(
             )  # fmt: skip
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
-                dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale,
-                SIG_MODE, IN_PREC, ATOMIC_DQ,
+                dk, dv, k, v, q, do, dq_ptrs, None, qk_scale_u, bias_u, scale, SIG_MODE, IN_PREC,
             )  # fmt: skip
         if m_full < n:
             rows = m_full + offs_m
@@ -348,7 +339,7 @@ def _attn_bwd_dkdv(
             dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
             dk, dv = _bwd_kv_block(
                 dk, dv, k, v, q, do, dq_ptrs, (rows < n)[:, None], qk_scale_u, bias_u,
-                scale, SIG_MODE, IN_PREC, ATOMIC_DQ,
+                scale, SIG_MODE, IN_PREC,
             )  # fmt: skip
         dk_ptrs = DK + (start + offs_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
         dv_ptrs = DV + (start + offs_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :]
@@ -374,163 +365,35 @@ def _attn_bwd_dkdv(
             tl.store(dv_ptrs, zeros, mask=row_mask)
 
 
-@triton.jit
-def _bwd_q_block(
-    dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr
-):
-    """One key block for this program's query block: ``dq += (P (1-P) * dO v^T) k``."""
-    s = tl.dot(q, tl.trans(k), input_precision=IN_PREC)
-    p = _sigmoid_u(s * qk_scale_u + bias_u, SIG_MODE)
-    dp = tl.dot(do, tl.trans(v), input_precision=IN_PREC)
-    ds = (p * (1.0 - p) * dp).to(k.dtype)
-    return tl.dot(ds, k, dq, input_precision=IN_PREC)
-
-
-@triton.jit
-def _attn_bwd_dq(
-    Q, K, V, DO, DQ,
-    SeqStart, SeqLen, SeqOrder, Bias,
-    qk_scale_u, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_dqt, stride_dqh,
-    seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SIG_MODE: tl.constexpr, IN_PREC: tl.constexpr,
-):  # fmt: skip
-    """Grid ``(cdiv(max_seqlen, BLOCK_M), H, B)``: dq of one query block, looping over keys.
-
-    Key rows past the sequence read as zeros in k and v: their dP column is zero.
-    """
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.load(SeqOrder + tl.program_id(2))
-    n = tl.load(SeqLen + b)
-    if pid_m * BLOCK_M < n:
-        start = tl.load(SeqStart + b).to(tl.int64)
-        bias_u = tl.load(Bias + b) * _logit_unit(SIG_MODE)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        k_base = K + start * stride_kt + h * stride_kh
-        v_base = V + start * stride_vt + h * stride_vh
-        q = _load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, offs_d, n, True)
-        do = _load_rows(
-            DO + start * stride_dot + h * stride_doh, offs_m, stride_dot, offs_d, n, True
-        )
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        n_full = (n // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            k = _load_rows(k_base, start_n + offs_n, stride_kt, offs_d, n, False)
-            v = _load_rows(v_base, start_n + offs_n, stride_vt, offs_d, n, False)
-            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
-        if n_full < n:
-            k = _load_rows(k_base, n_full + offs_n, stride_kt, offs_d, n, True)
-            v = _load_rows(v_base, n_full + offs_n, stride_vt, offs_d, n, True)
-            dq = _bwd_q_block(dq, q, do, k, v, qk_scale_u, bias_u, SIG_MODE, IN_PREC)
-        dq_ptrs = DQ + (start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
-        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < n)[:, None])
-
-
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
 # Small per-head-dim lists so autotuning costs seconds, not minutes, per (head dim, length
-# bucket). Entries: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# bucket); each entry is one the H100/H200 sweeps of bench/kernel.py kept (bench/NOTES.md).
 # Forward entries: (BLOCK_M, BLOCK_N, num_warps, num_stages, pipeline) -- pipeline: S of the
 # next key block issued before this block's sigmoid (the kernel's PIPELINE).
 _FWD_CONFIGS = {
-    # hd128, run 10 (TMA through host descriptors): pipelined (128, 64, 8, 3) led the dense
-    # lengths (616 TFLOPS at N=8K against 588 unpipelined; 604 / 621 vs 576 / 584 in the table at
-    # 8K / 16K) but not real cell lengths (406 vs 413 on pbmc3k); there (128, 64, 4, 2), whose
-    # 96 KiB of shared memory lets two programs share an SM, led (466; 597 at 8K). Pipelined at
-    # 4 warps spills (189). The autotuner picks per length bucket. Before run 10 the one config
-    # was (128, 64, 8, 3) unpipelined (runs 5-6: it beat the autotuned choice among
-    # (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)).
-    # Run 15: pipelined (128, 32, 8, 3), 128 registers and 88 KiB, so also two programs an SM,
-    # led pbmc3k (471 vs 457; 583 at N=8K): the third candidate.
+    # hd128: the pipelined (128, 64, 8, 3) leads on long sequences; (128, 64, 4, 2) and the
+    # pipelined (128, 32, 8, 3) fit two programs an SM and lead on real cell lengths, where a
+    # program has few key blocks. Pipelining at 4 warps spills.
     128: [(128, 64, 8, 3, True), (128, 32, 8, 3, True), (128, 64, 4, 2, False)],
-    # hd64: pipelining gained nothing (run 10: 505 vs 520 at N=8K, 398 vs 412 on pbmc3k)
+    # hd64: pipelining gains nothing
     64: [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (128, 128, 4, 3, False),
          (64, 128, 4, 3, False)],
     32: [(128, 64, 4, 3, False), (128, 128, 4, 3, False), (64, 64, 4, 3, False)],
 }  # fmt: skip
-# backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block.
-# Session 4's sweep (bench/NOTES.md, bf16, tanh, atomic dq; 9-10 configs per head dim, N=8K
-# and pbmc3k lengths): hd128 (64, 128, 8, 3) won both by 14-18% (405 / 322 TFLOPS; the autotuner
-# also chose it at every length bucket from 2K to 16K in run 7), so it is the one config; hd64
-# (64, 64, 4, 3) won both (364 / 287) ahead of (64, 128, 8, 3) (342 / 271), which the
-# autotuner chose at the 4K bucket: those two. BLOCK_M = 32 tiles (no spills) were slower.
+# Backward: BLOCK_M = query block of the inner loop, BLOCK_N = the program's key block. hd128
+# has one config, the autotuner's choice at every length bucket (no autotuning on a training
+# job's first step); hd64 the two that led the sweeps. BLOCK_M = 32 tiles spill less and were
+# slower: the backward's limit is not registers.
 _BWD_CONFIGS = {
     128: [(64, 128, 8, 3)],
     64: [(64, 64, 4, 3), (64, 128, 8, 3)],
     32: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
 }
-_DQ_CONFIGS = {
-    128: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
-    64: [(128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
-    32: [(128, 64, 4, 3), (64, 64, 4, 3)],
-}
 # Under the interpreter: one small config, several blocks per test sequence.
 _INTERP_CONFIG = (32, 16, 4, 1)
-
-# Kernel options chosen from the H200 measurements (bench/NOTES.md); overridable for the bench.
-# Forward: the one-MUFU tanh sigmoid measured 515 vs 439 TFLOPS (hd128, N=8K) at bf16 output
-# error 2.7e-3 vs 2.3e-3; used for fp16/bf16 only (fp32 inputs always get the exact form).
-# q, k, v through tensor descriptors (TMA) on sm90+: +9% forward at hd128 (run 5); since run 9
-# the descriptors are made on the host, not by every program (+4-12% on real cell lengths).
-# Backward: the tanh form too (+5% hd128 / +13% hd64 at a fixed config; bf16 errors 2.35e-3
-# for o, dq, dk, dv, the same as the exact form's, run 6). bwd_sig_mode None = sig_mode.
-DEFAULT_OPTIONS = {
-    "sig_mode": SIG_TANH,
-    "bwd_sig_mode": SIG_TANH,
-    "use_tma": True,  # where the GPU has TMA (compute capability 9.0+), see _use_tma
-    "atomic_dq": True,
-    # q and dO of the dk/dv kernel through TMA (sm90+). With descriptors each program made in
-    # global memory it was slower (3% at hd128 N=8K to 19% at hd64 on pbmc3k lengths, run 8);
-    # with host descriptors faster: backward +9% at hd128 N=8K (441 vs 406 TFLOPS), +5% on
-    # pbmc3k, +7% at hd64 (run 10)
-    "bwd_tma": True,
-}
-
-
-def parse_options(text: str) -> dict:
-    """``"use_tma=0,bwd_sig_mode=1"`` -> ``{"use_tma": 0, "bwd_sig_mode": 1}`` (the benches'
-    ``--options``); an unknown key or a value that is not an integer raises ValueError."""
-    options = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in DEFAULT_OPTIONS:
-            raise ValueError(f"unknown kernel option {key!r} (known: {sorted(DEFAULT_OPTIONS)})")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            raise ValueError(f"kernel option {key!r} needs an integer, got {value!r}") from None
-    return options
-
-
-_CONFIG_SHAPES = {
-    "fwd": ((5,), "BLOCK_MxBLOCK_NxWARPSxSTAGESxPIPELINE"),
-    "bwd": ((4,), "BLOCK_MxBLOCK_NxWARPSxSTAGES"),
-    None: ((4, 5), "BLOCK_MxBLOCK_NxWARPSxSTAGES[xPIPELINE]"),
-}
-
-
-def parse_configs(text: str, kind: str | None = None) -> list[tuple[int, ...]]:
-    """``"128x64x8x3x1,128x32x8x3x1"`` -> launch config tuples (the benches' config lists): a
-    forward config (``kind="fwd"``) has the fifth entry PIPELINE, a backward one does not
-    (``None``: either); anything else raises ValueError naming the entry."""
-    lengths, shape = _CONFIG_SHAPES[kind]
-    configs = []
-    for item in filter(None, text.split(",")):
-        try:
-            config = tuple(int(x) for x in item.split("x"))
-        except ValueError:
-            raise ValueError(f"{item!r}: each config is {shape}, integers") from None
-        if len(config) not in lengths:
-            raise ValueError(f"{item!r}: each {kind + ' ' if kind else ''}config is {shape}")
-        configs.append(config)
-    return configs
 
 
 # which block size gives a descriptor argument its rows (BLOCK_M: query blocks in both kernels)
@@ -568,8 +431,9 @@ def _tma_ok(device: torch.device) -> bool:
 
 
 def _use_tma(flag, *tensors: torch.Tensor) -> bool:
-    """TMA loads for these tensors: asked for, on a GPU that has them or under the interpreter
-    (which runs host descriptors: the CPU tests' TMA path), and aligned as TMA needs."""
+    """TMA loads for these tensors: not refused by the caller (``use_tma=False``: the pointer
+    loads of GPUs without TMA), on a GPU that has them or under the interpreter (which runs
+    host descriptors: the CPU tests' TMA path), and aligned as TMA needs."""
     device = tensors[0].device
     return bool(flag) and (_interpreting() or _tma_ok(device)) and _tma_aligned(*tensors)
 
@@ -596,15 +460,11 @@ def _tuned(kind: str, head_dim: int):
             fn = triton.autotune(
                 _configs(_FWD_CONFIGS, head_dim), key=["seqlen_bucket", "rows_bucket"]
             )(_attn_fwd)
-        elif kind == "dkdv":
+        else:
             # dq accumulates with atomics: every timed trial must start from zeros
             fn = triton.autotune(
                 _configs(_BWD_CONFIGS, head_dim), key=["seqlen_bucket"], reset_to_zero=["DQ"]
             )(_attn_bwd_dkdv)
-        else:
-            fn = triton.autotune(_configs(_DQ_CONFIGS, head_dim), key=["seqlen_bucket"])(
-                _attn_bwd_dq
-            )
         _TUNED[key] = fn
     return _TUNED[key]
 
@@ -656,12 +516,15 @@ def _explicit(cfg) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _sig_mode(opts: dict, dtype: torch.dtype) -> int:
-    # The approximations' errors (~1e-3 and ~3e-4 relative) are below 16-bit rounding, not
-    # fp32's. (Under the interpreter mode 1's tanh is exact: :func:`_tanh_approx`.)
-    if dtype == torch.float32:
-        return SIG_EXACT
-    return int(opts["sig_mode"])
+def _sig_mode(dtype: torch.dtype, sig_mode: int | None = None) -> int:
+    """The sigmoid form for inputs of ``dtype``: the tanh form's error (~1e-3) is below 16-bit
+    rounding, not fp32's, so fp32 gets the exact form (under the interpreter the tanh is exact:
+    :func:`_tanh_approx`). ``sig_mode`` (SIG_EXACT or SIG_TANH) overrides the choice."""
+    if sig_mode is not None:
+        if sig_mode not in (SIG_EXACT, SIG_TANH):
+            raise ValueError(f"sig_mode must be SIG_EXACT (0) or SIG_TANH (1), got {sig_mode!r}")
+        return int(sig_mode)
+    return SIG_EXACT if dtype == torch.float32 else SIG_TANH
 
 
 def _new(like: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
@@ -675,15 +538,15 @@ def _in_prec(dtype: torch.dtype) -> str:
 
 
 def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill,
-               config=None, **options):  # fmt: skip
+               config=None, *, use_tma=True, sig_mode=None):  # fmt: skip
     """Run the forward kernel; ``config`` = ``(BLOCK_M, BLOCK_N, warps, stages[, pipeline])``
-    skips autotuning."""
-    opts = {**DEFAULT_OPTIONS, **options}
+    skips autotuning. ``use_tma=False`` takes the pointer loads (the path of GPUs without TMA);
+    ``sig_mode`` overrides the sigmoid form (:func:`_sig_mode`)."""
     rows, n_heads, head_dim = q.shape
     o = _new(q, q.dtype, False)  # padded rows are zeroed by the kernel (ZERO_FILL)
-    use_tma = _use_tma(opts["use_tma"], q, k, v)
+    use_tma = _use_tma(use_tma, q, k, v)
     descs = tuple(_head_rows_desc(t) for t in (q, k, v)) if use_tma else (None, None, None)
-    sig_mode = _sig_mode(opts, q.dtype)
+    sig_mode = _sig_mode(q.dtype, sig_mode)
     # autotuning is keyed on power-of-two buckets: a training run's batches differ in total
     # rows and longest cell at every step, and an exact key would re-tune at every step
     args = (
@@ -707,44 +570,30 @@ def launch_fwd(q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, 
 
 
 def launch_bwd(do, q, k, v, seq_start, seq_len, seq_order, bias, scale, max_seqlen, zero_fill,
-               config=None, dq_config=None, **options):  # fmt: skip
-    """Run the backward kernels; returns ``(dq, dk, dv)`` in the inputs' dtype."""
-    opts = {**DEFAULT_OPTIONS, **options}
+               config=None, *, use_tma=True, sig_mode=None):  # fmt: skip
+    """Run the backward kernel; returns ``(dq, dk, dv)`` in the inputs' dtype. ``config`` =
+    ``(BLOCK_M, BLOCK_N, warps, stages)`` skips autotuning; ``use_tma``, ``sig_mode``: as in
+    :func:`launch_fwd`."""
     rows, n_heads, head_dim = q.shape
     batch = seq_len.shape[0]
-    atomic = bool(opts["atomic_dq"])
     do = do.contiguous() if do.stride(-1) != 1 else do
     dk, dv = _new(k, k.dtype, False), _new(v, v.dtype, False)  # zeroed in-kernel (ZERO_FILL)
-    # with atomics dq is summed in fp32 over key blocks, then rounded once
-    dq = _new(q, torch.float32, True) if atomic else _new(q, q.dtype, zero_fill)
-    if opts.get("bwd_sig_mode") is not None:
-        opts["sig_mode"] = opts["bwd_sig_mode"]
-    sig_mode = _sig_mode(opts, q.dtype)
-    bucket = _seqlen_bucket(max_seqlen)
-    use_tma = _use_tma(opts["bwd_tma"], q, do)
+    dq = _new(q, torch.float32, True)  # summed in fp32 over key blocks, then rounded once
+    sig_mode = _sig_mode(q.dtype, sig_mode)
+    use_tma = _use_tma(use_tma, q, do)
     descs = (_head_rows_desc(q), _head_rows_desc(do)) if use_tma else (None, None)
-    common = (seq_start, seq_len, seq_order, bias, scale * logit_unit(sig_mode), scale)
-    kv_args = (
-        q, k, v, do, dq, dk, dv, *descs, *common,
+    args = (
+        q, k, v, do, dq, dk, dv, *descs, seq_start, seq_len, seq_order, bias,
+        scale * logit_unit(sig_mode), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), max_seqlen if zero_fill else 0, bucket,
+        dv.stride(0), dv.stride(1), max_seqlen if zero_fill else 0, _seqlen_bucket(max_seqlen),
     )  # fmt: skip
-    meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype)}
-    kv_meta = {**meta, "ATOMIC_DQ": atomic, "ZERO_FILL": bool(zero_fill), "USE_TMA": use_tma}
+    meta = {"HEAD_DIM": head_dim, "SIG_MODE": sig_mode, "IN_PREC": _in_prec(q.dtype),
+            "ZERO_FILL": bool(zero_fill), "USE_TMA": use_tma}  # fmt: skip
     grid = _grid("BLOCK_N", max_seqlen, n_heads, batch)
-    _launch(_attn_bwd_dkdv, "dkdv", head_dim, grid, config, kv_args, kv_meta)
-    if atomic:
-        dq = dq.to(q.dtype)
-    else:
-        q_args = (
-            q, k, v, do, dq, *common,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), bucket,
-        )  # fmt: skip
-        grid = _grid("BLOCK_M", max_seqlen, n_heads, batch)
-        _launch(_attn_bwd_dq, "dq", head_dim, grid, dq_config, q_args, meta)
-    return dq, dk, dv
+    _launch(_attn_bwd_dkdv, "dkdv", head_dim, grid, config, args, meta)
+    return dq.to(q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -920,16 +769,6 @@ def _bias_tensor(bias, seq_len: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _varlen_sequences(cu_seqlens: torch.Tensor, bias=None):
-    """What the launchers take of packed tokens' ``cu_seqlens``: ``(seq_start, seq_len,
-    seq_order, bias)``, int32 starts and lengths, the sequences longest first, and the fp32
-    bias of each (:func:`_bias_tensor`; None: ``-log(n_i)``)."""
-    seq_start = cu_seqlens[:-1].contiguous()
-    seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous()
-    seq_order = torch.argsort(seq_len, descending=True, stable=True).to(torch.int32)
-    return seq_start, seq_len, seq_order, _bias_tensor(bias, seq_len)
-
-
 def _check_scale(scale, head_dim: int) -> float:
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(
@@ -950,8 +789,8 @@ def sigmoid_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens: torch.Tensor | VarlenBatch,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     bias: float | torch.Tensor | None = None,
     validate: bool = True,
@@ -962,47 +801,33 @@ def sigmoid_attention_varlen(
         q, k, v: ``[total_tokens, H, D]``, fp16/bf16/fp32, D in (32, 64, 128); tokens of all
             sequences concatenated.
         cu_seqlens: int32 ``[B + 1]``, 0 first, strictly increasing, ``total_tokens`` last;
-            sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
-        max_seqlen: the longest sequence's length (at least; sizes the grid).
+            sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``. Or a
+            :class:`~sigmoid_sc.attention.VarlenBatch` of them, whose kernel metadata (starts,
+            lengths, launch order, default bias) is built once and reused by every call.
+        max_seqlen: the longest sequence's length (at least; sizes the grid), a host int;
+            None beside a VarlenBatch.
         scale: logit scale, default ``1/sqrt(D)``.
         bias: None -> ``-log(n_i)`` per sequence; a float -> that constant; a ``[B]`` tensor.
         validate: check ``cu_seqlens``' values (reads them on the host: one device sync on
-            CUDA). Shapes, dtypes and devices are always checked.
+            CUDA, once per VarlenBatch). Shapes, dtypes and devices are always checked.
 
     Returns ``[total_tokens, H, D]`` in q's dtype, differentiable in q, k and v.
     """
     _check_qkv(q, k, v, 3, "varlen")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens must be an int32 tensor, got "
-            f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(
-            f"sigmoid attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}"
-        )
-    max_seqlen = int(max_seqlen)
+    try:
+        seqs = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0])
+    except ValueError as exc:
+        raise ValueError(f"sigmoid attention: {exc}") from None
+    if seqs.device != q.device:
+        raise ValueError(f"sigmoid attention: cu_seqlens is on {seqs.device}, q on {q.device}")
     if validate and _checking_values():
-        cu = cu_seqlens.tolist()
-        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        if cu[0] != 0 or cu[-1] != q.shape[0]:
-            raise ValueError(
-                f"sigmoid attention: cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, got {cu[0]}..{cu[-1]}"
-            )
-        if min(lengths) <= 0:
-            raise ValueError(
-                "sigmoid attention: cu_seqlens must be strictly increasing (every sequence at least one token)"
-            )
-        if max_seqlen < max(lengths):
-            raise ValueError(
-                f"sigmoid attention: max_seqlen={max_seqlen} is below the longest sequence ({max(lengths)})"
-            )
+        try:
+            seqs.check_values()
+        except ValueError as exc:
+            raise ValueError(f"sigmoid attention: {exc}") from None
     s = _check_scale(scale, q.shape[-1])
-    seq_start, seq_len, seq_order, b = _varlen_sequences(cu_seqlens, bias)
+    seq_start, seq_len, seq_order = seqs.kernel_sequences
+    b = seqs.log_length_bias if bias is None else _bias_tensor(bias, seq_len)
     return sigmoid_attn_fwd(
         _rows_view(q),
         _rows_view(k),
@@ -1012,7 +837,7 @@ def sigmoid_attention_varlen(
         seq_order,
         b,
         s,
-        max_seqlen,
+        seqs.max_seqlen,
         False,
     )
 
@@ -1062,6 +887,8 @@ def sigmoid_attention_padded(
 
 
 __all__ = [
+    "SIG_EXACT",
+    "SIG_TANH",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "launch_bwd",
