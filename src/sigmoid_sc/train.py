@@ -1,11 +1,24 @@
 """``sigmoid-sc train``: masked-gene pre-training of the encoder on one dataset's tokens.
 
-Read top to bottom: config, data, model, optimiser, resume, the loop (batch, mask, step,
-evaluate, checkpoint), final model. Everything random is a function of ``(seed, step)``:
-the cells of step ``t`` come from a permutation of the training cells seeded by
-``(seed, epoch)``, the masked positions from a generator seeded by ``(seed, t)``. So the
-softmax and sigmoid models see the same batches and the same masks, and a run resumed from
-``checkpoint.pt`` sees exactly what an uninterrupted run would have seen.
+Read top to bottom: config, schedule and stopping rule, the step, then the run: data, model,
+optimiser, resume, the loop (batch, step, evaluate, stop?, checkpoint), final model. Everything
+random is a function of ``(seed, step)``: the cells of step ``t`` are the ``t``-th stretch of a
+stream of per-epoch permutations of the training cells seeded by ``(seed, epoch)``, packed up to
+``train.batch_tokens`` (:class:`sigmoid_sc.tokens.TokenBatches`), the masked positions come from
+a generator seeded by ``(seed, t)``. So the softmax and sigmoid models see the same batches and
+the same masks, and a run resumed from ``checkpoint.pt`` sees exactly what an uninterrupted run
+would have seen.
+
+A run ends at ``train.steps`` (the cap) or earlier by its stopping rule (``train.stop``,
+:func:`plateau_reached` on the validation curve, evaluated every ``eval_every`` steps). The
+validation curve lives in the history, which the checkpoint holds, so a resumed run stops where
+an uninterrupted one would. ``model.pt`` records ``steps_trained``, ``stop_reason``
+(``plateau`` | ``max_steps``), ``plateau`` (the rule's criterion on the final curve, whatever
+stopped the run) and ``final_val_loss``; ``history.csv`` every training and validation row.
+
+The step asks the device nothing: the batch, its corrupted ids and masked positions are built
+on the host (numpy) and sent in one non-blocking copy, the next batch is prepared while the
+device runs this one, and losses are read in bulk at evaluations and checkpoints.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP): the global batch of
 step ``t`` and its masks are the same function of ``(seed, t)`` as in one process; rank ``r``
@@ -30,37 +43,70 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .distributed import StopVote, dist_from_env, init_distributed, shard_batch, wrap_ddp
+from .distributed import (
+    MaskedGeneLoss,
+    StopVote,
+    dist_from_env,
+    init_distributed,
+    shard_batch,
+    wrap_ddp,
+)
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_csv
 from .model import Encoder, ModelConfig
 from .runtime import parse_json_arg, resolve_device, set_threads
-from .tokens import batch_cells, choose_masked, load_tokens, masked_gene_loss, pack, validation_loss
+from .tokens import (
+    Batch,
+    TokenBatches,
+    check_budget,
+    choose_masked,
+    load_tokens,
+    pack,
+    validation_loss,
+)
 
 HISTORY_COLUMNS = ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
-MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at 10% of the peak learning rate
+SCHEDULES = ("constant", "cosine")
+STOP_RULES = ("none", "plateau")
+STOP_REASONS = ("plateau", "max_steps")
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """``train.stop``: when a run ends before ``train.steps`` (see :func:`plateau_reached`)."""
+
+    rule: str = "none"  # "none": run train.steps; "plateau": stop when validation loss plateaus
+    window: float = 0.2  # the last fraction of the steps trained so far that the rule looks at
+    min_rel_improvement: float = 0.01  # less relative improvement over the window: a plateau
+    min_steps: int = 0  # the rule never stops a run before this step
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 32  # cells per step
+    steps: int = 300  # the cap: a run stops here if its stopping rule has not stopped it before
+    batch_tokens: int = 16384  # tokens per step (cells packed up to it)
     lr: float = 1.0e-3  # peak learning rate, reached after warm-up
+    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 10% at train.steps)
     weight_decay: float = 0.01  # on matrices and embeddings, not on biases and norms
     warmup_steps: int = 30
     mask_prob: float = 0.15  # each token's chance to be masked (at least one per cell)
     eval_every: int = 50
     checkpoint_every: int = 100
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CUDA only)
+    compile: bool = False  # torch.compile the encoder and its loss (CUDA only)
+    stop: StopConfig = field(default_factory=StopConfig)
 
 
 MODEL_SECTION_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "dropout")
+#: settings that change no result bit on the CPU: a run may resume with other values
+RESUMABLE_KEYS = ("checkpoint_every", "compile")
 
 
 # ----------------------------------------------------------------------------------------
@@ -76,16 +122,43 @@ def _section(cls, params: dict, section: str, keys: tuple[str, ...]) -> dict:
         if key not in keys:
             raise ConfigError(f"unknown key {section}.{key}; expected some of: {', '.join(keys)}")
         kind = type(defaults[key])
-        accepted = (int, float) if kind is float else (kind,)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if kind is bool:
+            ok = isinstance(value, bool)
+        else:
+            accepted = (int, float) if kind is float else (kind,)
+            ok = not isinstance(value, bool) and isinstance(value, accepted)
+        if not ok:
             raise ConfigError(f"{section}.{key} must be {kind.__name__}, got {value!r}")
     return dict(params)
 
 
+def parse_stop_config(params) -> StopConfig:
+    keys = tuple(f.name for f in dataclasses.fields(StopConfig))
+    cfg = StopConfig(**_section(StopConfig, {} if params is None else params, "train.stop", keys))
+    if cfg.rule not in STOP_RULES:
+        raise ConfigError(
+            f"train.stop.rule must be one of {', '.join(STOP_RULES)}, got {cfg.rule!r}"
+        )
+    if not 0.0 < cfg.window < 1.0:
+        raise ConfigError(f"train.stop.window must be in (0, 1), got {cfg.window}")
+    if cfg.min_rel_improvement < 0 or cfg.min_steps < 0:
+        raise ConfigError("train.stop.min_rel_improvement and train.stop.min_steps must be >= 0")
+    return cfg
+
+
 def parse_train_config(params: dict) -> TrainConfig:
+    if not isinstance(params, dict):
+        raise ConfigError(f"config section 'train' must be a mapping, got {params!r}")
+    if "batch_size" in params:
+        raise ConfigError(
+            "train.batch_size (cells per step) was replaced by train.batch_tokens (tokens per "
+            "step, cells packed up to it): set batch_tokens to about batch_size x the mean cell "
+            "length"
+        )
     keys = tuple(f.name for f in dataclasses.fields(TrainConfig))
-    cfg = TrainConfig(**_section(TrainConfig, params, "train", keys))
-    for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+    values = _section(TrainConfig, {k: v for k, v in params.items() if k != "stop"}, "train", keys)
+    cfg = TrainConfig(**values, stop=parse_stop_config(params.get("stop")))
+    for key in ("steps", "batch_tokens", "eval_every", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.warmup_steps < 0 or cfg.lr <= 0 or cfg.weight_decay < 0:
@@ -94,6 +167,10 @@ def parse_train_config(params: dict) -> TrainConfig:
         raise ConfigError(f"train.mask_prob must be in (0, 1), got {cfg.mask_prob}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}"
+        )
     return cfg
 
 
@@ -110,12 +187,122 @@ def parse_model_config(params: dict, attention: str, vocab_size: int, max_len: i
         raise ConfigError(f"model: {exc}") from exc
 
 
+# ----------------------------------------------------------------------------------------
+# schedule and stopping rule
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, cosine."""
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, then
+    ``constant`` (1) or ``cosine`` (to ``MIN_LR_RATIO`` at ``train.steps``).
+
+    ``constant`` is the default because runs end by a stopping rule at a step nobody knows in
+    advance. A cosine tied to ``train.steps`` decays on a clock the rule does not share: where the
+    rule fires early the learning rate is still high, and where the cap ends the run the loss
+    flattens because the learning rate went to zero, not because the model has learned what it
+    can; either way "validation loss has plateaued" would mean something else in every run. At
+    a constant rate, a plateau is the model's at that rate, both attention kinds get the same
+    schedule whichever step they stop at, and resuming needs nothing but the step. A short
+    linear cool-down after the plateau (warmup-stable-decay) would lower the final loss a little
+    more, but its drop is, by design, an improvement over the last steps: the plateau check that
+    ``model.pt`` records would then fail on the very runs it describes, so there is none here.
+    ``cosine`` stays for runs with a fixed step budget.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plateau_reached(
+    steps, losses, window: float = 0.2, min_rel_improvement: float = 0.01, min_steps: int = 0
+) -> bool:
+    """Whether a validation curve (``losses`` at ``steps``, ascending) ends on a plateau.
+
+    With the last point at step ``s``: the window starts at the last evaluation at or before
+    ``(1 - window) * s`` (so it spans at least ``window`` of the steps); the curve has plateaued
+    when ``s >= min_steps`` and the loss improved over the window by less than
+    ``min_rel_improvement`` of its value at the window's start:
+    ``loss(start) - loss(s) < min_rel_improvement * loss(start)``. A loss that rises counts as no
+    improvement. A curve too short to judge (one point, or no evaluation before the window) has
+    not plateaued, nor has one whose loss is not finite.
+    """
+    steps, losses = np.asarray(steps, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if steps.size < 2 or steps.size != losses.size or steps[-1] < max(min_steps, 1):
+        return False
+    before = np.flatnonzero(steps <= (1.0 - window) * steps[-1])
+    if before.size == 0:
+        return False
+    start, end = losses[before[-1]], losses[-1]
+    if not (np.isfinite(start) and np.isfinite(end)):
+        return False
+    return bool(start - end < min_rel_improvement * start)
+
+
+def val_curve(history: list[dict]) -> tuple[list[int], list[float]]:
+    rows = [r for r in history if r["split"] == "val"]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def history_plateau(history: list[dict], stop: StopConfig) -> bool:
+    """:func:`plateau_reached` on a run's history with the run's ``train.stop`` settings."""
+    steps, losses = val_curve(history)
+    return plateau_reached(steps, losses, stop.window, stop.min_rel_improvement, stop.min_steps)
+
+
+# ----------------------------------------------------------------------------------------
+# the step
+
+
+def build_optimizer(model: Encoder, cfg: TrainConfig, dev: torch.device):
+    """Fused AdamW (CUDA) with weight decay on matrices and embeddings; its lr schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+def optimizer_step(
+    loss_module, optimizer, scheduler, batch: Batch, autocast, world: int = 1, n_masked: int = 0
+) -> torch.Tensor:
+    """One training step on ``batch`` (tensors on the device); returns the loss, detached, as a
+    device tensor (nothing the host waits for).
+
+    ``loss_module``: :class:`sigmoid_sc.distributed.MaskedGeneLoss` of the encoder, possibly
+    compiled, or its DDP wrapper (``world`` > 1). Under DDP the rank's loss is its masked tokens'
+    sum over the global batch's ``n_masked``: DDP averages gradients over ranks, so x ``world``
+    makes the sum of the ranks' sums over the global count, the mean of one process; the returned
+    loss is this rank's share (the history sums the shares).
+    """
+    args = (batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions, batch.targets)
+    if world == 1:
+        with autocast():
+            loss = loss_module(*args, "mean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        with autocast():
+            loss_sum = loss_module(*args, "sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (world / n_masked)).backward()
+        loss = loss_sum / n_masked
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def compile_loss(loss_module, dev: torch.device, enabled: bool):
+    """``torch.compile`` of the loss module on CUDA when ``enabled`` (dynamic shapes: the token
+    count changes every step); the CPU keeps eager kernels, so its results stay bitwise those
+    of every other CPU run."""
+    if not enabled or dev.type != "cuda":
+        return loss_module
+    return torch.compile(loss_module, dynamic=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,10 +352,24 @@ def train(
     model_cfg = parse_model_config(model_params, attention, tokens.vocab_size, tokens.max_len)
     dev = resolve_device(device)
     dist = dist_from_env()
-    if dist.world > 1 and min(cfg.batch_size, tokens.cells("train").size) < dist.world:
+    train_cells, val_cells = tokens.cells("train"), tokens.cells("val")
+    if train_cells.size == 0 or val_cells.size == 0:
+        raise DataError(
+            f"{dataset}: {tokens_path} has {train_cells.size} train and {val_cells.size} val "
+            "cells; training needs both (check prepare.val_fraction and the dataset's size)"
+        )
+    lengths = np.diff(tokens.offsets)
+    try:
+        batches = TokenBatches(train_cells, lengths[train_cells], cfg.batch_tokens, seed)
+        check_budget(lengths[val_cells], cfg.batch_tokens, "validation cells")
+    except ConfigError as exc:
+        raise ConfigError(f"{dataset}: {exc}") from exc
+    if dist.world > 1 and cfg.batch_tokens < dist.world * int(lengths[train_cells].max()):
         raise ConfigError(
-            f"{dataset}: train.batch_size {cfg.batch_size} (cells per step, all processes "
-            f"together) is smaller than the {dist.world} processes"
+            f"{dataset}: train.batch_tokens {cfg.batch_tokens} (all processes together) must hold "
+            f"at least {dist.world} cells of the longest ({int(lengths[train_cells].max())} "
+            f"tokens) to be split over {dist.world} processes: raise it to "
+            f"{dist.world * int(lengths[train_cells].max())}"
         )
     dev = init_distributed(dist, dev)
     out_dir = Path(out_dir)
@@ -177,39 +378,29 @@ def train(
     use_bf16 = cfg.precision == "bf16" and dev.type == "cuda"
     if cfg.precision == "bf16" and not use_bf16:
         print(f"train {dataset}: precision bf16 needs CUDA; running fp32 on cpu", file=sys.stderr)
+    if cfg.compile and dev.type != "cuda":
+        print(f"train {dataset}: compile applies on CUDA only; eager on cpu", file=sys.stderr)
 
     def autocast():
         if use_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    train_cells, val_cells = tokens.cells("train"), tokens.cells("val")
-    if train_cells.size == 0 or val_cells.size == 0:
-        raise DataError(
-            f"{dataset}: {tokens_path} has {train_cells.size} train and {val_cells.size} val "
-            "cells; training needs both (check prepare.val_fraction and the dataset's size)"
-        )
-
     # model: the same seed gives the same initial weights for both attention kinds
     torch.manual_seed(seed)
     # (numpy: every draw goes through a Generator seeded from (seed, ...); no global state)
     model = Encoder(model_cfg).to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = build_optimizer(model, cfg, dev)
 
     # resume: the checkpoint must come from this very run (same data, config, kind and seed);
-    # checkpoint_every alone may change (it changes no result)
+    # the settings of RESUMABLE_KEYS alone may change (they change no result)
+    train_key = dataclasses.asdict(cfg)
     run_key = {
         "dataset": dataset,
         "attention": attention,
         "seed": seed,
         "model": dataclasses.asdict(model_cfg),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"},
+        "train": {k: v for k, v in train_key.items() if k not in RESUMABLE_KEYS},
         "tokens": tokens.metadata(),
     }
     start_step, history, elapsed_before, tokens_seen = 0, [], 0.0, 0
@@ -230,6 +421,7 @@ def train(
         torch.set_rng_state(state["rng_cpu"])
         if dev.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
+        # the history holds the validation curve, all the stopping rule reads
         start_step, history = state["step"], state["history"]
         elapsed_before, tokens_seen = state["elapsed_s"], state["tokens"]
         if dist.main:
@@ -237,11 +429,10 @@ def train(
                 f"train {dataset}: resuming from {checkpoint_path} at step {start_step}",
                 file=sys.stderr,
             )
-    # DDP after the resume (its constructor broadcasts rank 0's weights; every rank loaded the
-    # same checkpoint anyway). Its forward is the encoder plus the loss (MaskedGeneLoss).
-    ddp = None
-    if dist.world > 1:
-        ddp = wrap_ddp(model, dev)
+    # the encoder and its loss as one module: DDP after the resume (its constructor broadcasts
+    # rank 0's weights; every rank loaded the same checkpoint anyway), compiled last
+    loss_module = wrap_ddp(model, dev) if dist.world > 1 else MaskedGeneLoss(model)
+    loss_module = compile_loss(loss_module, dev, cfg.compile)
 
     # SIGTERM (SLURM preemption, scancel) and SIGINT: finish the step, checkpoint, exit non-zero
     stop_signal = []
@@ -303,7 +494,7 @@ def train(
     def evaluate(step: int) -> None:
         flush()
         val = validation_loss(
-            model, tokens, val_cells, cfg.mask_prob, cfg.batch_size, dev, autocast, dist=dist
+            model, tokens, val_cells, cfg.mask_prob, cfg.batch_tokens, dev, autocast, dist=dist
         )
         lr = optimizer.param_groups[0]["lr"] if step == 0 else history[-1]["lr"]
         history.append(
@@ -324,51 +515,43 @@ def train(
                 file=sys.stderr,
             )
 
-    done, stopped = start_step, False
+    def host_batch(step: int) -> tuple[Batch, int, int]:
+        """Step ``step``'s batch and masks, a function of ``(seed, step)`` alone, built on the
+        host and sent to the device (this process's slice under DDP); with the global batch's
+        token and masked-token counts."""
+        ids, cu, max_seqlen = pack(tokens, batches(step))
+        masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, step]))
+        n_tokens, n_masked = int(ids.size), int(masked.sum())
+        if dist.world > 1:  # this rank's slice; its loss weighted by its masked tokens
+            ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
+        return Batch.masked(ids, cu, max_seqlen, masked, tokens.mask_id).to(dev), n_tokens, n_masked
+
+    done, stopped, stop_reason = start_step, False, "max_steps"
     vote = StopVote(dist, stop_signal)
     try:
         if start_step == 0:
             evaluate(0)  # the untrained model's loss starts every curve
         model.train()
+        # the next step's batch is packed and sent while the device runs this one (the step
+        # asks the device nothing, so the host runs ahead)
+        upcoming = host_batch(start_step) if start_step < cfg.steps else None
         for step in range(start_step, cfg.steps):
             if vote():
                 stopped = True
                 break
-            # the batch and its masks: functions of (seed, step) only
-            cells = batch_cells(train_cells, cfg.batch_size, seed, step)
-            ids, cu, max_seqlen = pack(tokens, cells)
-            masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, step]))
-            n_tokens = int(ids.size)  # of the global batch
-            if ddp is not None:  # this rank's slice; its loss weighted by its masked tokens
-                n_masked = int(masked.sum())
+            batch, n_tokens, n_masked = upcoming
+            if dist.world > 1:
                 # dropout: a stream per (seed, step, rank), so ranks differ and a resumed run
                 # draws what an uninterrupted one would (one process keeps its saved RNG state)
                 torch.manual_seed(
                     int(np.random.SeedSequence([seed, 2, step, dist.rank]).generate_state(1)[0])
                 )
-                ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
-            ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
-            cu_t = torch.from_numpy(cu).to(dev, non_blocking=True)
-            masked_t = torch.from_numpy(masked).to(dev, non_blocking=True)
-
-            if ddp is None:
-                with autocast():
-                    loss = masked_gene_loss(
-                        model, ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                with autocast():
-                    loss_sum = ddp(ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id, "sum")
-                # DDP averages gradients over ranks: x world makes it the sum of the ranks'
-                # sums over the global masked-token count, the mean of one process
-                optimizer.zero_grad(set_to_none=True)
-                (loss_sum * (dist.world / n_masked)).backward()
-                loss = loss_sum / n_masked  # this rank's share (flush sums the shares)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            loss = optimizer_step(
+                loss_module, optimizer, scheduler, batch, autocast, dist.world, n_masked
+            )
+            if step + 1 < cfg.steps:
+                upcoming = host_batch(step + 1)
 
             done = step + 1
             tokens_seen += n_tokens
@@ -376,19 +559,25 @@ def train(
                 {
                     "step": done,
                     "split": "train",
-                    "loss": loss.detach(),
+                    "loss": loss,
                     "lr": lr,
                     "tokens": tokens_seen,
                     "elapsed_s": elapsed(),
                 }
             )
             bar.update(1)
+            plateau_now = False
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 evaluate(done)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                # every rank holds the same validation curve: they decide the same
+                plateau_now = cfg.stop.rule == "plateau" and history_plateau(history, cfg.stop)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps and not plateau_now:
                 checkpoint(done)
             if on_step is not None:
                 on_step(done)
+            if plateau_now:
+                stop_reason = "plateau"
+                break
         vote.close()
         if stopped and done < cfg.steps:
             checkpoint(done)
@@ -418,18 +607,28 @@ def train(
     import pandas as pd
 
     write_csv(out_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
-    val_loss = [r["loss"] for r in history if r["split"] == "val"][-1]
+    val_loss = val_curve(history)[1][-1]
+    plateau = history_plateau(history, cfg.stop)
+    print(
+        f"train {dataset}: {done} steps ({stop_reason}), final val loss {val_loss:.4f}, "
+        f"{'a plateau' if plateau else 'no plateau'} by train.stop's criterion",
+        file=sys.stderr,
+    )
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save(
             {
                 "model": {k: v.cpu() for k, v in model.state_dict().items()},
                 "model_config": dataclasses.asdict(model_cfg),
-                "train_config": dataclasses.asdict(cfg),
+                "train_config": train_key,
                 "tokens": tokens.metadata(),
                 "dataset": dataset,
                 "attention": attention,
                 "seed": seed,
-                "steps": cfg.steps,
+                "steps": cfg.steps,  # the cap
+                "steps_trained": done,
+                "stop_reason": stop_reason,  # one of STOP_REASONS
+                "plateau": plateau,  # train.stop's criterion on the final curve, whatever stopped it
+                "final_val_loss": val_loss,
                 "val_loss": val_loss,
             },
             tmp,
