@@ -26,6 +26,7 @@ STAGE_MODULES = (
     "sigmoid_sc.stress_test",  # stress-test (experiments)
     "sigmoid_sc.jacobian",  # jacobian (experiments)
     "sigmoid_sc.kernel_benchmark",  # kernel-benchmark (experiments)
+    "sigmoid_sc.training_speed",  # training-speed (experiments)
     "sigmoid_sc.experiment_figures",  # experiment-figures (experiments)
 )
 
@@ -44,6 +45,7 @@ COMMAND_MODULES = {
     "stress-test": "sigmoid_sc.stress_test",
     "jacobian": "sigmoid_sc.jacobian",
     "kernel-benchmark": "sigmoid_sc.kernel_benchmark",
+    "training-speed": "sigmoid_sc.training_speed",
     "experiment-figures": "sigmoid_sc.experiment_figures",
 }
 

@@ -280,7 +280,8 @@ def packed_gene_loss(model: Encoder, batch: Batch, reduction: str = "mean") -> t
     """Cross-entropy of the original gene at the masked positions (mean or sum over them); the
     head runs only there. ``batch`` holds tensors (:meth:`Batch.to`)."""
     hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    logits = model.gene_logits(hidden[batch.positions])
+    # index_select: its backward is an index_add, no sort of the indices (as indexing has)
+    logits = model.gene_logits(hidden.index_select(0, batch.positions))
     return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
 

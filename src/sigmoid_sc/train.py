@@ -296,6 +296,21 @@ def optimizer_step(
     return loss.detach()
 
 
+def step_batch(
+    tokens, batches: TokenBatches, step: int, seed: int, mask_prob: float, dist=None
+) -> tuple[Batch, int, int]:
+    """Step ``step``'s batch and masks on the host, a function of ``(seed, step)`` alone (under
+    DDP, ``dist``'s slice of it), with the global batch's token and masked-token counts."""
+    ids, cu, max_seqlen = pack(tokens, batches(step))
+    masked = choose_masked(cu, mask_prob, np.random.default_rng([seed, 1, step]))
+    n_tokens, n_masked = int(ids.size), int(masked.sum())
+    if (
+        dist is not None and dist.world > 1
+    ):  # this rank's slice; its loss weighted by its masked tokens
+        ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
+    return Batch.masked(ids, cu, max_seqlen, masked, tokens.mask_id), n_tokens, n_masked
+
+
 def compile_loss(loss_module, dev: torch.device, enabled: bool):
     """``torch.compile`` of the loss module on CUDA when ``enabled`` (dynamic shapes: the token
     count changes every step); the CPU keeps eager kernels, so its results stay bitwise those
@@ -516,15 +531,8 @@ def train(
             )
 
     def host_batch(step: int) -> tuple[Batch, int, int]:
-        """Step ``step``'s batch and masks, a function of ``(seed, step)`` alone, built on the
-        host and sent to the device (this process's slice under DDP); with the global batch's
-        token and masked-token counts."""
-        ids, cu, max_seqlen = pack(tokens, batches(step))
-        masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, step]))
-        n_tokens, n_masked = int(ids.size), int(masked.sum())
-        if dist.world > 1:  # this rank's slice; its loss weighted by its masked tokens
-            ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
-        return Batch.masked(ids, cu, max_seqlen, masked, tokens.mask_id).to(dev), n_tokens, n_masked
+        batch, n_tokens, n_masked = step_batch(tokens, batches, step, seed, cfg.mask_prob, dist)
+        return batch.to(dev), n_tokens, n_masked
 
     done, stopped, stop_reason = start_step, False, "max_steps"
     vote = StopVote(dist, stop_signal)
