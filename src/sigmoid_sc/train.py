@@ -85,7 +85,7 @@ class StopConfig:
     rule: str = "none"  # "none": run train.steps; "plateau": stop when validation loss plateaus
     window: float = 0.2  # the last fraction of the steps trained so far that the rule looks at
     min_rel_improvement: float = 0.01  # less relative improvement over the window: a plateau
-    min_steps: int = 0  # the rule never stops a run before this step
+    min_steps: int = 0  # never before this step (the loss can sit still around warm-up)
 
 
 @dataclass
