@@ -404,11 +404,14 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"{env['date']}, {env['device']}, torch {env['torch']}, triton {env['triton']}; "
         f"tokens {env['tokens']}; {env['steps']} timed steps after {env['warmup']}. tok/s: real "
         "tokens per second (per job; all jobs together). MFU: model FLOPs (6 P T + attention "
-        "3.5 x 4 sum n^2 d L + head 6 d V M) / time / 989 TFLOP/s, of all jobs together.",
+        "3.5 x 4 sum n^2 d L + head 6 d V M) / time / 989 TFLOP/s, of all jobs together. "
+        "vs today: tokens/s per job over the today variant's (same kind and jobs). Warm-up s: "
+        "the slowest job's steps before timing (compilation, autotuning).",
         "",
         "| model | attention | variant | jobs | cells/step | tokens/step | step ms | tok/s per job "
-        "| tok/s all | MFU | vs today | sigmoid / softmax | peak GiB | note |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| tok/s all | MFU | vs today | sigmoid / softmax | peak GiB | warm-up s | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | --- |",
     ]
     for r in rows:
         lines.append(
@@ -417,7 +420,8 @@ def markdown(rows: list[dict], env: dict) -> str:
             f"{_fmt(r.get('step_ms'), 'f')} | {_fmt(r.get('tokens_per_s_job'), 'rate')} | "
             f"{_fmt(r.get('tokens_per_s_total'), 'rate')} | {_fmt(r.get('mfu'), 'pct')} | "
             f"{_fmt(r.get('speedup_vs_today'), 'x')} | {_fmt(r.get('sigmoid_vs_softmax'), 'x')} | "
-            f"{_fmt(r.get('peak_mem_gib'), 'f')} | {r.get('note', '')} |"
+            f"{_fmt(r.get('peak_mem_gib'), 'f')} | {_fmt(r.get('first_steps_s'), 'f')} | "
+            f"{r.get('note', '')} |"
         )
     return "\n".join(lines) + "\n"
 
