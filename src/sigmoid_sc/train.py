@@ -312,9 +312,14 @@ def step_batch(
 
 
 def compile_loss(loss_module, dev: torch.device, enabled: bool):
-    """``torch.compile`` of the loss module on CUDA when ``enabled`` (dynamic shapes: the token
-    count changes every step); the CPU keeps eager kernels, so its results stay bitwise those
-    of every other CPU run."""
+    """``torch.compile`` of the loss module on CUDA when ``enabled`` (dynamic shapes: the token,
+    cell and masked-token counts change every step); the CPU keeps eager kernels, so its
+    results stay bitwise those of every other CPU run.
+
+    No CUDA graphs: a graph replays fixed shapes, and a token budget fixes only the upper
+    bound of a step's tokens; padding every step to the budget, its cell count and its masked
+    count would change what the attention kernels and the loss compute.
+    """
     if not enabled or dev.type != "cuda":
         return loss_module
     return torch.compile(loss_module, dynamic=True)

@@ -41,6 +41,7 @@ import datetime as dt
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -307,26 +308,29 @@ def run_jobs(spec: dict, jobs: int, timeout: float) -> list[dict]:
         ctx.Process(target=_job_process, args=({**spec, "seed": spec["seed"] + k}, barrier, queue))
         for k in range(jobs)
     ]
-    for p in procs:
-        p.start()
     results, deadline = [], time.monotonic() + timeout
-    while len(results) < jobs:
-        try:
-            results.append(queue.get(timeout=2.0))
-        except queue_module.Empty:
-            if time.monotonic() > deadline:
-                results.append({"error": f"no result within {timeout:g} s"})
-            elif all(not p.is_alive() for p in procs) and queue.empty():
-                codes = ", ".join(str(p.exitcode) for p in procs)
-                results.append({"error": f"a job died without a result (exit codes {codes})"})
-            else:
-                continue
-            break
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-            p.join()
+    try:
+        for p in procs:
+            p.start()
+        while len(results) < jobs:
+            try:
+                results.append(queue.get(timeout=2.0))
+            except queue_module.Empty:
+                if time.monotonic() > deadline:
+                    results.append({"error": f"no result within {timeout:g} s"})
+                elif all(not p.is_alive() for p in procs) and queue.empty():
+                    codes = ", ".join(str(p.exitcode) for p in procs)
+                    results.append({"error": f"a job died without a result (exit codes {codes})"})
+                else:
+                    continue
+                break
+        for p in procs:
+            p.join(timeout=30)
+    finally:  # also on SIGTERM (see _run): no job may go on using the GPU after its case
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     return results
 
 
@@ -543,6 +547,9 @@ def _run(args: argparse.Namespace) -> None:
             raise ConfigError(f"training-speed: --{name} is {getattr(args, name)}, too small")
     for variant in args.variants:
         parse_variant(variant)  # a typo fails before any job starts
+    # SIGTERM (e.g. `timeout`) ends the run through SystemExit: the running case's jobs are
+    # killed, the cases measured so far are on disk
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     measure(args)
     print(Path(args.out, "training_speed.md").read_text(), end="")
 
