@@ -145,6 +145,7 @@ def worker(args) -> None:
     from sigmoid_sc.model import Encoder
     from sigmoid_sc.runtime import resolve_device
     from sigmoid_sc.stress_test import MASK_ID, RankSequences, count_parameters, model_config
+    from sigmoid_sc.tokens import Batch
 
     dist = dist_from_env()
     dev = init_distributed(dist, resolve_device("cpu" if args.smoke else "cuda"))
@@ -158,15 +159,7 @@ def worker(args) -> None:
         ids, cu, masked = data.batch(step)
         n_masked = int(masked.sum())
         ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
-        batches.append(
-            (
-                torch.from_numpy(ids).to(dev),
-                torch.from_numpy(cu).to(dev),
-                max_seqlen,
-                torch.from_numpy(masked).to(dev),
-                n_masked,
-            )
-        )
+        batches.append((Batch.masked(ids, cu, max_seqlen, masked, MASK_ID).to(dev), n_masked))
     use_bf16 = args.precision == "bf16" and dev.type == "cuda"
 
     def sync():
@@ -174,10 +167,12 @@ def worker(args) -> None:
             torch.cuda.synchronize(dev)
 
     def step(ddp, optimizer, batch, no_sync: bool):
-        ids, cu, max_seqlen, masked, n_masked = batch
+        b, n_masked = batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             with ddp.no_sync() if no_sync else contextlib.nullcontext():
-                loss_sum = ddp(ids, cu, max_seqlen, masked, MASK_ID, "sum")
+                loss_sum = ddp(
+                    b.input_ids, b.cu_seqlens, b.max_seqlen, b.positions, b.targets, "sum"
+                )
                 optimizer.zero_grad(set_to_none=True)
                 (loss_sum * (dist.world / n_masked)).backward()
         optimizer.step()

@@ -18,7 +18,7 @@ N_SPECIAL = 3
 TINY_MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "dropout": 0.0}
 TINY_TRAIN = {
     "steps": 12,
-    "batch_size": 16,
+    "batch_tokens": 320,
     "lr": 3.0e-3,
     "warmup_steps": 3,
     "eval_every": 5,

@@ -60,7 +60,9 @@ def test_overlays_change_only_what_they_name():
     base = config.load(REPO / "configs" / "shared_data.yaml")
     both = config.load(REPO / "configs" / "shared_data.yaml", REPO / "configs" / "h200_run.yaml")
     overlay = yaml.safe_load((REPO / "configs" / "h200_run.yaml").read_text())
-    assert both.train == dataclasses.replace(base.train, **overlay["train"])
+    train = dict(overlay["train"])
+    stop = dataclasses.replace(base.train.stop, **train.pop("stop", {}))  # merged key by key
+    assert both.train == dataclasses.replace(base.train, **train, stop=stop)
     assert both.model == base.model and list(both.datasets) == list(base.datasets)
 
 
@@ -71,12 +73,24 @@ def test_sections_are_the_schemas_keys():
         assert {f.name for f in dataclasses.fields(cls)} == keys, name
     dataset_keys = set(config.schema()["$defs"]["synthetic"]["properties"])
     assert {f.name for f in dataclasses.fields(config.Synthetic)} == dataset_keys
+    for (cls, name), nested in config.NESTED.items():
+        section = next(s for s, c in config.SECTIONS.items() if c is cls)
+        keys = set(config._subschema(f"{section}.{name}")["properties"])
+        assert {f.name for f in dataclasses.fields(nested)} == keys, (section, name)
+
+
+def schema_defaults(sub: dict) -> dict:
+    """The defaults of a section's keys, nested sections' keys each from their own."""
+    return {
+        key: schema_defaults(prop) if "properties" in prop else prop["default"]
+        for key, prop in sub["properties"].items()
+    }
 
 
 def test_defaults_come_from_the_schema_alone():
     train = config.section("train", {})
-    schema = config._subschema("train")["properties"]
-    assert dataclasses.asdict(train) == {k: v["default"] for k, v in schema.items()}
+    assert dataclasses.asdict(train) == schema_defaults(config._subschema("train"))
+    assert isinstance(train.stop, config.Stop) and train.stop.rule == "none"
     # a whole config gets every section, filled, and the input is left as it was
     raw = {"datasets": copy.deepcopy(TINY["datasets"])}
     loaded = config.from_dict(raw)
@@ -111,7 +125,7 @@ BASES = {
     "prepare": {"min_genes": 5, "min_cells": 1},
     "tokenize": {"max_len": 16},
     "model": {"n_layers": 1, "d_model": 8, "n_heads": 2, "d_ff": 8},
-    "train": {"steps": 2, "batch_size": 8, "eval_every": 1, "checkpoint_every": 1},
+    "train": {"steps": 2, "batch_tokens": 96, "eval_every": 1, "checkpoint_every": 1},
     "aggregate": {},
     "experiments.stress_test": {
         "n_layers": 1,
@@ -160,8 +174,16 @@ def _edges(sub: dict) -> list:
 
 
 def edge_cases(name: str) -> list[tuple[str, object]]:
+    """(key, edge value) of every key of a section; a nested section's keys one at a time as
+    (its key, {nested key: edge value})."""
     props = config._subschema(name)["properties"]
-    return [(key, value) for key, sub in props.items() for value in _edges(sub)]
+    out = []
+    for key, sub in props.items():
+        if "properties" in sub:
+            out += [(key, {k: v}) for k, v in edge_cases(f"{name}.{key}")]
+        else:
+            out += [(key, value) for value in _edges(sub)]
+    return out
 
 
 def accepted(name: str, key: str, value):
@@ -228,6 +250,13 @@ def test_train_takes_every_value_the_schema_takes(tokens, tmp_path, one_thread, 
         return
     model = params if name == "model" else config.section("model", BASES["model"])
     settings = params if name == "train" else config.section("train", BASES["train"])
+    if key == "batch_tokens" and value < 12:
+        # the one limit that depends on the data: every cell must fit the budget (the longest
+        # of these holds 12 tokens); train says so, naming the key, before writing anything
+        with pytest.raises(ConfigError, match=r"raise train\.batch_tokens to at least 12"):
+            train("edges", tokens, "sigmoid", 0, model, settings, "cpu", tmp_path)
+        assert not list(tmp_path.iterdir())
+        return
     out = train("edges", tokens, "sigmoid", 0, model, settings, "cpu", tmp_path)
     assert (out / "model.pt").is_file()
 
@@ -362,6 +391,12 @@ def test_a_url_dataset_without_format_says_what_it_needs():
         (lambda c: c["train"].update(precision="fp16"), "train.precision must be one of fp32, bf16; got 'fp16'"),
         (lambda c: c["train"].update(steps=0), "train.steps must be >= 1; got 0"),
         (lambda c: c["train"].update(lr="fast"), "train.lr must be a number > 0; got 'fast'"),
+        (
+            lambda c: c["train"].update(batch_size=32),
+            "train.batch_size (cells per step) was replaced by train.batch_tokens (tokens per step",
+        ),
+        (lambda c: c["train"].update(stop={"rule": "early"}), "train.stop.rule must be one of none, plateau; got 'early'"),
+        (lambda c: c["train"].update(stop={"patience": 3}), "unknown key train.stop.patience (known keys of train.stop: "),
         (lambda c: c["datasets"]["blobs_a"].pop("label_key"), "datasets.blobs_a needs `label_key`"),
         (lambda c: c["datasets"]["blobs_a"].update(source="scanpy"), "datasets.blobs_a (source: scanpy) needs `name`"),
         (lambda c: c.update(seeds=[]), "seeds needs at least 1 item"),
@@ -403,6 +438,8 @@ def test_every_problem_is_listed_once():
 def test_a_section_on_the_command_line_is_checked_the_same_way():
     with pytest.raises(ConfigError, match=r"^invalid train: unknown key train.stpes \(known"):
         config.section("train", {"stpes": 3})
+    with pytest.raises(ConfigError, match=r"^invalid train: train.batch_size .* batch_tokens"):
+        config.section("train", {"batch_size": 32, "steps": 3})
     with pytest.raises(ConfigError, match=r"^invalid experiments.stress_test: .*seq_len \(9000\)"):
         config.section("experiments.stress_test", {"seq_len": 9000, "vocab_size": 5000})
     with pytest.raises(ConfigError, match=r"datasets.x needs `label_key`"):

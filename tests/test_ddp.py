@@ -22,6 +22,7 @@ import torch
 from conftest_tokens import TINY_MODEL, TINY_TRAIN, sections
 
 from sigmoid_sc.distributed import shard_batch, shard_bounds
+from sigmoid_sc.errors import ConfigError
 from sigmoid_sc.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -117,6 +118,35 @@ def test_two_processes_resume_a_checkpoint_and_stop_together_on_sigterm(
     assert not (tmp_path / "checkpoint.pt").exists()
     train("toy", tokens_path, "sigmoid", 0, *sections(TINY_MODEL, params), "cpu", tmp_path / "full")
     assert_close_runs(tmp_path / "full", tmp_path, rtol=1e-4)
+
+
+def test_two_processes_stop_at_the_plateau_where_one_does(tokens_path, tmp_path):
+    """Every rank holds the same validation curve, so the stopping rule stops them together,
+    at the step where one process stops."""
+    params = {
+        **TINY_TRAIN,
+        "steps": 40,
+        "eval_every": 2,
+        "stop": {"rule": "plateau", "window": 0.25, "min_rel_improvement": 0.05, "min_steps": 10},
+    }
+    train("toy", tokens_path, "sigmoid", 0, *sections(TINY_MODEL, params), "cpu", tmp_path / "one")
+    done = torchrun(tokens_path, tmp_path / "two", train_params=params)
+    assert done.returncode == 0, done.stderr
+    assert_close_runs(tmp_path / "one", tmp_path / "two")
+    one, two = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))
+    assert one["stop_reason"] == two["stop_reason"] == "plateau"
+    assert one["steps_trained"] == two["steps_trained"] < 40
+
+
+def test_a_budget_too_small_to_split_is_named(tokens_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    params = {**TINY_TRAIN, "batch_tokens": 100}  # cells of up to 32 tokens: 4 need 128
+    with pytest.raises(
+        ConfigError, match=r"batch_tokens 100 .* at least 4 cells .* raise it to 128"
+    ):
+        train("toy", tokens_path, "sigmoid", 0, *sections(TINY_MODEL, params), "cpu", tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_bench_ddp_scaling_smoke(tmp_path):

@@ -232,7 +232,7 @@ TINY_EXPERIMENTS = {
     "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32},
     "train": {
         "steps": 4,
-        "batch_size": 16,
+        "batch_tokens": 320,
         "warmup_steps": 1,
         "eval_every": 2,
         "checkpoint_every": 2,

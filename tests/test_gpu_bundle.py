@@ -39,7 +39,7 @@ TINY = {
     "prepare": {"min_genes": 5, "min_cells": 1, "val_fraction": 0.15, "test_fraction": 0.3},
     "tokenize": {"max_len": 32},
     "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32},
-    "train": {"steps": 8, "batch_size": 16, "warmup_steps": 2, "eval_every": 4},
+    "train": {"steps": 8, "batch_tokens": 320, "warmup_steps": 2, "eval_every": 4},
     "evaluate": {"n_neighbors": 10},
 }
 #: rule -> jobs of the tiny DAG (rule all has no benchmark: it runs nothing)

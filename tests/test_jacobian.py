@@ -16,7 +16,7 @@ from sigmoid_sc.errors import ConfigError, DataError
 from sigmoid_sc.train import train
 
 TINY_MODEL = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_ff": 32}
-TINY_TRAIN = {"steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 4,
+TINY_TRAIN = {"steps": 4, "batch_tokens": 320, "warmup_steps": 1, "eval_every": 4,
               "checkpoint_every": 4}  # fmt: skip
 
 

@@ -52,7 +52,7 @@ RESUME_LINE = re.compile(r"resuming from .* at step (\d+)")
 MODEL = {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0}
 TRAIN = {
     "steps": 100,
-    "batch_size": 16,
+    "batch_tokens": 320,
     "lr": 3.0e-3,
     "warmup_steps": 5,
     "eval_every": 1,  # a `step t/T` line after every step: the count at the kill is exact

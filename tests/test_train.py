@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest_tokens import TINY_MODEL, TINY_TRAIN, sections
 
-from sigmoid_sc import config
+from sigmoid_sc import config, distributed
 from sigmoid_sc import train as train_mod
 from sigmoid_sc.embed import embed
 from sigmoid_sc.errors import ConfigError
-from sigmoid_sc.tokens import batch_cells, choose_masked, load_tokens
-from sigmoid_sc.train import lr_factor, train
+from sigmoid_sc.tokens import TokenBatches, choose_masked, load_tokens, token_chunks
+from sigmoid_sc.train import lr_factor, plateau_reached, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,16 +51,55 @@ def assert_same_run(dir_a, dir_b):
 # --- batches, masks, schedule ------------------------------------------------------------
 
 
-def test_batches_are_a_function_of_seed_and_step():
-    cells = np.arange(100, 150)
-    first = [batch_cells(cells, 16, seed=3, step=t) for t in range(9)]
-    again = [batch_cells(cells, 16, seed=3, step=t) for t in reversed(range(9))][::-1]
-    for a, b in zip(first, again):
-        np.testing.assert_array_equal(a, b)
-    epoch0 = np.concatenate(first[:3])  # 50 // 16 = 3 full batches per epoch
-    assert len(set(epoch0.tolist())) == 48 and set(epoch0.tolist()) <= set(cells.tolist())
-    assert not np.array_equal(first[0], first[3])  # a new permutation each epoch
-    assert not np.array_equal(first[0], batch_cells(cells, 16, seed=4, step=0))
+def stream_batches(lengths, budget, seed, steps):
+    cells = np.arange(100, 100 + lengths.size)
+    full_lengths = np.zeros(100 + lengths.size, dtype=np.int64)
+    full_lengths[cells] = lengths
+    batches = TokenBatches(cells, lengths, budget, seed)
+    return cells, full_lengths, [batches(t) for t in range(steps)]
+
+
+def test_token_batches_are_a_function_of_seed_and_step():
+    lengths = np.random.default_rng(0).integers(5, 60, size=50)
+    _, _, first = stream_batches(lengths, 200, seed=3, steps=30)
+    again = TokenBatches(np.arange(100, 150), lengths, 200, seed=3)
+    for t in reversed(range(30)):  # any order, a fresh object: the same cells
+        np.testing.assert_array_equal(again(t), first[t])
+    other = TokenBatches(np.arange(100, 150), lengths, 200, seed=4)
+    assert not np.array_equal(other(0), first[0])
+
+
+@pytest.mark.parametrize(("budget", "seed"), [(60, 0), (200, 1), (333, 2), (1000, 3)])
+def test_token_batches_never_exceed_the_budget_and_cover_every_cell_of_an_epoch(budget, seed):
+    lengths = np.random.default_rng(seed).integers(1, 61, size=53)
+    cells, full_lengths, batches = stream_batches(lengths, budget, seed, steps=150)
+    stream = np.concatenate(batches)
+    for b in batches:
+        assert 0 < full_lengths[b].sum() <= budget
+    # every epoch is a permutation of all the cells, the epochs follow one another, and a batch
+    # stops only where the next cell would exceed the budget
+    epochs = stream.size // cells.size
+    assert epochs >= 2
+    for e in range(epochs):
+        assert sorted(stream[e * cells.size : (e + 1) * cells.size]) == cells.tolist()
+    assert not np.array_equal(stream[: cells.size], stream[cells.size : 2 * cells.size])
+    for b, nxt in zip(batches, batches[1:]):
+        assert full_lengths[b].sum() + full_lengths[nxt[0]] > budget
+
+
+def test_token_budget_errors_name_the_numbers():
+    lengths = np.array([10, 30, 70, 5])
+    with pytest.raises(ConfigError, match=r"batch_tokens is 64 but 1 of the 4 .* longest 70"):
+        TokenBatches(np.arange(4), lengths, 64, 0)
+    with pytest.raises(ConfigError, match=r"batch_tokens is 200 but all 4 .* hold 115 tokens"):
+        TokenBatches(np.arange(4), lengths, 200, 0)
+
+
+def test_token_chunks_pack_in_order_up_to_the_budget():
+    lengths = np.array([5, 5, 5, 9, 1, 10, 3])
+    bounds = token_chunks(lengths, 10)
+    assert bounds.tolist() == [0, 2, 3, 5, 6, 7]
+    assert token_chunks(lengths, 1000).tolist() == [0, 7]
 
 
 def test_masking_at_least_one_per_cell_and_near_mask_prob():
@@ -72,13 +111,70 @@ def test_masking_at_least_one_per_cell_and_near_mask_prob():
     assert 0.12 < masked[203:].mean() < 0.18
 
 
-def test_lr_warmup_then_cosine_to_ten_percent():
-    cfg = config.section("train", {"steps": 100, "warmup_steps": 10})
-    factors = [lr_factor(t, cfg) for t in range(100)]
+def test_lr_warmup_then_constant_or_cosine_to_ten_percent():
+    constant = config.section("train", {"steps": 100, "warmup_steps": 10})
+    assert constant.schedule == "constant"
+    factors = [lr_factor(t, constant) for t in range(200)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10:] == [1.0] * 190  # past the cap too: the cap is not part of the schedule
+    cosine = config.section("train", {"steps": 100, "warmup_steps": 10, "schedule": "cosine"})
+    factors = [lr_factor(t, cosine) for t in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    assert lr_factor(100, cosine) == pytest.approx(0.1)
+
+
+# --- the stopping rule on synthetic validation curves --------------------------------------
+
+STEPS = np.arange(0, 1001, 50)
+
+
+def test_a_curve_that_flattens_has_plateaued():
+    loss = 2.0 + 6.0 * np.exp(-STEPS / 100)  # 1% of 2.0 over the last 200 steps: long reached
+    assert plateau_reached(STEPS, loss)
+    # it had not at step 300, where the loss still fell by a third over the last 20%
+    assert not plateau_reached(STEPS[:7], loss[:7])
+    # the first step where it has: improvement over [0.8 s, s] below 1% of the loss at 0.8 s
+    first = next(k for k in range(2, STEPS.size) if plateau_reached(STEPS[: k + 1], loss[: k + 1]))
+    s = STEPS[first]
+    start = loss[STEPS <= 0.8 * s][-1]
+    assert start - loss[first] < 0.01 * start
+    prev_start = loss[STEPS <= 0.8 * STEPS[first - 1]][-1]
+    assert prev_start - loss[first - 1] >= 0.01 * prev_start
+
+
+def test_a_curve_still_falling_has_not_plateaued():
+    loss = 8.0 - 0.004 * STEPS  # falls 0.8 over the last 200 steps, well above 1%
+    assert not plateau_reached(STEPS, loss)
+    slow = 8.0 * (1 - 0.0001 * STEPS)  # 8.0 -> 7.2: 2.2% over the last 20%
+    assert not plateau_reached(STEPS, slow)
+    assert plateau_reached(STEPS, slow, min_rel_improvement=0.03)
+
+
+def test_a_rising_or_noisy_flat_curve_has_plateaued():
+    rising = 3.0 + 0.001 * STEPS  # a rise counts as no improvement
+    assert plateau_reached(STEPS, rising)
+    wobble = 3.0 + 0.01 * np.sin(STEPS)  # within 1% of 3.0
+    assert plateau_reached(STEPS, wobble)
+
+
+def test_a_curve_too_short_to_judge_has_not_plateaued():
+    assert not plateau_reached([], [])
+    assert not plateau_reached([0], [3.0])
+    assert not plateau_reached([0, 10], [3.0, 3.0], min_steps=20)  # before min_steps
+    assert plateau_reached([0, 10], [3.0, 3.0])  # the window [8, 10] starts at step 0
+    # no evaluation at or before 80% of the last step except one at or after it
+    assert not plateau_reached([90, 100], [3.0, 3.0])
+    assert not plateau_reached([0, 50, 100], [3.0, 3.0, float("nan")])
+
+
+def test_the_window_starts_at_the_last_evaluation_before_it():
+    steps = [0, 250, 500, 750, 1000]
+    # window 20% of 1000: from step 800 back to the evaluation at 750
+    assert plateau_reached(steps, [8.0, 4.0, 3.0, 2.999, 2.99])
+    assert not plateau_reached(steps, [8.0, 4.0, 3.0, 3.05, 2.99])
+    assert plateau_reached(steps, [8.0, 4.0, 3.0, 3.05, 2.99], window=0.3)  # from 500
 
 
 # --- training ------------------------------------------------------------------------------
@@ -103,15 +199,14 @@ def test_training_loss_falls_on_structured_data(tokens_path, tmp_path):
 
 def test_softmax_and_sigmoid_see_the_same_batches(tokens_path, tmp_path, monkeypatch):
     seen = {}
-    original = train_mod.masked_gene_loss
+    original = distributed.packed_gene_loss  # the training step's loss (validation's is not)
 
-    def spy(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction="mean"):
-        if model.training:  # training steps only, not the validation passes
-            key = (model.config.attention, len(seen))
-            seen.setdefault(key[0], []).append((input_ids.clone(), cu_seqlens.clone(), masked))
-        return original(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction)
+    def spy(model, batch, reduction="mean"):
+        fields = (batch.input_ids, batch.cu_seqlens, batch.positions, batch.targets)
+        seen.setdefault(model.config.attention, []).append(tuple(f.clone() for f in fields))
+        return original(model, batch, reduction)
 
-    monkeypatch.setattr(train_mod, "masked_gene_loss", spy)
+    monkeypatch.setattr(distributed, "packed_gene_loss", spy)
     params = {**TINY_TRAIN, "steps": 4}
     for attention in ("softmax", "sigmoid"):
         run(tokens_path, tmp_path / attention, attention=attention, train_params=params)
@@ -122,6 +217,12 @@ def test_softmax_and_sigmoid_see_the_same_batches(tokens_path, tmp_path, monkeyp
     first_seed0 = seen.pop("sigmoid")[0]
     run(tokens_path, tmp_path / "seed1", seed=1, train_params=params)
     assert not torch.equal(seen["sigmoid"][0][0], first_seed0[0])  # another seed, other batches
+    # the batches fill the token budget (at most one cell short of it)
+    tokens = load_tokens(tokens_path, "toy")
+    for ids, _cu, positions, targets in seen["softmax"]:
+        assert ids.numel() <= TINY_TRAIN["batch_tokens"]
+        assert ids.numel() > TINY_TRAIN["batch_tokens"] - tokens.max_len
+        assert (ids[positions] == tokens.mask_id).all() and (targets != tokens.mask_id).all()
 
 
 def test_same_seed_same_init_inside_train(tokens_path, tmp_path, monkeypatch):
@@ -234,6 +335,67 @@ def test_cli_sigterm_then_rerun_resumes(tokens_path, tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
+# --- the stopping rule in a run ------------------------------------------------------------
+
+STOP_TRAIN = {
+    **TINY_TRAIN,
+    "steps": 40,
+    "eval_every": 2,
+    "checkpoint_every": 4,
+    "stop": {"rule": "plateau", "window": 0.25, "min_rel_improvement": 0.05, "min_steps": 10},
+}
+
+
+def test_model_records_the_stop_and_its_proof(tokens_path, tmp_path):
+    run(tokens_path, tmp_path / "rule", train_params=STOP_TRAIN)
+    record = torch.load(tmp_path / "rule" / "model.pt", weights_only=True)
+    history = pd.read_csv(tmp_path / "rule" / "history.csv")
+    val = history[history.split == "val"]
+    assert record["stop_reason"] == "plateau" and record["plateau"] is True
+    assert 10 <= record["steps_trained"] < 40 and record["steps"] == 40
+    assert val.step.tolist() == list(range(0, record["steps_trained"] + 1, 2))  # every val row
+    assert record["final_val_loss"] == record["val_loss"]
+    assert record["final_val_loss"] == pytest.approx(val.loss.iloc[-1], rel=1e-12)  # csv digits
+    assert history[history.split == "train"].step.max() == record["steps_trained"]
+    stop = STOP_TRAIN["stop"]
+    assert plateau_reached(val.step, val.loss, stop["window"], stop["min_rel_improvement"])
+    before = val.iloc[:-1]  # it stopped at the first evaluation where the rule held
+    assert not any(
+        plateau_reached(before.step[: k + 1], before.loss[: k + 1], 0.25, 0.05, 10)
+        for k in range(len(before))
+    )
+    # without the rule the same run goes on to the cap; its curve is the same up to the stop
+    run(
+        tokens_path, tmp_path / "cap", train_params={**STOP_TRAIN, "stop": {**stop, "rule": "none"}}
+    )
+    capped = torch.load(tmp_path / "cap" / "model.pt", weights_only=True)
+    assert capped["stop_reason"] == "max_steps" and capped["steps_trained"] == 40
+    assert isinstance(capped["plateau"], bool)
+    full = pd.read_csv(tmp_path / "cap" / "history.csv")
+    cut = full[full.step <= record["steps_trained"]].drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(
+        cut.reset_index(drop=True), history.drop(columns="elapsed_s"), check_exact=True
+    )
+
+
+def test_resume_with_the_stopping_rule_equals_uninterrupted(tokens_path, tmp_path):
+    params = {**STOP_TRAIN, "checkpoint_every": 1000}
+    run(tokens_path, tmp_path / "full", model=RESUME_MODEL, train_params=params)
+
+    def preempt(step):
+        if step == 7:  # before min_steps: the rule decides after the resume
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit):
+        run(tokens_path, tmp_path / "cut", model=RESUME_MODEL, train_params=params, on_step=preempt)
+    run(tokens_path, tmp_path / "cut", model=RESUME_MODEL, train_params=params)
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("full", "cut"))
+    for key in ("steps_trained", "stop_reason", "plateau", "final_val_loss"):
+        assert a[key] == b[key], key
+    assert a["stop_reason"] == "plateau"
+
+
 # --- config errors -------------------------------------------------------------------------
 
 
@@ -258,6 +420,21 @@ def test_bad_config_values_are_named(tokens_path, tmp_path):
         run(tokens_path, tmp_path, model={**TINY_MODEL, "n_heads": 5})
     with pytest.raises(ConfigError, match=r"seed"):
         run(tokens_path, tmp_path, seed=-1)
+    with pytest.raises(ConfigError, match=r"train\.schedule"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "schedule": "linear"})
+    with pytest.raises(ConfigError, match=r"train\.stop\.rule"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "stop": {"rule": "early"}})
+    with pytest.raises(ConfigError, match=r"train\.stop\.window"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "stop": {"window": 1.5}})
+    with pytest.raises(ConfigError, match=r"unknown key train\.stop\.patience"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "stop": {"patience": 3}})
+    with pytest.raises(ConfigError, match=r"train\.compile must be true or false"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "compile": 1})
+    with pytest.raises(ConfigError, match=r"train\.batch_size .* replaced by train\.batch_tokens"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "batch_size": 16})
+    with pytest.raises(ConfigError, match=r"toy: train\.batch_tokens is 20 but \d+ of the"):
+        run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "batch_tokens": 20})
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 # --- the run's record ------------------------------------------------------------------------

@@ -104,16 +104,29 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Stop:
+    """``train.stop``: when a run ends before ``train.steps`` (``sigmoid_sc.train.plateau_reached``)."""
+
+    rule: str  # none: run train.steps | plateau: stop when the validation loss plateaus
+    window: float  # the last fraction of the steps trained so far that the rule looks at
+    min_rel_improvement: float  # less relative improvement over the window: a plateau
+    min_steps: int  # never before this step (the loss can sit still around warm-up)
+
+
+@dataclass(frozen=True)
 class Train:
-    steps: int
-    batch_size: int  # cells per step
+    steps: int  # the cap: a run ends here unless its stopping rule ended it before
+    batch_tokens: int  # tokens per step (cells packed up to it)
     lr: float  # peak learning rate, reached after warm-up
+    schedule: str  # after warm-up: constant | cosine (to 10% at steps)
     weight_decay: float  # on matrices and embeddings, not on biases and norms
     warmup_steps: int
     mask_prob: float  # each token's chance to be masked (at least one per cell)
     eval_every: int
     checkpoint_every: int
     precision: str  # fp32 | bf16 (autocast, CUDA only)
+    compile: bool  # torch.compile the encoder and its loss (CUDA only)
+    stop: Stop
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,17 @@ class TrainingSpeed:
     repeats: int
     smoke: bool
 
+
+#: (dataclass, field) -> the dataclass of a nested section
+NESTED = {(Train, "stop"): Stop}
+
+#: keys the config no longer has -> what to write instead (an error says so, naming the key)
+REMOVED_KEYS = {
+    "train.batch_size": (
+        "train.batch_size (cells per step) was replaced by train.batch_tokens (tokens per step, "
+        "cells packed up to it): set batch_tokens to about batch_size x the mean cell length"
+    ),
+}
 
 #: section name (a dotted path of the config) -> its dataclass
 SECTIONS = {
@@ -385,7 +409,13 @@ def message(error, prefix: str = "", root: dict | None = None) -> str:
         known = sorted((error.schema.get("properties") or {}).keys())
         base = _key(path, prefix) if (path or prefix) else ""
         extra = [f"{base}.{k}" if base else k for k in sorted(set(instance) - set(known))]
-        return f"unknown key {', '.join(extra)} (known keys of {where}: {_words(known)})"
+        removed = [REMOVED_KEYS[k] for k in extra if k in REMOVED_KEYS]
+        unknown = [k for k in extra if k not in REMOVED_KEYS]
+        if unknown:
+            removed.append(
+                f"unknown key {', '.join(unknown)} (known keys of {where}: {_words(known)})"
+            )
+        return "; ".join(removed)
     if kind == "required":
         return f"{where}{_condition(error, root)} needs {_needs(k for k in value if k not in instance)}"
     if kind in ("oneOf", "anyOf"):
@@ -558,10 +588,12 @@ def _checked(params: Any, subschema: dict, where: str) -> dict:
 
 
 def _build(cls, values: Mapping):
-    def frozen(value):
+    def frozen(name, value):
+        if (cls, name) in NESTED:
+            return _build(NESTED[cls, name], value)
         return tuple(value) if isinstance(value, list) else value
 
-    return cls(**{f.name: frozen(values[f.name]) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: frozen(f.name, values[f.name]) for f in dataclasses.fields(cls)})
 
 
 def section(name: str, params: Mapping | None):

@@ -17,7 +17,7 @@ import torch
 
 from .errors import ConfigError
 from .model import Encoder
-from .tokens import masked_gene_loss
+from .tokens import Batch, packed_gene_loss
 
 
 @dataclass
@@ -133,22 +133,26 @@ class StopVote:
 
 
 class MaskedGeneLoss(torch.nn.Module):
-    """The encoder and its masked-gene loss as one module, so DDP sees the whole forward
-    (the tied head reads ``tok_emb`` outside ``Encoder.forward``)."""
+    """The encoder and its masked-gene loss as one module, so DDP (and ``torch.compile``) sees
+    the whole forward (the tied head reads ``tok_emb`` outside ``Encoder.forward``).
+
+    ``forward(input_ids, cu_seqlens, max_seqlen, positions, targets, reduction)``: the fields of
+    a :class:`sigmoid_sc.tokens.Batch` on the device, as plain arguments (what DDP passes on).
+    """
 
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction="mean"):
-        return masked_gene_loss(
-            self.encoder, input_ids, cu_seqlens, max_seqlen, masked, mask_id, reduction
-        )
+    def forward(self, input_ids, cu_seqlens, max_seqlen, positions, targets, reduction="mean"):
+        batch = Batch(input_ids, cu_seqlens, max_seqlen, positions, targets)
+        return packed_gene_loss(self.encoder, batch, reduction)
 
 
 def wrap_ddp(model: Encoder, dev: torch.device, **options) -> torch.nn.Module:
-    """DDP over the encoder and its loss: ``ddp(ids, cu, max_seqlen, masked, mask_id, "sum")``;
-    ``options`` go to ``DistributedDataParallel`` (bench/ddp_scaling.py compares some)."""
+    """DDP over the encoder and its loss:
+    ``ddp(ids, cu_seqlens, max_seqlen, positions, targets, "sum")``; ``options`` go to
+    ``DistributedDataParallel`` (bench/ddp_scaling.py compares some)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(

@@ -62,8 +62,11 @@ def embed(
     if test_cells.size == 0:
         raise DataError(f"{dataset}: {tokens_path} has no test cells to embed")
     x_emb = embed_cells(model, tokens, test_cells, dev)
+    # validation batches as training packed them (a model.pt from before token budgets: the
+    # tokens of EMBED_BATCH_CELLS cells of max_len)
+    batch_tokens = record["train_config"].get("batch_tokens", EMBED_BATCH_CELLS * tokens.max_len)
     val_loss = validation_loss(
-        model, tokens, val_cells, record["train_config"]["mask_prob"], EMBED_BATCH_CELLS, dev
+        model, tokens, val_cells, record["train_config"]["mask_prob"], batch_tokens, dev
     )
     write_npz(
         output,

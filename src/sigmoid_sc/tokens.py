@@ -1,10 +1,15 @@
-"""The token data of a training run and the masked-gene objective.
+"""The token data of a training run, its batches and the masked-gene objective.
 
 ``tokens.npz`` (written by ``sigmoid-sc tokenize``, see docs/ARCHITECTURE.md) is read into
 :class:`Tokens`; :func:`pack` concatenates cells into a packed batch (``input_ids``,
-``cu_seqlens``, as FlashAttention's varlen API). Everything random is a function of a seed:
-:func:`batch_cells` gives the cells of step ``t`` from a permutation seeded by ``(seed, epoch)``,
-:func:`choose_masked` the masked positions from the generator it is given.
+``cu_seqlens``, as FlashAttention's varlen API). Batches hold a budget of tokens, not a number of
+cells: :class:`TokenBatches` gives the cells of step ``t``, a function of ``(seed, t)``;
+:func:`choose_masked` draws the masked positions from the generator it is given.
+
+A :class:`Batch` is built on the host (numpy): the corrupted ids, the masked positions as
+indices and their target genes, so a training step never asks the GPU a question (no boolean
+indexing on the device, whose result size the host must wait for); :meth:`Batch.to` sends it
+in one copy from pinned memory.
 
 Validation loss uses one fixed masking of the validation cells (seeded by ``VAL_MASK_SEED``,
 not by the run's seed), so it is comparable across attention kinds and seeds; ``embed``
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .model import Encoder
 
 VAL_MASK_SEED = 20260429  # the validation cells' masking, shared by every run
@@ -111,17 +116,98 @@ def pack(tokens: Tokens, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, int
     return ids, cu_seqlens, int(lengths.max())
 
 
-def batch_cells(train_cells: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """The training cells of step ``step``: a function of ``(seed, step)`` only.
+def check_budget(lengths: np.ndarray, batch_tokens: int, what: str) -> None:
+    """ConfigError unless every cell fits ``batch_tokens`` (``what`` names the cells)."""
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ConfigError(f"train.batch_tokens must be an integer >= 1, got {batch_tokens!r}")
+    too_long = lengths > batch_tokens
+    if too_long.any():
+        raise ConfigError(
+            f"train.batch_tokens is {batch_tokens} but {int(too_long.sum())} of the "
+            f"{lengths.size} {what} have more tokens (the longest {int(lengths.max())}); "
+            f"raise train.batch_tokens to at least {int(lengths.max())} or lower tokenize.max_len"
+        )
 
-    Each epoch is a permutation of ``train_cells`` seeded by ``(seed, epoch)``, cut into
-    ``len // batch_size`` full batches (the remainder waits for a later epoch's shuffle).
+
+class TokenBatches:
+    """The training cells of every step, packed up to ``batch_tokens``: a function of ``(seed, step)``.
+
+    The cells form a stream, the permutations of ``train_cells`` seeded by ``(seed, epoch)`` for
+    epoch 0, 1, 2, ... one after the other; step ``t`` takes the next stretch of the stream, cell
+    by cell, until the next cell would exceed the budget. So every cell is trained on once per
+    epoch, and no step is a short remainder: a batch at an epoch's end continues into the next
+    epoch's permutation (it may then hold one cell twice, each copy with its own masks).
+
+    Where step ``t`` starts depends on the lengths of the batches before it, so the starts are
+    computed from step 0 on and kept (a binary search per step; a resumed run at step 20,000
+    spends milliseconds on them).
     """
-    batch_size = min(batch_size, train_cells.size)
-    per_epoch = train_cells.size // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, 0, epoch]).permutation(train_cells.size)
-    return train_cells[order[index * batch_size : (index + 1) * batch_size]]
+
+    def __init__(self, train_cells: np.ndarray, lengths: np.ndarray, batch_tokens: int, seed: int):
+        check_budget(lengths, batch_tokens, "training cells")
+        self.cells_ = np.asarray(train_cells)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.epoch_tokens = int(self.lengths.sum())
+        if batch_tokens > self.epoch_tokens:
+            raise ConfigError(
+                f"train.batch_tokens is {batch_tokens} but all {self.cells_.size} training cells "
+                f"hold {self.epoch_tokens} tokens: a step would see cells twice; lower it"
+            )
+        self.batch_tokens, self.seed = batch_tokens, seed
+        self.n = self.cells_.size
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._starts = [0]  # stream position of each step's first cell
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, cumulative tokens [n + 1]) of one epoch's permutation."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 4:  # the stream moves forward: old epochs are done with
+                del self._epochs[min(self._epochs)]
+            order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n)
+            cum = np.zeros(self.n + 1, dtype=np.int64)
+            np.cumsum(self.lengths[order], out=cum[1:])
+            self._epochs[epoch] = (order, cum)
+        return self._epochs[epoch]
+
+    def _tokens_before(self, position: int) -> int:
+        epoch, index = divmod(position, self.n)
+        return epoch * self.epoch_tokens + int(self._epoch(epoch)[1][index])
+
+    def _next_start(self, position: int) -> int:
+        """The stream position after a batch that starts at ``position``."""
+        limit = self._tokens_before(position) + self.batch_tokens
+        epoch = limit // self.epoch_tokens  # the epoch where the budget runs out
+        cum = self._epoch(epoch)[1]
+        index = int(np.searchsorted(cum, limit - epoch * self.epoch_tokens, side="right")) - 1
+        return epoch * self.n + min(index, self.n)
+
+    def bounds(self, step: int) -> tuple[int, int]:
+        """Stream positions ``[first, last)`` of step ``step``'s cells."""
+        while len(self._starts) <= step + 1:
+            self._starts.append(self._next_start(self._starts[-1]))
+        return self._starts[step], self._starts[step + 1]
+
+    def __call__(self, step: int) -> np.ndarray:
+        """The cells (indices into the token data) of step ``step``, in stream order."""
+        first, last = self.bounds(step)
+        positions = np.arange(first, last)
+        epochs, index = np.divmod(positions, self.n)
+        order = np.concatenate(
+            [self._epoch(int(e))[0][index[epochs == e]] for e in np.unique(epochs)]
+        )
+        return self.cells_[order]
+
+
+def token_chunks(lengths: np.ndarray, batch_tokens: int) -> np.ndarray:
+    """Boundaries ``[k + 1]`` of consecutive cells packed in order up to ``batch_tokens`` each
+    (the validation batches: cells in their order, the last chunk what remains)."""
+    cum = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cum[1:])
+    bounds = [0]
+    while bounds[-1] < lengths.size:
+        end = int(np.searchsorted(cum, cum[bounds[-1]] + batch_tokens, side="right")) - 1
+        bounds.append(max(end, bounds[-1] + 1))
+    return np.array(bounds, dtype=np.int64)
 
 
 def choose_masked(cu_seqlens: np.ndarray, mask_prob: float, rng: np.random.Generator) -> np.ndarray:
@@ -133,6 +219,68 @@ def choose_masked(cu_seqlens: np.ndarray, mask_prob: float, rng: np.random.Gener
     return masked
 
 
+@dataclass
+class Batch:
+    """A packed batch with its masks, as the loss takes it (numpy arrays, or tensors after
+    :meth:`to`): ``input_ids`` int64 ``[T]`` with masked tokens replaced by the mask id,
+    ``cu_seqlens`` int32 ``[B + 1]``, ``max_seqlen``, ``positions`` int64 ``[M]`` (the masked
+    tokens, ascending) and ``targets`` int64 ``[M]`` (their genes)."""
+
+    input_ids: np.ndarray | torch.Tensor
+    cu_seqlens: np.ndarray | torch.Tensor
+    max_seqlen: int
+    positions: np.ndarray | torch.Tensor
+    targets: np.ndarray | torch.Tensor
+
+    @classmethod
+    def masked(
+        cls, ids: np.ndarray, cu_seqlens: np.ndarray, max_seqlen: int, masked: np.ndarray,
+        mask_id: int,
+    ) -> Batch:  # fmt: skip
+        positions = np.flatnonzero(masked).astype(np.int64)
+        corrupted = np.where(masked, np.int64(mask_id), ids.astype(np.int64))
+        return cls(
+            corrupted, cu_seqlens, int(max_seqlen), positions, ids[positions].astype(np.int64)
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_masked(self) -> int:
+        return int(self.positions.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch as tensors on ``device``. CUDA: one non-blocking copy from a pinned buffer
+        (the host goes on at once; the copy is ordered before the step's kernels on the stream).
+        CPU: the numpy arrays' memory, no copy."""
+        arrays = (self.input_ids, self.positions, self.targets)
+        if device.type != "cuda":
+            ids, positions, targets = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+            return Batch(
+                ids, torch.from_numpy(self.cu_seqlens), self.max_seqlen, positions, targets
+            )
+        sizes = [a.shape[0] for a in arrays] + [self.cu_seqlens.shape[0]]
+        staging = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=True)
+        host = staging.numpy()
+        start = 0
+        for a, n in zip([*arrays, self.cu_seqlens], sizes):
+            host[start : start + n] = a
+            start += n
+        ids, positions, targets, cu = staging.to(device, non_blocking=True).split(sizes)
+        return Batch(ids, cu.to(torch.int32), self.max_seqlen, positions, targets)
+
+
+def packed_gene_loss(model: Encoder, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the original gene at the masked positions (mean or sum over them); the
+    head runs only there. ``batch`` holds tensors (:meth:`Batch.to`)."""
+    hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    # index_select: its backward is an index_add, no sort of the indices (as indexing has)
+    logits = model.gene_logits(hidden.index_select(0, batch.positions))
+    return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
+
+
 def masked_gene_loss(
     model: Encoder,
     input_ids: torch.Tensor,
@@ -142,11 +290,12 @@ def masked_gene_loss(
     mask_id: int,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross-entropy of the original gene at masked positions (mean or sum over them)."""
+    """:func:`packed_gene_loss` of a boolean mask already on the device (for callers outside the
+    training loop: turning the mask into positions reads its count, a device sync)."""
+    positions = masked.nonzero().squeeze(1)
     corrupted = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    hidden = model(corrupted, cu_seqlens, max_seqlen)
-    logits = model.gene_logits(hidden[masked])  # the head only where there is a target
-    return F.cross_entropy(logits.float(), input_ids[masked], reduction=reduction)
+    batch = Batch(corrupted, cu_seqlens, max_seqlen, positions, input_ids[positions])
+    return packed_gene_loss(model, batch, reduction)
 
 
 @torch.no_grad()
@@ -155,56 +304,44 @@ def validation_loss(
     tokens: Tokens,
     cells: np.ndarray,
     mask_prob: float,
-    batch_size: int,
+    batch_tokens: int,
     device: torch.device,
     autocast=contextlib.nullcontext,
     dist=None,
 ) -> float:
     """Mean masked-gene cross-entropy (nats per masked token) over ``cells``.
 
-    The masking is drawn once over all the cells packed in order from ``VAL_MASK_SEED``, so it
-    does not depend on the run's seed or on ``batch_size``. Under DDP (``dist``, a
-    :class:`sigmoid_sc.distributed.Dist` with ``world`` > 1)
-    rank ``r`` computes chunks ``r, r + world, ...``; the chunk sums are all-reduced (each is
-    added to zeros, exactly) and summed in chunk order, so every rank returns exactly what one
-    process would with the same weights.
+    The cells are packed in order up to ``batch_tokens`` a batch (:func:`token_chunks`). The
+    masking is drawn once over all of them from ``VAL_MASK_SEED``, so it does not depend on the
+    run's seed or on the budget. The batches' loss sums add up on the device (float64, in
+    batch order) and are read once. Under DDP (``dist``, a :class:`sigmoid_sc.distributed.Dist`
+    with ``world`` > 1) rank ``r`` computes chunks ``r, r + world, ...``; the chunk sums are all-reduced (each is added to zeros, exactly) and
+    summed in chunk order, so every rank returns exactly what one process would with the same
+    weights.
     """
     world = 1 if dist is None else dist.world
-    chunk_sums = {}
     was_training = model.training
     model.eval()
-    _, cu_all, _ = pack(tokens, cells)
+    ids_all, cu_all, _ = pack(tokens, cells)
+    lengths = np.diff(cu_all)
+    check_budget(lengths, batch_tokens, "validation cells")
     masked_all = choose_masked(cu_all, mask_prob, np.random.default_rng([VAL_MASK_SEED]))
-    total, count = 0.0, 0
-    for index, first in enumerate(range(0, cells.size, batch_size)):
+    bounds = token_chunks(lengths, batch_tokens)
+    sums = torch.zeros(bounds.size - 1, dtype=torch.float64, device=device)
+    for index in range(bounds.size - 1):
         if world > 1 and index % world != dist.rank:
-            end = cu_all[min(first + batch_size, cells.size)]
-            count += int(masked_all[cu_all[first] : end].sum())
             continue
-        chunk = cells[first : first + batch_size]
-        ids, cu, max_seqlen = pack(tokens, chunk)
-        masked = masked_all[cu_all[first] : cu_all[first] + ids.size]
+        first, last = cu_all[bounds[index]], cu_all[bounds[index + 1]]
+        cu = (cu_all[bounds[index] : bounds[index + 1] + 1] - first).astype(np.int32)
+        batch = Batch.masked(
+            ids_all[first:last], cu, int(np.diff(cu).max()), masked_all[first:last], tokens.mask_id
+        )
         with autocast():
-            loss_sum = masked_gene_loss(
-                model,
-                torch.from_numpy(ids).to(device),
-                torch.from_numpy(cu).to(device),
-                max_seqlen,
-                torch.from_numpy(masked).to(device),
-                tokens.mask_id,
-                reduction="sum",
-            )
-        if world > 1:
-            chunk_sums[index] = float(loss_sum)
-        else:
-            total += float(loss_sum)
-        count += int(masked.sum())
+            sums[index] = packed_gene_loss(model, batch.to(device), reduction="sum")
     if world > 1:
-        sums = torch.zeros(-(-cells.size // batch_size), dtype=torch.float64, device=device)
-        for index, value in chunk_sums.items():
-            sums[index] = value
         torch.distributed.all_reduce(sums)
-        for value in sums.tolist():
-            total += value
+    total = 0.0
+    for value in sums.tolist():  # in chunk order, as Python floats: the same on every rank
+        total += value
     model.train(was_training)
-    return total / count
+    return total / int(masked_all.sum())

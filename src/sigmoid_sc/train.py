@@ -1,11 +1,24 @@
 """``sigmoid-sc train``: masked-gene pre-training of the encoder on one dataset's tokens.
 
-Read top to bottom: config, data, model, optimiser, resume, the loop (batch, mask, step,
-evaluate, checkpoint), final model. Everything random is a function of ``(seed, step)``:
-the cells of step ``t`` come from a permutation of the training cells seeded by
-``(seed, epoch)``, the masked positions from a generator seeded by ``(seed, t)``. So the
-softmax and sigmoid models see the same batches and the same masks, and a run resumed from
-``checkpoint.pt`` sees exactly what an uninterrupted run would have seen.
+Read top to bottom: config, schedule and stopping rule, the step, then the run: data, model,
+optimiser, resume, the loop (batch, step, evaluate, stop?, checkpoint), final model. Everything
+random is a function of ``(seed, step)``: the cells of step ``t`` are the ``t``-th stretch of a
+stream of per-epoch permutations of the training cells seeded by ``(seed, epoch)``, packed up to
+``train.batch_tokens`` (:class:`sigmoid_sc.tokens.TokenBatches`), the masked positions come from
+a generator seeded by ``(seed, t)``. So the softmax and sigmoid models see the same batches and
+the same masks, and a run resumed from ``checkpoint.pt`` sees exactly what an uninterrupted run
+would have seen.
+
+A run ends at ``train.steps`` (the cap) or earlier by its stopping rule (``train.stop``,
+:func:`plateau_reached` on the validation curve, evaluated every ``eval_every`` steps). The
+validation curve lives in the history, which the checkpoint holds, so a resumed run stops where
+an uninterrupted one would. ``model.pt`` records ``steps_trained``, ``stop_reason``
+(``plateau`` | ``max_steps``), ``plateau`` (the rule's criterion on the final curve, whatever
+stopped the run) and ``final_val_loss``; ``history.csv`` every training and validation row.
+
+The step asks the device nothing: the batch, its corrupted ids and masked positions are built
+on the host (numpy) and sent in one non-blocking copy, the next batch is prepared while the
+device runs this one, and losses are read in bulk at evaluations and checkpoints.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP): the global batch of
 step ``t`` and its masks are the same function of ``(seed, t)`` as in one process; rank ``r``
@@ -37,24 +50,172 @@ import torch
 
 from . import config
 from .attention import ATTENTION_KINDS
-from .config import Model, Train
-from .distributed import StopVote, dist_from_env, init_distributed, shard_batch, wrap_ddp
+from .config import Model, Stop, Train
+from .distributed import (
+    MaskedGeneLoss,
+    StopVote,
+    dist_from_env,
+    init_distributed,
+    shard_batch,
+    wrap_ddp,
+)
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_csv
 from .model import Encoder, ModelConfig
 from .runtime import parse_json_arg, resolve_device, set_threads
-from .tokens import batch_cells, choose_masked, load_tokens, masked_gene_loss, pack, validation_loss
+from .tokens import (
+    Batch,
+    TokenBatches,
+    check_budget,
+    choose_masked,
+    load_tokens,
+    pack,
+    validation_loss,
+)
 
 HISTORY_COLUMNS = ["step", "split", "loss", "lr", "tokens", "elapsed_s"]
-MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at 10% of the peak learning rate
+STOP_REASONS = ("plateau", "max_steps")
+#: settings that change no result bit on the CPU: a run may resume with other values
+RESUMABLE_KEYS = ("checkpoint_every", "compile")
+
+
+# ----------------------------------------------------------------------------------------
+# schedule and stopping rule
 
 
 def lr_factor(step: int, cfg: Train) -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, cosine."""
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, then
+    ``constant`` (1) or ``cosine`` (to ``MIN_LR_RATIO`` at ``train.steps``).
+
+    ``constant`` is the default because runs end by a stopping rule at a step nobody knows in
+    advance. A cosine tied to ``train.steps`` decays on a clock the rule does not share: where the
+    rule fires early the learning rate is still high, and where the cap ends the run the loss
+    flattens because the learning rate went to zero, not because the model has learned what it
+    can; either way "validation loss has plateaued" would mean something else in every run. At
+    a constant rate, a plateau is the model's at that rate, both attention kinds get the same
+    schedule whichever step they stop at, and resuming needs nothing but the step. A short
+    linear cool-down after the plateau (warmup-stable-decay) would lower the final loss a little
+    more, but its drop is, by design, an improvement over the last steps: the plateau check that
+    ``model.pt`` records would then fail on the very runs it describes, so there is none here.
+    ``cosine`` stays for runs with a fixed step budget.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plateau_reached(
+    steps, losses, window: float = 0.2, min_rel_improvement: float = 0.01, min_steps: int = 0
+) -> bool:
+    """Whether a validation curve (``losses`` at ``steps``, ascending) ends on a plateau.
+
+    With the last point at step ``s``: the window starts at the last evaluation at or before
+    ``(1 - window) * s`` (so it spans at least ``window`` of the steps); the curve has plateaued
+    when ``s >= min_steps`` and the loss improved over the window by less than
+    ``min_rel_improvement`` of its value at the window's start:
+    ``loss(start) - loss(s) < min_rel_improvement * loss(start)``. A loss that rises counts as no
+    improvement. A curve too short to judge (one point, or no evaluation before the window) has
+    not plateaued, nor has one whose loss is not finite.
+    """
+    steps, losses = np.asarray(steps, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if steps.size < 2 or steps.size != losses.size or steps[-1] < max(min_steps, 1):
+        return False
+    before = np.flatnonzero(steps <= (1.0 - window) * steps[-1])
+    if before.size == 0:
+        return False
+    start, end = losses[before[-1]], losses[-1]
+    if not (np.isfinite(start) and np.isfinite(end)):
+        return False
+    return bool(start - end < min_rel_improvement * start)
+
+
+def val_curve(history: list[dict]) -> tuple[list[int], list[float]]:
+    rows = [r for r in history if r["split"] == "val"]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def history_plateau(history: list[dict], stop: Stop) -> bool:
+    """:func:`plateau_reached` on a run's history with the run's ``train.stop`` settings."""
+    steps, losses = val_curve(history)
+    return plateau_reached(steps, losses, stop.window, stop.min_rel_improvement, stop.min_steps)
+
+
+# ----------------------------------------------------------------------------------------
+# the step
+
+
+def build_optimizer(model: Encoder, cfg: Train, dev: torch.device):
+    """Fused AdamW (CUDA) with weight decay on matrices and embeddings; its lr schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+def optimizer_step(
+    loss_module, optimizer, scheduler, batch: Batch, autocast, world: int = 1, n_masked: int = 0
+) -> torch.Tensor:
+    """One training step on ``batch`` (tensors on the device); returns the loss, detached, as a
+    device tensor (nothing the host waits for).
+
+    ``loss_module``: :class:`sigmoid_sc.distributed.MaskedGeneLoss` of the encoder, possibly
+    compiled, or its DDP wrapper (``world`` > 1). Under DDP the rank's loss is its masked tokens'
+    sum over the global batch's ``n_masked``: DDP averages gradients over ranks, so x ``world``
+    makes the sum of the ranks' sums over the global count, the mean of one process; the returned
+    loss is this rank's share (the history sums the shares).
+    """
+    args = (batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions, batch.targets)
+    if world == 1:
+        with autocast():
+            loss = loss_module(*args, "mean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        with autocast():
+            loss_sum = loss_module(*args, "sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (world / n_masked)).backward()
+        loss = loss_sum / n_masked
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def step_batch(
+    tokens, batches: TokenBatches, step: int, seed: int, mask_prob: float, dist=None
+) -> tuple[Batch, int, int]:
+    """Step ``step``'s batch and masks on the host, a function of ``(seed, step)`` alone (under
+    DDP, ``dist``'s slice of it), with the global batch's token and masked-token counts."""
+    ids, cu, max_seqlen = pack(tokens, batches(step))
+    masked = choose_masked(cu, mask_prob, np.random.default_rng([seed, 1, step]))
+    n_tokens, n_masked = int(ids.size), int(masked.sum())
+    if (
+        dist is not None and dist.world > 1
+    ):  # this rank's slice; its loss weighted by its masked tokens
+        ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
+    return Batch.masked(ids, cu, max_seqlen, masked, tokens.mask_id), n_tokens, n_masked
+
+
+def compile_loss(loss_module, dev: torch.device, enabled: bool):
+    """``torch.compile`` of the loss module on CUDA when ``enabled`` (dynamic shapes: the token,
+    cell and masked-token counts change every step); the CPU keeps eager kernels, so its
+    results stay bitwise those of every other CPU run.
+
+    No CUDA graphs: a graph replays fixed shapes, and a token budget fixes only the upper
+    bound of a step's tokens; padding every step to the budget, its cell count and its masked
+    count would change what the attention kernels and the loss compute.
+    """
+    if not enabled or dev.type != "cuda":
+        return loss_module
+    return torch.compile(loss_module, dynamic=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,7 +256,8 @@ def train(
     """Train one model; writes ``model.pt`` and ``history.csv`` in ``out_dir`` and returns it.
 
     ``on_step(step)``, if given, is called after each completed optimiser step (tests use it to
-    interrupt a run).
+    interrupt a run). ``model_params`` and ``train_params`` are the config's sections
+    (``config.section("model", ...)``, ``config.section("train", ...)``), validated there.
     """
     cfg = train_params
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -109,10 +271,24 @@ def train(
     )
     dev = resolve_device(device)
     dist = dist_from_env()
-    if dist.world > 1 and min(cfg.batch_size, tokens.cells("train").size) < dist.world:
+    train_cells, val_cells = tokens.cells("train"), tokens.cells("val")
+    if train_cells.size == 0 or val_cells.size == 0:
+        raise DataError(
+            f"{dataset}: {tokens_path} has {train_cells.size} train and {val_cells.size} val "
+            "cells; training needs both (check prepare.val_fraction and the dataset's size)"
+        )
+    lengths = np.diff(tokens.offsets)
+    try:
+        batches = TokenBatches(train_cells, lengths[train_cells], cfg.batch_tokens, seed)
+        check_budget(lengths[val_cells], cfg.batch_tokens, "validation cells")
+    except ConfigError as exc:
+        raise ConfigError(f"{dataset}: {exc}") from exc
+    if dist.world > 1 and cfg.batch_tokens < dist.world * int(lengths[train_cells].max()):
         raise ConfigError(
-            f"{dataset}: train.batch_size {cfg.batch_size} (cells per step, all processes "
-            f"together) is smaller than the {dist.world} processes"
+            f"{dataset}: train.batch_tokens {cfg.batch_tokens} (all processes together) must hold "
+            f"at least {dist.world} cells of the longest ({int(lengths[train_cells].max())} "
+            f"tokens) to be split over {dist.world} processes: raise it to "
+            f"{dist.world * int(lengths[train_cells].max())}"
         )
     dev = init_distributed(dist, dev)
     out_dir = Path(out_dir)
@@ -121,39 +297,29 @@ def train(
     use_bf16 = cfg.precision == "bf16" and dev.type == "cuda"
     if cfg.precision == "bf16" and not use_bf16:
         print(f"train {dataset}: precision bf16 needs CUDA; running fp32 on cpu", file=sys.stderr)
+    if cfg.compile and dev.type != "cuda":
+        print(f"train {dataset}: compile applies on CUDA only; eager on cpu", file=sys.stderr)
 
     def autocast():
         if use_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    train_cells, val_cells = tokens.cells("train"), tokens.cells("val")
-    if train_cells.size == 0 or val_cells.size == 0:
-        raise DataError(
-            f"{dataset}: {tokens_path} has {train_cells.size} train and {val_cells.size} val "
-            "cells; training needs both (check prepare.val_fraction and the dataset's size)"
-        )
-
     # model: the same seed gives the same initial weights for both attention kinds
     torch.manual_seed(seed)
     # (numpy: every draw goes through a Generator seeded from (seed, ...); no global state)
     model = Encoder(model_cfg).to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = build_optimizer(model, cfg, dev)
 
     # resume: the checkpoint must come from this very run (same data, config, kind and seed);
-    # checkpoint_every alone may change (it changes no result)
+    # the settings of RESUMABLE_KEYS alone may change (they change no result)
+    train_key = dataclasses.asdict(cfg)
     run_key = {
         "dataset": dataset,
         "attention": attention,
         "seed": seed,
         "model": dataclasses.asdict(model_cfg),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"},
+        "train": {k: v for k, v in train_key.items() if k not in RESUMABLE_KEYS},
         "tokens": tokens.metadata(),
     }
     start_step, history, elapsed_before, tokens_seen = 0, [], 0.0, 0
@@ -174,6 +340,7 @@ def train(
         torch.set_rng_state(state["rng_cpu"])
         if dev.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
+        # the history holds the validation curve, all the stopping rule reads
         start_step, history = state["step"], state["history"]
         elapsed_before, tokens_seen = state["elapsed_s"], state["tokens"]
         if dist.main:
@@ -181,11 +348,10 @@ def train(
                 f"train {dataset}: resuming from {checkpoint_path} at step {start_step}",
                 file=sys.stderr,
             )
-    # DDP after the resume (its constructor broadcasts rank 0's weights; every rank loaded the
-    # same checkpoint anyway). Its forward is the encoder plus the loss (MaskedGeneLoss).
-    ddp = None
-    if dist.world > 1:
-        ddp = wrap_ddp(model, dev)
+    # the encoder and its loss as one module: DDP after the resume (its constructor broadcasts
+    # rank 0's weights; every rank loaded the same checkpoint anyway), compiled last
+    loss_module = wrap_ddp(model, dev) if dist.world > 1 else MaskedGeneLoss(model)
+    loss_module = compile_loss(loss_module, dev, cfg.compile)
 
     # SIGTERM (SLURM preemption, scancel) and SIGINT: finish the step, checkpoint, exit non-zero
     stop_signal = []
@@ -247,7 +413,7 @@ def train(
     def evaluate(step: int) -> None:
         flush()
         val = validation_loss(
-            model, tokens, val_cells, cfg.mask_prob, cfg.batch_size, dev, autocast, dist=dist
+            model, tokens, val_cells, cfg.mask_prob, cfg.batch_tokens, dev, autocast, dist=dist
         )
         lr = optimizer.param_groups[0]["lr"] if step == 0 else history[-1]["lr"]
         history.append(
@@ -268,51 +434,36 @@ def train(
                 file=sys.stderr,
             )
 
-    done, stopped = start_step, False
+    def host_batch(step: int) -> tuple[Batch, int, int]:
+        batch, n_tokens, n_masked = step_batch(tokens, batches, step, seed, cfg.mask_prob, dist)
+        return batch.to(dev), n_tokens, n_masked
+
+    done, stopped, stop_reason = start_step, False, "max_steps"
     vote = StopVote(dist, stop_signal)
     try:
         if start_step == 0:
             evaluate(0)  # the untrained model's loss starts every curve
         model.train()
+        # the next step's batch is packed and sent while the device runs this one (the step
+        # asks the device nothing, so the host runs ahead)
+        upcoming = host_batch(start_step) if start_step < cfg.steps else None
         for step in range(start_step, cfg.steps):
             if vote():
                 stopped = True
                 break
-            # the batch and its masks: functions of (seed, step) only
-            cells = batch_cells(train_cells, cfg.batch_size, seed, step)
-            ids, cu, max_seqlen = pack(tokens, cells)
-            masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, step]))
-            n_tokens = int(ids.size)  # of the global batch
-            if ddp is not None:  # this rank's slice; its loss weighted by its masked tokens
-                n_masked = int(masked.sum())
+            batch, n_tokens, n_masked = upcoming
+            if dist.world > 1:
                 # dropout: a stream per (seed, step, rank), so ranks differ and a resumed run
                 # draws what an uninterrupted one would (one process keeps its saved RNG state)
                 torch.manual_seed(
                     int(np.random.SeedSequence([seed, 2, step, dist.rank]).generate_state(1)[0])
                 )
-                ids, cu, max_seqlen, masked = shard_batch(ids, cu, masked, dist.rank, dist.world)
-            ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
-            cu_t = torch.from_numpy(cu).to(dev, non_blocking=True)
-            masked_t = torch.from_numpy(masked).to(dev, non_blocking=True)
-
-            if ddp is None:
-                with autocast():
-                    loss = masked_gene_loss(
-                        model, ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                with autocast():
-                    loss_sum = ddp(ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id, "sum")
-                # DDP averages gradients over ranks: x world makes it the sum of the ranks'
-                # sums over the global masked-token count, the mean of one process
-                optimizer.zero_grad(set_to_none=True)
-                (loss_sum * (dist.world / n_masked)).backward()
-                loss = loss_sum / n_masked  # this rank's share (flush sums the shares)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            loss = optimizer_step(
+                loss_module, optimizer, scheduler, batch, autocast, dist.world, n_masked
+            )
+            if step + 1 < cfg.steps:
+                upcoming = host_batch(step + 1)
 
             done = step + 1
             tokens_seen += n_tokens
@@ -320,19 +471,25 @@ def train(
                 {
                     "step": done,
                     "split": "train",
-                    "loss": loss.detach(),
+                    "loss": loss,
                     "lr": lr,
                     "tokens": tokens_seen,
                     "elapsed_s": elapsed(),
                 }
             )
             bar.update(1)
+            plateau_now = False
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 evaluate(done)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                # every rank holds the same validation curve: they decide the same
+                plateau_now = cfg.stop.rule == "plateau" and history_plateau(history, cfg.stop)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps and not plateau_now:
                 checkpoint(done)
             if on_step is not None:
                 on_step(done)
+            if plateau_now:
+                stop_reason = "plateau"
+                break
         vote.close()
         if stopped and done < cfg.steps:
             checkpoint(done)
@@ -362,18 +519,28 @@ def train(
     import pandas as pd
 
     write_csv(out_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
-    val_loss = [r["loss"] for r in history if r["split"] == "val"][-1]
+    val_loss = val_curve(history)[1][-1]
+    plateau = history_plateau(history, cfg.stop)
+    print(
+        f"train {dataset}: {done} steps ({stop_reason}), final val loss {val_loss:.4f}, "
+        f"{'a plateau' if plateau else 'no plateau'} by train.stop's criterion",
+        file=sys.stderr,
+    )
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save(
             {
                 "model": {k: v.cpu() for k, v in model.state_dict().items()},
                 "model_config": dataclasses.asdict(model_cfg),
-                "train_config": dataclasses.asdict(cfg),
+                "train_config": train_key,
                 "tokens": tokens.metadata(),
                 "dataset": dataset,
                 "attention": attention,
                 "seed": seed,
-                "steps": cfg.steps,
+                "steps": cfg.steps,  # the cap
+                "steps_trained": done,
+                "stop_reason": stop_reason,  # one of STOP_REASONS
+                "plateau": plateau,  # train.stop's criterion on the final curve, whatever stopped it
+                "final_val_loss": val_loss,
                 "val_loss": val_loss,
             },
             tmp,
