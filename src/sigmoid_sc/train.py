@@ -64,7 +64,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CUDA only)
 
 
-MODEL_SECTION_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "dropout")
+MODEL_SECTION_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "dropout", "cls_token")
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _section(cls, params: dict, section: str, keys: tuple[str, ...]) -> dict:
             raise ConfigError(f"unknown key {section}.{key}; expected some of: {', '.join(keys)}")
         kind = type(defaults[key])
         accepted = (int, float) if kind is float else (kind,)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
             raise ConfigError(f"{section}.{key} must be {kind.__name__}, got {value!r}")
     return dict(params)
 
