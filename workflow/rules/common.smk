@@ -162,6 +162,7 @@ def final_targets():
                 "representation_summary.csv",
                 "representation_summary.md",
                 "representation_summary.tex",
+                "representation_training.csv",
             ],
         )
         + expand("results/figures/metrics.{ext}", ext=["png", "pdf"])
