@@ -67,13 +67,22 @@ def train_cli():
 
 
 def model_embeddings(wildcards):
-    """Embeddings of one dataset's test cells: every attention x seed, then PCA."""
-    return expand(
-        "results/{dataset}/embed/{attention}_seed{seed}.npz",
-        dataset=wildcards.dataset,
-        attention=ATTENTIONS,
-        seed=SEEDS,
-    ) + [f"results/{wildcards.dataset}/embed/pca.npz"]
+    """Embeddings of one dataset's test cells: every attention x seed, then the baselines (the
+    untrained encoder of each attention kind, PCA)."""
+    return (
+        expand(
+            "results/{dataset}/embed/{attention}_seed{seed}.npz",
+            dataset=wildcards.dataset,
+            attention=ATTENTIONS,
+            seed=SEEDS,
+        )
+        + expand(
+            "results/{dataset}/embed/untrained_{attention}.npz",
+            dataset=wildcards.dataset,
+            attention=ATTENTIONS,
+        )
+        + [f"results/{wildcards.dataset}/embed/pca.npz"]
+    )
 
 
 def dataset_histories(wildcards):
