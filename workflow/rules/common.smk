@@ -246,6 +246,13 @@ def jacobian_run():
             raise ValueError(
                 "experiments.jacobian needs attentions to list softmax and sigmoid"
             )
+        if config["model"].get("cls_token", False):
+            # the analysis slices each layer's attention input by the cells' gene tokens; a CLS
+            # model's layers see one more token per cell
+            raise ValueError(
+                "experiments.jacobian does not analyse models with model.cls_token: true yet;"
+                " turn one of them off"
+            )
     return dataset, seed
 
 
