@@ -328,6 +328,13 @@ def test_embed_of_a_cls_model_writes_mean_and_cls_pooling_and_the_records_facts(
         assert float(npz["plateau"]) == 1.0
 
 
+def test_cls_training_is_bitwise_deterministic_on_cpu(tokens_path, tmp_path):
+    model = {**TINY_MODEL, "cls_token": True}
+    run(tokens_path, tmp_path / "a", model=model, train_params={**TINY_TRAIN, "steps": 6})
+    run(tokens_path, tmp_path / "b", model=model, train_params={**TINY_TRAIN, "steps": 6})
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
 def test_untrained_baseline_is_the_seed_zero_start_of_training(tokens_path, tmp_path):
     """The untrained encoder is deterministic, kind-specific only through attention, and is the
     model every seed-0 run starts from: its validation loss is the run's step-0 loss."""
