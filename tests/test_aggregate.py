@@ -396,8 +396,26 @@ def test_headline_states_the_interval_in_words(metric_files, tmp_path):
     r = row(summary, "b", "asw_label")
     assert (
         f"- b (mean pooling): asw_label sigmoid - softmax = {r['difference']:+.3f} "
-        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]: no difference resolved"
+        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]: no difference resolved\n"
     ) in head
+    a = row(summary, "a", "asw_label")
+    assert (
+        f"- a (mean pooling): asw_label sigmoid - softmax = {a['difference']:+.3f} "
+        f"[{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]: sigmoid higher (better) (only 3 seeds: "
+        "the interval spans at most the 3 differences and covers less than 95%)\n"
+    ) in head
+    overall = row(summary, "overall", "asw_label")
+    assert (
+        f"- overall (mean pooling): asw_label sigmoid - softmax = {overall['difference']:+.3f} "
+        f"[{overall['ci_low']:+.3f}, {overall['ci_high']:+.3f}]: no difference resolved\n"
+    ) in head
+    # a resolved overall difference from 2 datasets carries its caveat
+    claimed = overall.copy()
+    claimed["resolved"] = "sigmoid higher (better)"
+    assert aggregate.headline_sentence(claimed, "asw_label").endswith(
+        "sigmoid higher (better) (only 2 datasets: the interval covers less than 95%)"
+    )
+    assert overall["n_datasets"] == 2 and r["n_datasets"] == 1
     # the raw silhouette sits in the headline too; its difference is twice the rescaled one
     raw = row(summary, "a", "asw_label_raw")
     assert raw["difference"] == pytest.approx(2 * row(summary, "a", "asw_label")["difference"])

@@ -58,6 +58,11 @@ OVERALL = "overall"
 MIN_PAIRS_WILCOXON = 6
 #: coverage of the bootstrap confidence intervals (percentile method)
 CI_LEVEL = 0.95
+#: a per-dataset interval over fewer paired seeds than this is flagged in the headline: a
+#: percentile bootstrap cannot reach beyond the range of the n differences, and the true
+#: difference lies outside that range with probability 2 / 2^n (symmetric noise): 25% at n = 3
+FEW_PAIRS = 6
+NO_DIFFERENCE = "no difference resolved"
 
 #: metrics where lower is better; every other metric of scib (ASW, NMI, ARI, cLISI, isolated
 #: labels, batch ASW, iLISI, graph connectivity) and kNN accuracy: higher is better
@@ -100,6 +105,7 @@ SUMMARY_COLUMNS = (
     "primary",
     "higher_is_better",
     "n_pairs",
+    "n_datasets",
     "softmax_mean",
     "softmax_sd",
     "sigmoid_mean",
@@ -280,7 +286,7 @@ def resolved(low: float, high: float, higher_is_better: bool = True) -> str:
     if not (np.isfinite(low) and np.isfinite(high)):
         return ""
     if low <= 0 <= high:
-        return "no difference resolved"
+        return NO_DIFFERENCE
     higher = low > 0
     better = higher == higher_is_better
     return f"sigmoid {'higher' if higher else 'lower'} ({'better' if better else 'worse'})"
@@ -347,6 +353,7 @@ def summarise_metric(
         "metric": metric,
         "higher_is_better": higher,
         "n_pairs": tests["n_pairs"],
+        "n_datasets": sum(bool(np.isfinite(g).any()) for g in groups),
         "softmax_mean": softmax_mean,
         "softmax_sd": _sd(soft[metric]),
         "sigmoid_mean": sigmoid_mean,
@@ -598,6 +605,7 @@ def headline(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
             "dataset",
             "pooling",
             "n_pairs",
+            "n_datasets",
             "softmax_mean",
             "sigmoid_mean",
             "difference",
@@ -616,6 +624,17 @@ def headline_sentence(row, metric: str) -> str:
     resolved`` (a plain statement of the interval)."""
     what = difference_text(row) or "n/a"
     verdict = row["resolved"] or "no interval (too few pairs)"
+    # a difference claimed from few seeds or datasets: the interval is too narrow to trust
+    claims = row["resolved"] not in ("", NO_DIFFERENCE)
+    if claims and row["dataset"] != OVERALL and row["n_pairs"] < FEW_PAIRS:
+        n = int(row["n_pairs"])
+        verdict += (
+            f" (only {n} seeds: the interval spans at most the {n} differences and covers "
+            "less than 95%)"
+        )
+    elif claims and row["dataset"] == OVERALL and row["n_datasets"] < FEW_PAIRS:
+        n = int(row["n_datasets"])
+        verdict += f" (only {n} datasets: the interval covers less than 95%)"
     return (
         f"{row['dataset']} ({row['pooling']} pooling): {metric} sigmoid - softmax = {what}: "
         f"{verdict}"
@@ -634,7 +653,12 @@ def methods_text(params: dict) -> str:
         f"intervals ({params['bootstrap_resamples']} resamples, seed "
         f"{params['bootstrap_seed']}): per dataset over its paired seeds, overall two-level "
         "(datasets resampled, then seeds within each). An interval that contains 0 resolves no "
-        "difference. Relative change = (sigmoid - softmax) / |softmax| of the means over seeds; "
+        f"difference. With fewer than {FEW_PAIRS} seeds a per-dataset interval spans at most "
+        "the range of the seeds' differences and covers less than 95% (with 3 seeds the true "
+        "difference lies outside that range one time in four); the overall interval, which "
+        "resamples datasets too, is the one to read, and it too under-covers with fewer than "
+        f"{FEW_PAIRS} datasets. "
+        "Relative change = (sigmoid - softmax) / |softmax| of the means over seeds; "
         f"p from a paired t-test over seeds (Wilcoxon signed-rank from {MIN_PAIRS_WILCOXON} "
         "pairs on). Means ± sample sd over seeds. Baselines on the same test cells: PCA, and "
         "the encoder of each kind at its initial weights (untrained)."
