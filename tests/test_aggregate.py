@@ -278,6 +278,9 @@ def test_bootstrap_edge_cases():
     # one seed per dataset, several datasets: the datasets are resampled
     estimate, low, high = aggregate.bootstrap_ci([np.array([0.1]), np.array([0.5])], 4000, 0)
     assert estimate == pytest.approx(0.3) and low == pytest.approx(0.1) and high == 0.5
+    # every dataset weighs the same, whatever its number of seeds
+    estimate, _, _ = aggregate.bootstrap_ci([np.array([0.0, 1.0, 2.0]), np.array([10.0])], 100, 0)
+    assert estimate == pytest.approx((1.0 + 10.0) / 2)
     assert aggregate.resolved(0.01, 0.2) == "sigmoid higher (better)"
     assert aggregate.resolved(-0.2, -0.01, higher_is_better=False) == "sigmoid lower (better)"
     assert aggregate.resolved(-0.2, 0.01) == "no difference resolved"
