@@ -410,6 +410,18 @@ def test_a_url_dataset_without_format_says_what_it_needs():
             "experiments.jacobian.dataset 'nope' is not a key of datasets (blobs_a, blobs_b)",
         ),
         (
+            lambda c: c.setdefault("aggregate", {}).update(claim_metric="asw_label"),
+            "invalid config: aggregate.claim_metric is now aggregate.primary_metric; rename the key",
+        ),
+        (
+            lambda c: c.setdefault("aggregate", {}).update(primary_metric="asw"),
+            "aggregate.primary_metric must be one of val_loss, asw_label, asw_label_raw, ",
+        ),
+        (
+            lambda c: c.update(experiments={"jacobian": {"enabled": True}}),  # tiny: cls_token on
+            "experiments.jacobian does not analyse models with model.cls_token: true",
+        ),
+        (
             lambda c: c.update(experiments={"stress_test": {"lr": [1e-3, -1]}}),
             "experiments.stress_test.lr must be a number > 0 or a list of numbers > 0",
         ),
@@ -427,6 +439,29 @@ def test_a_url_dataset_without_format_says_what_it_needs():
 )  # fmt: skip
 def test_errors_are_plain_words_naming_the_key(edit, expected):
     assert expected in invalid(edit)
+
+
+def test_batch_metrics_need_a_dataset_with_batches():
+    def no_batches(c, **aggregate):
+        for entry in c["datasets"].values():
+            entry.pop("batch_key", None)
+        c.setdefault("aggregate", {}).update(aggregate)
+
+    assert "aggregate.primary_metric is a batch metric (ilisi) but no dataset has a batch_key" in (
+        invalid(lambda c: no_batches(c, primary_metric="ilisi"))
+    )
+    assert "aggregate.metrics lists batch metrics (asw_batch)" in invalid(
+        lambda c: no_batches(c, metrics=["asw_label", "asw_batch"])
+    )
+
+
+def test_new_keys_take_the_schemas_defaults():
+    cfg = config.from_dict({"datasets": TINY["datasets"]})
+    assert cfg.model.cls_token is False
+    assert (cfg.aggregate.primary_metric, cfg.aggregate.bootstrap_resamples) == ("asw_label", 10000)
+    assert cfg.aggregate.bootstrap_seed == 0
+    with pytest.raises(ConfigError, match=r"^invalid aggregate: aggregate.claim_metric is now"):
+        config.section("aggregate", {"claim_metric": "asw_label"})
 
 
 def test_every_problem_is_listed_once():

@@ -210,6 +210,18 @@ def test_a_bad_jacobian_dataset_is_named_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_jacobian_refuses_cls_models_before_any_job(tmp_path):
+    """Its per-cell slices of the attention inputs assume gene tokens only."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["model"]["cls_token"] = True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    process = snakemake(tmp_path, "--dry-run", configfile=bad)
+    assert process.returncode != 0
+    assert "model.cls_token: true" in process.stderr + process.stdout
+    assert not (tmp_path / "results").exists()
+
+
 TINY_EXPERIMENTS = {
     "seeds": [0],
     "attentions": ["softmax", "sigmoid"],

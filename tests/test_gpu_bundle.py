@@ -49,6 +49,7 @@ JOBS = {
     "tokenize": 1,
     "train": 2,
     "embed": 2,
+    "embed_untrained": 2,
     "pca": 1,
     "evaluate": 1,
     "aggregate": 1,

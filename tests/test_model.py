@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sigmoid_sc.model import Encoder, ModelConfig, cell_index, pool
+from sigmoid_sc.model import CLS_ID, Encoder, ModelConfig, cell_index, pool, with_cls_tokens
 
 VOCAB, MAX_LEN = 40, 24
 
@@ -134,3 +134,112 @@ def test_config_rejects_unknown_attention_and_bad_heads():
         ModelConfig(vocab_size=VOCAB, attention="linear")
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig(vocab_size=VOCAB, d_model=30, n_heads=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLS token
+
+
+def plain_forward(model: Encoder, ids, cu, max_seqlen) -> torch.Tensor:
+    """The encoder without a CLS token, written out: embeddings, blocks, final norm."""
+    rank = torch.arange(ids.numel()) - cu[:-1].long()[cell_index(cu, ids.numel())]
+    h = model.tok_emb(ids) + model.pos_emb(rank)
+    for block in model.blocks:
+        h = block(h, cu, max_seqlen)
+    return model.ln_f(h)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_without_cls_token_the_model_is_the_plain_encoder(attention):
+    assert ModelConfig(vocab_size=VOCAB).cls_token is False  # records without the key load so
+    default, off = make_model(attention, seed=2), make_model(attention, seed=2, cls_token=False)
+    assert off.pos_emb.weight.shape == (MAX_LEN, 32)
+    for (name, a), (_, b) in zip(default.state_dict().items(), off.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids, cu, max_seqlen = pack(make_cells([5, 24, 1], seed=8))
+    with torch.no_grad():
+        assert torch.equal(off(ids, cu, max_seqlen), plain_forward(off, ids, cu, max_seqlen))
+    with pytest.raises(ValueError, match="cls_token"):
+        off(ids, cu, max_seqlen, return_cls=True)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_cls_token_is_a_prepended_token_at_rank_zero(attention):
+    """The CLS model equals the plain encoder (with max_len + 1 positions and the same weights)
+    run on cells that start with the CLS id: gene states in the caller's order, one CLS state
+    per cell."""
+    cls_model = make_model(attention, seed=5, cls_token=True).eval()
+    assert cls_model.pos_emb.weight.shape == (MAX_LEN + 1, 32)
+    torch.manual_seed(0)
+    explicit = Encoder(
+        ModelConfig(
+            n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=VOCAB,
+            max_len=MAX_LEN + 1, attention=attention,
+        )
+    ).eval()  # fmt: skip
+    explicit.load_state_dict(cls_model.state_dict())
+    cells = make_cells([6, MAX_LEN, 1, 11], seed=9)  # a cell of max_len genes uses the last row
+    ids, cu, max_seqlen = pack(cells)
+    prefixed = [torch.cat([torch.tensor([CLS_ID]), c]) for c in cells]
+    ids_p, cu_p, max_p = pack(prefixed)
+    with torch.no_grad():
+        genes, cls = cls_model(ids, cu, max_seqlen, return_cls=True)
+        only_genes = cls_model(ids, cu, max_seqlen)
+        reference = explicit(ids_p, cu_p, max_p)
+    starts = cu_p[:-1].long()
+    is_gene = torch.ones(ids_p.numel(), dtype=torch.bool)
+    is_gene[starts] = False
+    assert genes.shape == (ids.numel(), 32) and cls.shape == (len(cells), 32)
+    torch.testing.assert_close(genes, reference[is_gene], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cls, reference[starts], rtol=0, atol=1e-6)
+    assert torch.equal(only_genes, genes)
+    # the gene states are not those of the model without CLS: the token takes part in attention
+    cls_model.config.cls_token = False
+    with torch.no_grad():
+        without = cls_model(ids, cu, max_seqlen)
+    assert (without - genes).abs().max() > 1e-3
+
+
+def test_with_cls_tokens_positions():
+    ids = torch.tensor([10, 11, 12, 20, 30, 31])
+    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    new_ids, new_cu, genes, cls = with_cls_tokens(ids, cu, CLS_ID)
+    assert new_ids.tolist() == [2, 10, 11, 12, 2, 20, 2, 30, 31]
+    assert new_cu.tolist() == [0, 4, 6, 9] and new_cu.dtype == torch.int32
+    assert genes.tolist() == [1, 2, 3, 5, 7, 8] and cls.tolist() == [0, 4, 6]
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_cls_model_cells_stay_independent(attention):
+    model = make_model(attention, cls_token=True).eval()
+    cell = make_cells([7], seed=1)[0]
+    outs = []
+    with torch.no_grad():
+        for batch, index in (([*make_cells([3, 1], seed=2), cell], 2), ([cell], 0)):
+            ids, cu, max_seqlen = pack(batch)
+            genes, cls = model(ids, cu, max_seqlen, return_cls=True)
+            outs.append((genes[int(cu[index]) : int(cu[index + 1])], cls[index]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_cls_models_of_both_kinds_differ_only_in_attention():
+    softmax = make_model("softmax", seed=3, cls_token=True)
+    sigmoid = make_model("sigmoid", seed=3, cls_token=True)
+    a, b = softmax.state_dict(), sigmoid.state_dict()
+    assert list(a) == list(b) == list(make_model("softmax", seed=3).state_dict())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    with torch.no_grad():
+        cls_soft = softmax(ids, cu, max_seqlen, return_cls=True)[1]
+        assert (cls_soft - sigmoid(ids, cu, max_seqlen, return_cls=True)[1]).abs().max() > 1e-4
+        for block in sigmoid.blocks:
+            block.attn.attention = "softmax"
+        torch.testing.assert_close(cls_soft, sigmoid(ids, cu, max_seqlen, return_cls=True)[1])
+
+
+def test_cls_id_is_tokenizes():
+    from sigmoid_sc.tokenize import CLS_ID as TOKENIZE_CLS_ID
+
+    assert CLS_ID == TOKENIZE_CLS_ID

@@ -35,7 +35,8 @@ from conftest_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
 )
 
 CONFIG = REPO / "tests" / "configs" / "slurm_tiny.yaml"
-GPU_RULES = {"train", "embed"}  # the profile gives these `gpu: 1` (of the tiny DAG's rules)
+#: the profile gives these `gpu: 1` (of the tiny DAG's rules)
+GPU_RULES = {"train", "embed", "embed_untrained"}
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 RUN_TIMEOUT_S = 900
 SUBMITTED = re.compile(

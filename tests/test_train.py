@@ -17,9 +17,10 @@ from conftest_tokens import TINY_MODEL, TINY_TRAIN, sections
 
 from sigmoid_sc import config, distributed
 from sigmoid_sc import train as train_mod
-from sigmoid_sc.embed import embed
+from sigmoid_sc.embed import embed, embed_untrained, initial_model
 from sigmoid_sc.errors import ConfigError
-from sigmoid_sc.tokens import TokenBatches, choose_masked, load_tokens, token_chunks
+from sigmoid_sc.model import pool
+from sigmoid_sc.tokens import TokenBatches, choose_masked, load_tokens, pack, token_chunks
 from sigmoid_sc.train import lr_factor, plateau_reached, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -434,6 +435,10 @@ def test_bad_config_values_are_named(tokens_path, tmp_path):
         run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "batch_size": 16})
     with pytest.raises(ConfigError, match=r"toy: train\.batch_tokens is 20 but \d+ of the"):
         run(tokens_path, tmp_path, train_params={**TINY_TRAIN, "batch_tokens": 20})
+    with pytest.raises(ConfigError, match=r"model\.cls_token must be true or false; got 1"):
+        run(tokens_path, tmp_path, model={**TINY_MODEL, "cls_token": 1})
+    with pytest.raises(ConfigError, match=r"model\.n_layers must be an integer >= 1; got True"):
+        run(tokens_path, tmp_path, model={**TINY_MODEL, "n_layers": True})
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -480,3 +485,85 @@ def test_embed_writes_test_cells_and_recomputes_val_loss(tokens_path, tmp_path):
         val_loss = float(npz["val_loss"])
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert val_loss == pytest.approx(history[history.split == "val"].loss.iloc[-1], abs=1e-5)
+
+
+def test_embed_of_a_cls_model_writes_mean_and_cls_pooling_and_the_records_facts(
+    tokens_path, tmp_path
+):
+    run(tokens_path, tmp_path / "run", attention="sigmoid", model={**TINY_MODEL, "cls_token": True})
+    model_path = tmp_path / "run" / "model.pt"
+    out = tmp_path / "emb.npz"
+    embed("toy", tokens_path, model_path, "cpu", out)
+    tokens = load_tokens(tokens_path, "toy")
+    test_cells = tokens.cells("test")
+    model, record = train_mod.load_model(model_path, torch.device("cpu"))
+    assert record["model_config"]["cls_token"] is True
+    ids, cu, max_seqlen = pack(tokens, test_cells)
+    with torch.no_grad():
+        genes, cls = model(torch.from_numpy(ids), torch.from_numpy(cu), max_seqlen, return_cls=True)
+    with np.load(out, allow_pickle=False) as npz:
+        assert npz["X_emb_cls"].shape == npz["X_emb"].shape == (test_cells.size, 32)
+        np.testing.assert_allclose(npz["X_emb_cls"], cls.numpy(), rtol=1e-5, atol=1e-5)
+        mean = pool(genes, torch.from_numpy(cu)).numpy()
+        np.testing.assert_allclose(npz["X_emb"], mean, rtol=1e-5, atol=1e-5)
+        # today's record: steps from the config, nothing on stopping or the plateau
+        assert int(npz["steps"]) == TINY_TRAIN["steps"] and str(npz["stop_reason"]) == ""
+        assert np.isnan(npz["plateau"])
+    # a record that says how the run stopped: the embedding carries it
+    record.update(steps_trained=9, stop_reason="plateau", plateau=True, final_val_loss=3.0)
+    torch.save(record, model_path)
+    embed("toy", tokens_path, model_path, "cpu", out)
+    with np.load(out, allow_pickle=False) as npz:
+        assert int(npz["steps"]) == 9 and str(npz["stop_reason"]) == "plateau"
+        assert float(npz["plateau"]) == 1.0
+
+
+def test_cls_training_is_bitwise_deterministic_on_cpu(tokens_path, tmp_path):
+    model = {**TINY_MODEL, "cls_token": True}
+    run(tokens_path, tmp_path / "a", model=model, train_params={**TINY_TRAIN, "steps": 6})
+    run(tokens_path, tmp_path / "b", model=model, train_params={**TINY_TRAIN, "steps": 6})
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_untrained_baseline_is_the_seed_zero_start_of_training(tokens_path, tmp_path):
+    """The untrained encoder is deterministic, kind-specific only through attention, and is the
+    model every seed-0 run starts from: its validation loss is the run's step-0 loss."""
+    run(tokens_path, tmp_path / "run", attention="softmax", seed=0)
+    tiny_model = config.section("model", TINY_MODEL)
+    outs = {}
+    for name, kind in (("a", "softmax"), ("b", "softmax"), ("c", "sigmoid")):
+        outs[name] = tmp_path / f"{name}.npz"
+        embed_untrained("toy", tokens_path, kind, tiny_model, 0.15, "cpu", outs[name])
+    with np.load(outs["a"]) as a, np.load(outs["b"]) as b, np.load(outs["c"]) as c:
+        assert a.files == b.files and "X_emb_cls" not in a.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+        assert str(a["method"]) == "untrained_softmax" and str(c["method"]) == "untrained_sigmoid"
+        assert int(a["seed"]) == 0 and int(a["steps"]) == 0
+        assert np.abs(a["X_emb"] - c["X_emb"]).max() > 1e-4  # attention differs, weights do not
+        history = pd.read_csv(tmp_path / "run" / "history.csv")
+        step0 = history[(history.split == "val") & (history.step == 0)].loss.iloc[0]
+        assert float(a["val_loss"]) == pytest.approx(step0, abs=1e-5)
+    softmax = initial_model(tiny_model, "softmax", load_tokens(tokens_path, "toy"))
+    sigmoid = initial_model(tiny_model, "sigmoid", load_tokens(tokens_path, "toy"))
+    for (name, p), (_, q) in zip(softmax.state_dict().items(), sigmoid.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_embed_cli_takes_a_model_or_the_untrained_kind(tokens_path, tmp_path):
+    from sigmoid_sc import cli
+
+    base = ["embed", "--dataset", "toy", "--tokens", str(tokens_path), "--device", "cpu"]
+    out = tmp_path / "u.npz"
+    args = [*base, "--untrained", "sigmoid", "--model-json", json.dumps(TINY_MODEL)]
+    assert cli.main([*args, "--mask-prob", "0.3", "--output", str(out)]) == 0
+    direct = tmp_path / "direct.npz"
+    embed_untrained(
+        "toy", tokens_path, "sigmoid", config.section("model", TINY_MODEL), 0.3, "cpu", direct
+    )
+    with np.load(out) as a, np.load(direct) as b:
+        np.testing.assert_array_equal(a["X_emb"], b["X_emb"])
+        assert float(a["val_loss"]) == float(b["val_loss"])
+    parsed = cli.build_parser().parse_args([*base, "--output", str(out)])
+    with pytest.raises(ConfigError, match="exactly one of --model and --untrained"):
+        parsed.func(parsed)

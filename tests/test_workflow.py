@@ -28,7 +28,11 @@ SEEDS = TINY_CONFIG["seeds"]
 ATTENTIONS = TINY_CONFIG["attentions"]
 
 #: metrics whose range is [0, 1] (scib-metrics rescales them); ARI may dip below 0 by chance
-UNIT_INTERVAL = ("asw_label", "nmi_kmeans", "nmi_leiden", "clisi", "isolated_labels")
+UNIT_INTERVAL = (
+    "asw_label", "nmi_kmeans", "nmi_leiden", "clisi", "isolated_labels", "knn_accuracy"
+)  # fmt: skip
+#: silhouettes before rescaling, in [-1, 1]: the rescaled column is (raw + 1) / 2
+RAW = {"asw_label_raw": "asw_label", "isolated_labels_raw": "isolated_labels"}
 ARI = ("ari_kmeans", "ari_leiden")
 BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
 
@@ -221,6 +225,7 @@ def test_every_job_ran_once(tiny_run):
     n_runs = len(DATASETS) * len(SEEDS) * len(ATTENTIONS)
     assert counts["train"] == n_runs
     assert counts["embed"] == n_runs
+    assert counts["embed_untrained"] == len(DATASETS) * len(ATTENTIONS)
     assert counts["evaluate"] == len(DATASETS)  # all embeddings of a dataset in one job
     assert "steps (100%) done" in text
 
@@ -229,7 +234,11 @@ def test_every_job_ran_once(tiny_run):
 def test_representation_table_has_every_dataset_method_seed(tiny_run):
     workdir, _ = tiny_run
     table = pd.read_csv(workdir / "results/tables/representation.csv")
-    expected = {(d, a, s) for d in DATASETS for a in ATTENTIONS for s in SEEDS}
+    # mean pooling and (cls_token: true) CLS pooling of every run; both untrained encoders; PCA
+    expected = {
+        (d, m, s) for d in DATASETS for a in ATTENTIONS for s in SEEDS for m in (a, f"{a}_cls")
+    }
+    expected |= {(d, f"untrained_{a}", 0) for d in DATASETS for a in ATTENTIONS}
     expected |= {(d, "pca", -1) for d in DATASETS}
     assert set(zip(table["dataset"], table["method"], table["seed"])) == expected
     assert len(table) == len(expected)
@@ -237,6 +246,22 @@ def test_representation_table_has_every_dataset_method_seed(tiny_run):
         values = table[metric]
         assert values.notna().all(), metric
         assert ((values >= 0) & (values <= 1)).all(), (metric, values.tolist())
+    for raw, rescaled in RAW.items():
+        assert ((table[raw] >= -1) & (table[raw] <= 1)).all(), raw
+        np.testing.assert_allclose(table[rescaled], (table[raw] + 1) / 2, rtol=1e-6)
+    # the training facts: every trained run did its steps; untrained 0; PCA none
+    trained = table["method"].isin(ATTENTIONS + [f"{a}_cls" for a in ATTENTIONS])
+    assert (table.loc[trained, "steps"] == TINY_CONFIG["train"]["steps"]).all()
+    assert (table.loc[table["method"].str.startswith("untrained_"), "steps"] == 0).all()
+    assert (table.loc[table["method"] == "pca", "steps"] == -1).all()
+    # a CLS row shares its run's validation loss, not its embedding
+    cls_rows = table[table["method"].str.endswith("_cls")].assign(
+        method=lambda t: t["method"].str.removesuffix("_cls")
+    )
+    joined = cls_rows.merge(table, on=["dataset", "method", "seed"], suffixes=("_cls", ""))
+    assert len(joined) == len(cls_rows)
+    assert (joined["val_loss_cls"] == joined["val_loss"]).all()
+    assert (joined["asw_label_cls"] != joined["asw_label"]).any()
     for metric in ARI:
         assert ((table[metric] >= -1) & (table[metric] <= 1)).all(), metric
     models = table[table["method"] != "pca"]
@@ -259,25 +284,38 @@ def test_summary_rows_and_relative_change_match_the_table(tiny_run):
     table = pd.read_csv(workdir / "results/tables/representation.csv")
     summary = pd.read_csv(workdir / "results/tables/representation_summary.csv")
     assert set(summary["dataset"]) == set(DATASETS) | {"overall"}
-    for metric in ("asw_label", "nmi_kmeans", "val_loss"):
+    assert summary.iloc[0]["metric"] == "asw_label" and summary.iloc[0]["primary"]
+    for metric, poolings in (("asw_label", 2), ("knn_accuracy", 2), ("val_loss", 1)):
         rows = summary[summary["metric"] == metric]
-        assert len(rows) == len(DATASETS) + 1, metric
+        assert len(rows) == poolings * (len(DATASETS) + 1), metric
     for r in summary[summary["metric"] == "asw_label"].itertuples():
         chosen = table if r.dataset == "overall" else table[table["dataset"] == r.dataset]
-        soft = chosen.loc[chosen["method"] == "softmax", "asw_label"]
-        sig = chosen.loc[chosen["method"] == "sigmoid", "asw_label"]
+        suffix = "" if r.pooling == "mean" else f"_{r.pooling}"
+        soft = chosen.loc[chosen["method"] == f"softmax{suffix}", "asw_label"]
+        sig = chosen.loc[chosen["method"] == f"sigmoid{suffix}", "asw_label"]
         assert r.softmax_mean == pytest.approx(soft.mean())
         assert r.sigmoid_mean == pytest.approx(sig.mean())
         assert r.softmax_sd == pytest.approx(soft.std(ddof=1))
         assert r.relative_change == pytest.approx(
             (r.sigmoid_mean - r.softmax_mean) / abs(r.softmax_mean)
         )
+        if r.dataset != "overall":  # equal seeds: the mean paired difference
+            assert r.difference == pytest.approx(sig.mean() - soft.mean())
+        assert r.ci_low <= r.difference <= r.ci_high
         assert r.n_pairs == len(SEEDS) * (len(DATASETS) if r.dataset == "overall" else 1)
         assert r.paper_relative_change == pytest.approx(0.25)
-        pca = chosen.loc[chosen["method"] == "pca", "asw_label"]
-        assert r.pca == pytest.approx(pca.mean())
+        for baseline in ("pca", "untrained_softmax", "untrained_sigmoid"):
+            values = chosen.loc[chosen["method"] == baseline]
+            per_dataset = values.groupby("dataset")["asw_label"].mean()
+            assert getattr(r, baseline) == pytest.approx(per_dataset.mean()), baseline
+    training = pd.read_csv(workdir / "results/tables/representation_training.csv")
+    assert len(training) == len(DATASETS) * len(ATTENTIONS)
+    assert (training["steps_mean"] == TINY_CONFIG["train"]["steps"]).all()
+    assert set(training["plateau"]) <= {"yes", "no", "not recorded"}
     markdown = (workdir / "results/tables/representation_summary.md").read_text()
-    assert "+25%" in markdown and "| overall |" in markdown
+    assert markdown.splitlines()[2].startswith("**Primary metric: `asw_label`**")
+    assert "+25%" in markdown and "| overall |" in markdown and "## Training" in markdown
+    assert "- overall (cls pooling): asw_label sigmoid - softmax = " in markdown
     tex = (workdir / "results/tables/representation_summary.tex").read_text()
     assert "\\begin{tabular}" in tex and "overall" in tex
 
@@ -295,7 +333,12 @@ def test_figures_and_report_exist(tiny_run):
         assert pdf.read_bytes()[:5] == b"%PDF-", pdf
     report = (workdir / "results/report.html").read_text(errors="replace")
     assert len(report) > 50_000
-    for name in ("umap_blobs_a.png", "loss_blobs_b.png", "representation_summary.csv"):
+    for name in (
+        "umap_blobs_a.png",
+        "loss_blobs_b.png",
+        "representation_summary.csv",
+        "representation_training.csv",
+    ):
         assert name in report, name
 
 
@@ -347,8 +390,9 @@ def test_forced_branch_target_schedules_only_that_dataset(run_copy):
         "pca": 1,
         "train": runs,
         "embed": runs,
+        "embed_untrained": len(ATTENTIONS),
         "evaluate": 1,
-        "total": 4 + 2 * runs,
+        "total": 4 + 2 * runs + len(ATTENTIONS),
     }, counts
     messages = job_messages(text)
     assert len(messages) == counts["total"]

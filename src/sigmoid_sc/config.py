@@ -34,6 +34,8 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 N_SPECIAL_TOKENS = 3  # pad, mask, cls: ids 0-2 of every vocabulary (sigmoid_sc.tokenize)
+#: metrics that need a dataset's batch_key (sigmoid_sc.evaluate)
+BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ class Model:
     n_heads: int
     d_ff: int
     dropout: float
+    cls_token: bool  # one CLS token per cell (sigmoid_sc.model); embed adds X_emb_cls
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,10 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Aggregate:
-    claim_metric: str
-    claim_relative_change: float
+    primary_metric: str  # named first in the summary and its headline
+    claim_relative_change: float  # the paper's claim on asw_label
+    bootstrap_resamples: int  # of the percentile bootstrap 95% CIs of sigmoid - softmax
+    bootstrap_seed: int
     metrics: tuple[str, ...] | None
 
 
@@ -304,6 +309,10 @@ def _errors(instance: Any, subschema: dict) -> list:
 
 
 ATTENTIONS: tuple[str, ...] = tuple(schema()["properties"]["attentions"]["items"]["enum"])
+
+#: keys of earlier configs (dotted paths) -> the keys that replaced them; a config that still
+#: uses one fails with a message saying so instead of a bare "unknown key"
+RENAMED = {"aggregate.claim_metric": "aggregate.primary_metric"}
 """The attention kinds the config accepts; the tests check them against
 ``sigmoid_sc.attention.ATTENTION_KINDS``, the one list of kinds."""
 
@@ -455,6 +464,25 @@ def message(error, prefix: str = "", root: dict | None = None) -> str:
     return f"{where}: {error.message}"
 
 
+def _renamed(config: Any, prefix: str = "") -> list[str]:
+    """A line per renamed key (:data:`RENAMED`) that ``config`` (the section at ``prefix``)
+    still uses."""
+    problems = []
+    for old, new in RENAMED.items():
+        if prefix:
+            if not old.startswith(prefix + "."):
+                continue
+            path = old[len(prefix) + 1 :].split(".")
+        else:
+            path = old.split(".")
+        node = config
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            problems.append(f"{old} is now {new}; rename the key")
+    return problems
+
+
 def _raise(problems: list[str], what: str) -> None:
     problems = list(dict.fromkeys(problems))  # one line per problem, in order
     if len(problems) == 1:
@@ -546,12 +574,25 @@ def _config_checks(config: Mapping) -> list[str]:
             )
         if not {"softmax", "sigmoid"} <= set(config["attentions"]):
             problems.append("experiments.jacobian needs attentions to list softmax and sigmoid")
-    metrics = config["aggregate"]["metrics"] or []
-    batch_metrics = [m for m in metrics if m in ("asw_batch", "ilisi", "graph_connectivity")]
-    if batch_metrics and not any(e.get("batch_key") for e in config["datasets"].values()):
+        if config["model"]["cls_token"]:
+            # the analysis slices each layer's attention input by the cells' gene tokens; a CLS
+            # model's layers see one more token per cell
+            problems.append(
+                "experiments.jacobian does not analyse models with model.cls_token: true; "
+                "turn one of them off"
+            )
+    aggregate = config["aggregate"]
+    batch_metrics = [m for m in aggregate["metrics"] or [] if m in BATCH_METRICS]
+    no_batches = not any(e.get("batch_key") for e in config["datasets"].values())
+    if batch_metrics and no_batches:
         problems.append(
             f"aggregate.metrics lists batch metrics ({_words(batch_metrics)}) but no dataset "
             "has a batch_key"
+        )
+    if aggregate["primary_metric"] in BATCH_METRICS and no_batches:
+        problems.append(
+            f"aggregate.primary_metric is a batch metric ({aggregate['primary_metric']}) but no "
+            "dataset has a batch_key"
         )
     return problems
 
@@ -567,7 +608,7 @@ def validate(config: dict) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError(f"invalid config: expected a mapping, got {type(config).__name__}")
-    problems = [message(e) for e in _errors(config, schema())]
+    problems = _renamed(config) or [message(e) for e in _errors(config, schema())]
     if not problems:
         problems = _config_checks(config)
     if problems:
@@ -581,7 +622,9 @@ def _checked(params: Any, subschema: dict, where: str) -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"{where} must be a mapping, got {params!r}")
     params = copy.deepcopy(params)
-    problems = [message(e, where, subschema) for e in _errors(params, subschema)]
+    problems = _renamed(params, where) or [
+        message(e, where, subschema) for e in _errors(params, subschema)
+    ]
     if problems:
         _raise(problems, f"invalid {where}")
     return params

@@ -8,30 +8,45 @@ process starts warm.
 
 Metrics (columns of ``metrics.csv``; higher is better for all of them):
 
-=====================  ======  ==========================================================
-column                 range   meaning
-=====================  ======  ==========================================================
-``asw_label``          [0, 1]  cell-type separation: silhouette of cell-type labels,
-                               ``(ASW + 1) / 2`` (scib ``silhouette_label``, euclidean)
-``nmi_kmeans``         [0, 1]  NMI of k-means clusters (k = number of cell types) vs labels
-``ari_kmeans``         ~[0, 1] ARI of the same (0 = chance; can dip slightly below 0)
-``nmi_leiden``         [0, 1]  NMI of Leiden clusters on the kNN graph vs labels, best of
-                               10 resolutions (0.2 ... 2.0)
-``ari_leiden``         ~[0, 1] ARI at that resolution
-``clisi``              [0, 1]  cell-type LISI, rescaled: 1 = neighbourhoods of one type
-``isolated_labels``    [0, 1]  rescaled ASW of the labels present in the fewest batches
-                               (without ``batch_key`` all cells form one batch, so every
-                               label counts and this is the label-averaged ASW)
-``asw_batch``          [0, 1]  batch mixing within each cell type: ``1 - |ASW of batch|``
-``ilisi``              [0, 1]  batch LISI, rescaled: 1 = neighbourhoods mix all batches
-``graph_connectivity`` [0, 1]  fraction of each type's cells in its largest kNN component
-=====================  ======  ==========================================================
+=========================  =======  ======================================================
+column                     range    meaning
+=========================  =======  ======================================================
+``asw_label``              [0, 1]   cell-type separation: silhouette of cell-type labels,
+                                    rescaled ``(s + 1) / 2`` (scib ``silhouette_label``,
+                                    euclidean; ``s`` the mean over cells)
+``asw_label_raw``          [-1, 1]  the same silhouette ``s`` before rescaling: differences
+                                    are twice those of ``asw_label``
+``nmi_kmeans``             [0, 1]   NMI of k-means clusters (k = number of cell types) vs labels
+``ari_kmeans``             ~[0, 1]  ARI of the same (0 = chance; can dip slightly below 0)
+``nmi_leiden``             [0, 1]   NMI of Leiden clusters on the kNN graph vs labels, best of
+                                    10 resolutions (0.2 ... 2.0)
+``ari_leiden``             ~[0, 1]  ARI at that resolution
+``clisi``                  [0, 1]   cell-type LISI, rescaled: 1 = neighbourhoods of one type
+``isolated_labels``        [0, 1]   rescaled ``(s + 1) / 2`` silhouette of the labels present
+                                    in the fewest batches (mean over cells of each such label,
+                                    then over labels; without ``batch_key`` all cells form one
+                                    batch, so every label counts: the label-averaged ASW)
+``isolated_labels_raw``    [-1, 1]  the same before rescaling
+``knn_accuracy``           [0, 1]   cell-type accuracy of a kNN classifier (k = ``n_neighbors``,
+                                    euclidean, majority vote) under stratified 5-fold
+                                    cross-validation with seeded folds (see :func:`knn_accuracy`)
+``asw_batch``              [0, 1]   batch mixing within each cell type: ``1 - |ASW of batch|``
+``ilisi``                  [0, 1]   batch LISI, rescaled: 1 = neighbourhoods mix all batches
+``graph_connectivity``     [0, 1]   fraction of each type's cells in its largest kNN component
+=========================  =======  ======================================================
 
-The batch metrics appear only when the dataset has a ``batch_key`` (recorded in prepared.h5ad). Each row also carries
-``dataset, method, seed, val_loss, n_cells`` (``val_loss`` as stored in the embedding: the
-model's validation loss, NaN for PCA). Neighbours are exact euclidean kNN (self included):
-``n_neighbors`` (config, default 15) for Leiden and graph connectivity, 90 for the LISI metrics
-(perplexity 30, as scib-metrics' Benchmarker), both capped at ``n_cells - 1``.
+The batch metrics appear only when the dataset has a ``batch_key`` (recorded in prepared.h5ad;
+``asw_batch`` has no raw form worth reporting: it rescales ``|s|``, so its raw value is
+``1 - asw_batch``). Each row also carries ``dataset, method, seed, val_loss, steps, stop_reason, plateau, n_cells``, as stored in
+the embedding (:mod:`sigmoid_sc.embed`): the model's validation loss (NaN for PCA), the steps
+it trained (0 untrained, -1 for PCA), why its training stopped and whether it reached its
+plateau (empty: not recorded). An embedding file may hold further poolings of the same cells,
+``X_emb_<pooling>`` beside ``X_emb``: each is scored as method ``<method>_<pooling>`` (a CLS
+model's ``sigmoid_cls``). Any method name is scored alike.
+
+Neighbours are exact euclidean kNN (self included): ``n_neighbors`` (config, default 15) for
+Leiden and graph connectivity, 90 for the LISI metrics (perplexity 30, as scib-metrics'
+Benchmarker), both capped at ``n_cells - 1``.
 
 ``umap.csv``: ``dataset, method, seed, obs_name, umap1, umap2, label`` (+ ``batch``): a UMAP of
 each embedding (umap-learn, ``random_state=0``, the same ``n_neighbors``).
@@ -62,16 +77,23 @@ log = logging.getLogger(__name__)
 #: neighbours for LISI: scib-metrics' Benchmarker uses 90 (perplexity 90 / 3 = 30, as Harmony)
 LISI_NEIGHBORS = 90
 SEED = 0
+#: folds of the kNN accuracy's stratified cross-validation
+KNN_FOLDS = 5
 
 LABEL_METRICS = (
     "asw_label",
+    "asw_label_raw",
     "nmi_kmeans",
     "ari_kmeans",
     "nmi_leiden",
     "ari_leiden",
     "clisi",
     "isolated_labels",
+    "isolated_labels_raw",
+    "knn_accuracy",
 )
+#: what an embedding carries besides its scores (columns before the metrics in metrics.csv)
+EMBEDDING_COLUMNS = ("val_loss", "steps", "stop_reason", "plateau")
 BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
 
 
@@ -118,6 +140,53 @@ def exact_neighbors(X: np.ndarray, k: int):
     return NeighborsResults(indices=indices, distances=distances.astype(np.float32))
 
 
+def rescale_silhouette(s: float) -> float:
+    """A silhouette in [-1, 1] mapped to [0, 1]: ``(s + 1) / 2`` (scib's ``rescale=True``)."""
+    return (s + 1.0) / 2.0
+
+
+def knn_accuracy(
+    X: np.ndarray, labels, n_neighbors: int = 15, n_folds: int = KNN_FOLDS, seed: int = SEED
+) -> float:
+    """Cross-validated kNN cell-type accuracy of the embedding ``X`` [n_cells, d].
+
+    Stratified ``n_folds``-fold split (shuffled, seeded by ``seed``); each held-out cell is
+    classified by the majority label of its ``n_neighbors`` nearest (euclidean) cells of the
+    other folds (uniform weights; a tie goes to the label first in sorted order), and the
+    result is the fraction of held-out cells classified right (every scored cell is held out
+    exactly once). ``k`` is capped at the number of reference cells.
+
+    Cells of a type with fewer than ``n_folds`` cells cannot be spread over the folds: they are
+    never scored, but stay reference cells in every fold, so they can still take votes from
+    (and mislead the classification of) the cells around them, as they would in any atlas.
+    NaN when fewer than two types have ``n_folds`` cells.
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X = np.asarray(X, dtype=np.float32)
+    codes = _codes(labels)
+    counts = np.bincount(codes)
+    scored = np.flatnonzero(counts[codes] >= n_folds)
+    rare = np.flatnonzero(counts[codes] < n_folds)
+    if len(np.unique(codes[scored])) < 2:
+        log.warning("kNN accuracy: fewer than two cell types have %d cells; it is NaN", n_folds)
+        return float("nan")
+    if rare.size:
+        log.info(
+            "kNN accuracy: %d cells of %d types with fewer than %d cells are references only",
+            rare.size, len(np.unique(codes[rare])), n_folds,
+        )  # fmt: skip
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    correct = 0
+    for train, test in folds.split(scored, codes[scored]):
+        reference = np.concatenate([scored[train], rare])
+        k = min(n_neighbors, reference.size)
+        classifier = KNeighborsClassifier(n_neighbors=k).fit(X[reference], codes[reference])
+        correct += int((classifier.predict(X[scored[test]]) == codes[scored[test]]).sum())
+    return correct / scored.size
+
+
 def score_embedding(
     X: np.ndarray,
     labels,
@@ -142,7 +211,8 @@ def score_embedding(
     graph = neighbors.subset_neighbors(k_graph)
 
     scores: dict[str, float] = {}
-    scores["asw_label"] = scib_metrics.silhouette_label(X, label_codes, rescale=True)
+    scores["asw_label_raw"] = float(scib_metrics.silhouette_label(X, label_codes, rescale=False))
+    scores["asw_label"] = rescale_silhouette(scores["asw_label_raw"])
     kmeans = scib_metrics.nmi_ari_cluster_labels_kmeans(X, label_codes)
     scores["nmi_kmeans"], scores["ari_kmeans"] = kmeans["nmi"], kmeans["ari"]
     leiden = scib_metrics.nmi_ari_cluster_labels_leiden(
@@ -151,9 +221,12 @@ def score_embedding(
     scores["nmi_leiden"], scores["ari_leiden"] = leiden["nmi"], leiden["ari"]
     scores["clisi"] = scib_metrics.clisi_knn(neighbors, label_codes)
     batch_codes = _codes(batches) if batches is not None else np.zeros(n_cells, dtype=np.int32)
-    scores["isolated_labels"] = scib_metrics.isolated_labels(
-        X, label_codes, batch_codes, rescale=True
+    # a mean of per-cell silhouettes, so rescaling the mean equals scib's rescale=True
+    scores["isolated_labels_raw"] = float(
+        scib_metrics.isolated_labels(X, label_codes, batch_codes, rescale=False)
     )
+    scores["isolated_labels"] = rescale_silhouette(scores["isolated_labels_raw"])
+    scores["knn_accuracy"] = knn_accuracy(X, label_codes, n_neighbors, KNN_FOLDS, SEED)
     if batches is not None:
         if len(np.unique(batch_codes)) < 2:
             log.warning("only one batch among the scored cells: batch metrics are NaN")
@@ -170,7 +243,8 @@ def score_embedding(
             )
             scores["ilisi"] = scib_metrics.ilisi_knn(neighbors, batch_codes)
             scores["graph_connectivity"] = scib_metrics.graph_connectivity(graph, label_codes)
-    return {k: float(v) for k, v in scores.items()}
+    names = [*LABEL_METRICS, *(BATCH_METRICS if batches is not None else ())]
+    return {k: float(scores[k]) for k in names}
 
 
 def umap_coordinates(X: np.ndarray, n_neighbors: int = 15) -> np.ndarray:
@@ -198,8 +272,19 @@ def _scalar(arrays, key: str, default):
     return value.item() if value.shape == () else value
 
 
-def load_embedding(path: str | os.PathLike, dataset: str) -> dict:
-    """Read an embedding npz (``X_emb``, ``obs_names``, ``method``, ``seed``, ``val_loss``)."""
+def _plateau(value) -> object:
+    """The embedding's plateau flag for the table: True, False or None (not recorded)."""
+    value = float(value)
+    return None if not np.isfinite(value) else bool(value)
+
+
+def load_embedding(path: str | os.PathLike, dataset: str) -> list[dict]:
+    """Read an embedding npz: one dict per pooling it holds, ``X_emb`` first.
+
+    Keys read: ``X_emb``, ``obs_names``, ``method``, ``seed``, ``val_loss``, ``steps``,
+    ``stop_reason``, ``plateau`` (each optional but the first two), and every
+    ``X_emb_<pooling>`` (method ``<method>_<pooling>``, the same cells and facts).
+    """
     path = str(path)
     try:
         arrays = np.load(path, allow_pickle=False)
@@ -208,22 +293,32 @@ def load_embedding(path: str | os.PathLike, dataset: str) -> dict:
     for key in ("X_emb", "obs_names"):
         if key not in arrays.files:
             raise DataError(f"dataset {dataset!r}: embedding {path!r} has no {key!r}")
-    X = np.asarray(arrays["X_emb"], dtype=np.float32)
     obs_names = np.asarray(arrays["obs_names"], dtype=str)
-    if X.ndim != 2 or X.shape[0] != len(obs_names):
-        raise DataError(
-            f"dataset {dataset!r}: embedding {path!r}: X_emb has shape {X.shape} but "
-            f"{len(obs_names)} obs_names"
-        )
-    if not np.isfinite(X).all():
-        raise DataError(
-            f"dataset {dataset!r}: embedding {path!r} has {int((~np.isfinite(X)).sum())} "
-            "non-finite values (a diverged model?)"
-        )
     method = str(_scalar(arrays, "method", Path(path).stem))
-    seed = int(_scalar(arrays, "seed", -1))
-    val_loss = float(_scalar(arrays, "val_loss", np.nan))
-    return {"X": X, "obs_names": obs_names, "method": method, "seed": seed, "val_loss": val_loss}
+    facts = {
+        "seed": int(_scalar(arrays, "seed", -1)),
+        "val_loss": float(_scalar(arrays, "val_loss", np.nan)),
+        "steps": int(_scalar(arrays, "steps", -1)),
+        "stop_reason": str(_scalar(arrays, "stop_reason", "")),
+        "plateau": _plateau(_scalar(arrays, "plateau", np.nan)),
+    }
+    poolings = ["X_emb"] + sorted(k for k in arrays.files if k.startswith("X_emb_"))
+    out = []
+    for key in poolings:
+        X = np.asarray(arrays[key], dtype=np.float32)
+        if X.ndim != 2 or X.shape[0] != len(obs_names):
+            raise DataError(
+                f"dataset {dataset!r}: embedding {path!r}: {key} has shape {X.shape} but "
+                f"{len(obs_names)} obs_names"
+            )
+        if not np.isfinite(X).all():
+            raise DataError(
+                f"dataset {dataset!r}: embedding {path!r} has {int((~np.isfinite(X)).sum())} "
+                f"non-finite values in {key} (a diverged model?)"
+            )
+        name = method if key == "X_emb" else f"{method}_{key[len('X_emb_') :]}"
+        out.append({"X": X, "obs_names": obs_names, "method": name, **facts})
+    return out
 
 
 def evaluate(
@@ -250,8 +345,8 @@ def evaluate(
         raise ConfigError(f"dataset {dataset!r}: no embeddings to evaluate")
 
     metric_rows, umap_frames = [], []
-    for path in embedding_paths:
-        emb = load_embedding(path, dataset)
+    loaded = [(path, emb) for path in embedding_paths for emb in load_embedding(path, dataset)]
+    for path, emb in loaded:
         missing = ~np.isin(emb["obs_names"], obs.index)
         if missing.any():
             raise DataError(
@@ -275,7 +370,7 @@ def evaluate(
                 "dataset": dataset,
                 "method": emb["method"],
                 "seed": emb["seed"],
-                "val_loss": emb["val_loss"],
+                **{key: emb[key] for key in EMBEDDING_COLUMNS},
                 "n_cells": emb["X"].shape[0],
                 **scores,
             }
@@ -300,7 +395,7 @@ def evaluate(
             dataset, emb["method"], emb["seed"], time.perf_counter() - started,
             scores["asw_label"], scores["nmi_leiden"],
         )  # fmt: skip
-    columns = ["dataset", "method", "seed", "val_loss", "n_cells", *LABEL_METRICS]
+    columns = ["dataset", "method", "seed", *EMBEDDING_COLUMNS, "n_cells", *LABEL_METRICS]
     if batch_key:
         columns += list(BATCH_METRICS)
     metrics = pd.DataFrame(metric_rows, columns=columns)

@@ -1,13 +1,15 @@
 """The ``figures`` stage: PNG and PDF figures of a run (headless, matplotlib's Agg backend).
 
-``sigmoid-sc figures metrics``: every metric per dataset, softmax and sigmoid (one dot per
-seed, mean ± sd) beside the PCA baseline, from ``representation.csv``.
+``sigmoid-sc figures metrics``: every metric per dataset, every method of
+``representation.csv`` side by side (one dot per seed, mean ± sd): softmax and sigmoid (mean
+pooling), their CLS pooling, the untrained encoders and PCA, then any other method.
 ``sigmoid-sc figures umap``: one dataset's UMAPs of softmax, sigmoid and PCA embeddings side by
 side, coloured by cell type, from ``umap.csv`` (the lowest seed of each attention kind; the panel
 titles give that embedding's ASW from ``metrics.csv``).
 ``sigmoid-sc figures loss``: one dataset's training and validation loss against steps, every
 run's ``history.csv`` (its attention kind and seed are the run's record, as its embedding keeps
-them; never parsed from a folder name).
+them; never parsed from a folder name); the validation panel shades each run's plateau window,
+its last 20% of steps (over which a run at its plateau improves by less than 1%).
 """
 
 from __future__ import annotations
@@ -19,13 +21,35 @@ import numpy as np
 import pandas as pd
 
 from .config import ATTENTIONS
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .io import atomic_path, read_table
 
-METHOD_COLOURS = {"softmax": "#1f77b4", "sigmoid": "#d62728", "pca": "#7f7f7f"}
-METHOD_ORDER = (*ATTENTIONS, "pca")
+METHOD_COLOURS = {
+    "softmax": "#1f77b4",
+    "sigmoid": "#d62728",
+    "softmax_cls": "#6baed6",
+    "sigmoid_cls": "#fc9272",
+    "pca": "#7f7f7f",
+    "untrained_softmax": "#c6dbef",
+    "untrained_sigmoid": "#fcbba1",
+}
+#: the kinds (mean pooling), their CLS pooling, PCA, the untrained encoders
+METHOD_ORDER = (
+    *ATTENTIONS,
+    *(f"{kind}_cls" for kind in ATTENTIONS),
+    "pca",
+    *(f"untrained_{kind}" for kind in ATTENTIONS),
+)
+#: the UMAP figure's panels: the kinds (mean pooling) and PCA
+UMAP_METHODS = (*ATTENTIONS, "pca")
+#: colours of methods the figure does not know (any method name is drawn)
+OTHER_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+#: the part of a run's steps over which its plateau is judged (shaded in the loss figure)
+PLATEAU_FRACTION = 0.2
 #: metrics with these names are drawn on their own scale, not [0, 1]
 UNBOUNDED = frozenset({"val_loss"})
+#: columns of the representation table that describe an embedding rather than score it
+DESCRIPTIVE = frozenset({"dataset", "method", "seed", "n_cells", "steps", "stop_reason", "plateau"})
 
 
 def pyplot():
@@ -50,26 +74,40 @@ def save_figure(fig, png: str, pdf: str) -> None:
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
-    skip = {"dataset", "method", "seed", "n_cells"}
-    return [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
+    return [
+        c for c in table.columns if c not in DESCRIPTIVE and pd.api.types.is_numeric_dtype(table[c])
+    ]
+
+
+def methods_and_colours(table: pd.DataFrame) -> dict[str, str]:
+    """Every method of the table, known ones in METHOD_ORDER, then the others as they come."""
+    present = list(pd.unique(table["method"]))
+    known = [m for m in METHOD_ORDER if m in present]
+    others = [m for m in present if m not in METHOD_COLOURS]
+    colours = {m: METHOD_COLOURS[m] for m in known}
+    colours.update({m: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, m in enumerate(others)})
+    return colours
 
 
 def plot_metrics(table: pd.DataFrame):
-    """A panel per metric; per dataset, softmax, sigmoid and PCA side by side.
+    """A panel per metric; per dataset, every method side by side (see methods_and_colours).
 
-    Dots are seeds; a bar with whiskers is the mean ± sd over seeds.
+    Dots are seeds; a bar with whiskers is the mean ± sd over seeds. Scores in [0, 1] share
+    that range, raw silhouettes (``*_raw``) [-1, 1], validation loss its own.
     """
     plt = pyplot()
     metrics = metric_columns(table)
     datasets = list(pd.unique(table["dataset"]))
-    methods = [m for m in METHOD_ORDER if m in set(table["method"])]
+    colours = methods_and_colours(table)
+    methods = list(colours)
     ncols = min(4, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     width = max(3.0, 0.9 * len(datasets) + 1.5)
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(width * ncols, 2.8 * nrows), squeeze=False, layout="constrained"
     )
-    offsets = np.linspace(-0.25, 0.25, len(methods)) if len(methods) > 1 else np.zeros(1)
+    offsets = np.linspace(-0.3, 0.3, len(methods)) if len(methods) > 1 else np.zeros(1)
+    bar_width = 0.6 / max(len(methods), 1)
     rng = np.random.default_rng(0)  # jitter of the seed dots only
     for ax, metric in zip(axes.flat, metrics):
         for j, method in enumerate(methods):
@@ -82,21 +120,25 @@ def plot_metrics(table: pd.DataFrame):
                 x = i + offsets[j]
                 mean = values.mean()
                 sd = values.std(ddof=1) if len(values) > 1 else 0.0
-                ax.bar(x, mean, width=0.22, color=METHOD_COLOURS[method], alpha=0.35)
-                ax.errorbar(x, mean, yerr=sd, color=METHOD_COLOURS[method], capsize=3, lw=1)
-                jitter = rng.uniform(-0.05, 0.05, len(values))
-                ax.scatter(x + jitter, values, s=10, color=METHOD_COLOURS[method], zorder=3)
+                colour = colours[method]
+                ax.bar(x, mean, width=bar_width, color=colour, alpha=0.35, label=method)
+                ax.errorbar(x, mean, yerr=sd, color=colour, capsize=2, lw=1)
+                jitter = rng.uniform(-0.2, 0.2, len(values)) * bar_width
+                ax.scatter(x + jitter, values, s=8, color=colour, zorder=3, label=method)
         ax.set_title(metric)
         ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
-        if metric not in UNBOUNDED:
+        if metric.endswith("_raw"):
+            ax.set_ylim(-1.05, 1.05)
+            ax.axhline(0.0, color="black", lw=0.5)
+        elif metric not in UNBOUNDED:
             ax.set_ylim(0, 1.05)
     for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
     # one legend for all panels (a panel may lack a method: PCA has no validation loss)
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=METHOD_COLOURS[m], alpha=0.6, label=m) for m in methods
-    ]
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(methods), frameon=False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m], alpha=0.6, label=m) for m in methods]
+    fig.legend(
+        handles=handles, loc="outside upper center", ncols=min(len(methods), 4), frameon=False
+    )
     return fig
 
 
@@ -107,7 +149,7 @@ def plot_metrics(table: pd.DataFrame):
 def umap_panels(umap: pd.DataFrame) -> list[tuple[str, int]]:
     """(method, seed) of each panel: the lowest seed of softmax and sigmoid, then PCA."""
     panels = []
-    for method in METHOD_ORDER:
+    for method in UMAP_METHODS:
         seeds = sorted(umap.loc[umap["method"] == method, "seed"].unique())
         if seeds:
             panels.append((method, int(seeds[0])))
@@ -191,8 +233,17 @@ def read_histories(histories: list[str], embeddings: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def plot_loss(dataset: str, histories: pd.DataFrame):
-    """Training (left) and validation (right) loss against step; a line per run."""
+def plateau_windows(histories: pd.DataFrame, fraction: float = PLATEAU_FRACTION) -> list:
+    """``(start, end)`` step windows of the runs' plateaus: the last ``fraction`` of each run's
+    steps (its last step ``S``: ``((1 - fraction) * S, S)``), one per distinct last step."""
+    last = histories.groupby(["attention", "seed"])["step"].max()
+    return [((1 - fraction) * s, float(s)) for s in sorted(set(last.tolist()))]
+
+
+def plot_loss(dataset: str, histories: pd.DataFrame, plateau_fraction: float = PLATEAU_FRACTION):
+    """Training (left) and validation (right) loss against step; a line per run. The
+    validation panel shades the plateau window of the runs (the last ``plateau_fraction`` of
+    their steps; one band per distinct run length)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False, layout="constrained")
     seeds = sorted(histories["seed"].unique())
@@ -214,6 +265,12 @@ def plot_loss(dataset: str, histories: pd.DataFrame):
                 markersize=3,
                 label=f"{attention}, seed {seed}",
             )
+        if split == "val":
+            for i, (start, end) in enumerate(plateau_windows(histories, plateau_fraction)):
+                ax.axvspan(
+                    start, end, color="0.85", zorder=0,
+                    label=f"plateau window (last {plateau_fraction:.0%})" if i == 0 else None,
+                )  # fmt: skip
         ax.set_title(f"{'training' if split == 'train' else 'validation'} loss")
         ax.set_xlabel("step")
         ax.set_ylabel("masked-gene cross-entropy")
@@ -241,8 +298,12 @@ def run_umap(args: argparse.Namespace) -> None:
 
 
 def run_loss(args: argparse.Namespace) -> None:
+    if not 0.0 < args.plateau_fraction <= 1.0:
+        raise ConfigError(
+            f"figures loss: --plateau-fraction must be in (0, 1], got {args.plateau_fraction}"
+        )
     histories = read_histories(args.histories, args.embeddings)
-    save_figure(plot_loss(args.dataset, histories), args.png, args.pdf)
+    save_figure(plot_loss(args.dataset, histories, args.plateau_fraction), args.png, args.pdf)
 
 
 def register(subparsers) -> None:
@@ -270,6 +331,12 @@ def register(subparsers) -> None:
     q.add_argument("--histories", nargs="+", required=True, help="history.csv of each run")
     q.add_argument(
         "--embeddings", nargs="+", required=True, help="each run's embedding, in the same order"
+    )
+    q.add_argument(
+        "--plateau-fraction",
+        type=float,
+        default=PLATEAU_FRACTION,
+        help="the last part of each run's steps shaded as its plateau window (default 0.2)",
     )
     outputs(q)
     q.set_defaults(func=run_loss)

@@ -10,6 +10,15 @@ The softmax and sigmoid models differ in exactly one place: the ``kind`` string 
 sigmoid's per-cell bias ``-log(n_i)``). Parameters, their order and their initialisation do
 not depend on the kind, so the same seed gives the same initial weights for both.
 
+With ``cls_token`` on, the encoder prepends one CLS token (``CLS_ID``, tokenize's ``cls_id``)
+to every cell inside :meth:`Encoder.forward`, on the device: gene token ``i`` of cell ``c`` moves
+to packed position ``i + c + 1``, the CLS token of cell ``c`` sits at ``cu_seqlens[c] + c``, and
+the rank positions shift by one (CLS takes position 0, so ``pos_emb`` has ``max_len + 1`` rows).
+The blocks run on the longer packed sequence (sigmoid's bias is then ``-log(n_i + 1)``); the
+forward still returns the gene tokens' states in the caller's order, so the masked-gene loss
+and the training loop do not change, and ``return_cls=True`` adds the CLS states ``[B, d]``.
+With ``cls_token`` off the model is exactly the plain encoder.
+
 The masked-gene head is tied to the token embedding (GPT-2 / BERT style): the logit of gene
 ``g`` is the dot product of the final hidden state with ``g``'s input embedding. Tying halves
 the parameters that scale with the vocabulary and is what the reference models of the field do.
@@ -27,6 +36,9 @@ import torch.nn.functional as F
 from .attention import ATTENTION_KINDS, VarlenBatch, attention_varlen
 from .attention.reference import cell_index
 
+#: the CLS token's id (tokenize's ``cls_id``; token ids 0-2 are pad, mask, cls)
+CLS_ID = 2
+
 
 @dataclass
 class ModelConfig:
@@ -38,6 +50,8 @@ class ModelConfig:
     vocab_size: int = 0  # token ids are 0 .. vocab_size - 1 (specials included), from tokens.npz
     max_len: int = 256  # the longest cell in tokens (rank positions 0 .. max_len - 1)
     attention: str = "sigmoid"  # "softmax" | "sigmoid"
+    # one CLS token per cell, prepended inside forward (off: records written before it existed)
+    cls_token: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -97,7 +111,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_len, config.d_model)  # rank within the cell
+        # rank within the cell; a CLS token takes rank 0 and shifts the genes' ranks by one
+        self.pos_emb = nn.Embedding(config.max_len + int(config.cls_token), config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -116,24 +131,59 @@ class Encoder(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        return_cls: bool = False,
+    ):
         """Hidden states of packed tokens.
 
         input_ids: int ``[T]``; cu_seqlens: int32 ``[B + 1]`` with ``cu_seqlens[-1] == T``;
         max_seqlen: the longest cell (an int, so the GPU never has to be asked).
-        Returns float ``[T, d_model]`` after the final layer norm.
+        Returns float ``[T, d_model]`` after the final layer norm: the states of the gene tokens
+        given, in their order (a CLS token, when the model has one, is not among them).
+        ``return_cls=True`` (models with ``cls_token`` only) returns ``(genes, cls)``, ``cls``
+        the CLS tokens' final states ``[B, d_model]``.
         """
+        if return_cls and not self.config.cls_token:
+            raise ValueError("return_cls=True needs a model built with cls_token=True")
+        if self.config.cls_token:
+            # the CLS step extends cu_seqlens first; the batch below describes the longer one
+            input_ids, cu_seqlens, genes, cls = with_cls_tokens(input_ids, cu_seqlens, CLS_ID)
+            max_seqlen += 1
         # the batch's sequence metadata, built once here and shared by every layer
         batch = VarlenBatch(cu_seqlens, max_seqlen, input_ids.shape[0])
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(batch.rank))
         for block in self.blocks:
             x = block(x, batch)
-        return self.ln_f(x)
+        x = self.ln_f(x)
+        if not self.config.cls_token:
+            return x
+        return (x[genes], x[cls]) if return_cls else x[genes]
 
     def gene_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d_model]`` -> ``[..., vocab_size]``, the head tied to the token embedding."""
         return hidden @ self.tok_emb.weight.t()
+
+
+def with_cls_tokens(
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, cls_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prepend one ``cls_id`` token to every packed cell, on the device (no host sync).
+
+    Returns ``(ids, cu, genes, cls)``: the longer packed ids ``[T + B]`` and their
+    ``cu_seqlens`` (``cu + arange(B + 1)``), the new positions of the given tokens ``[T]``
+    (token ``i`` of cell ``c`` -> ``i + c + 1``) and of the CLS tokens ``[B]``
+    (``cu[c] + c``).
+    """
+    total, batch = input_ids.shape[0], cu_seqlens.shape[0] - 1
+    steps = torch.arange(batch + 1, device=cu_seqlens.device)
+    genes = torch.arange(total, device=input_ids.device) + cell_index(cu_seqlens, total) + 1
+    cls = cu_seqlens[:-1].long() + steps[:-1]
+    ids = input_ids.new_full((total + batch,), cls_id).scatter(0, genes, input_ids)
+    return ids, cu_seqlens + steps.to(cu_seqlens.dtype), genes, cls
 
 
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,17 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def model_config(model_params: Model, attention: str, tokens) -> ModelConfig:
+    """The encoder's config: the config's model section, the kind, and the tokens' vocabulary
+    size and longest cell (``embed --untrained`` builds its encoder the same way)."""
+    return ModelConfig(
+        **dataclasses.asdict(model_params),
+        vocab_size=tokens.vocab_size,
+        max_len=tokens.max_len,
+        attention=attention,
+    )
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -263,12 +274,7 @@ def train(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{dataset}: seed must be an integer >= 0, got {seed!r}")
     tokens = load_tokens(tokens_path, dataset)
-    model_cfg = ModelConfig(
-        **dataclasses.asdict(model_params),
-        vocab_size=tokens.vocab_size,
-        max_len=tokens.max_len,
-        attention=attention,
-    )
+    model_cfg = model_config(model_params, attention, tokens)
     dev = resolve_device(device)
     dist = dist_from_env()
     train_cells, val_cells = tokens.cells("train"), tokens.cells("val")

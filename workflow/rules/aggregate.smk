@@ -1,4 +1,5 @@
-# Across datasets and seeds: tables (sigmoid vs softmax, paired test, paper's claim) and figures.
+# Across datasets and seeds: tables (sigmoid vs softmax with bootstrap confidence intervals,
+# paired tests, baselines, the paper's claim; training per run set) and figures.
 
 
 rule aggregate:
@@ -17,6 +18,11 @@ rule aggregate:
         ),
         summary_md="results/tables/representation_summary.md",
         summary_tex="results/tables/representation_summary.tex",
+        training_csv=report(
+            "results/tables/representation_training.csv",
+            caption="../report/representation_training.rst",
+            category="Tables",
+        ),
     benchmark:
         "results/benchmarks/aggregate/representation.tsv"
     log:
@@ -31,10 +37,11 @@ rule aggregate:
     shell:
         "python -m sigmoid_sc.cli aggregate --metrics {input.metrics:q} --params-json {params.aggregate:q}"
         " --table {output.table:q} --summary-csv {output.summary_csv:q}"
-        " --summary-md {output.summary_md:q} --summary-tex {output.summary_tex:q} > {log:q} 2>&1"
+        " --summary-md {output.summary_md:q} --summary-tex {output.summary_tex:q}"
+        " --training-csv {output.training_csv:q} > {log:q} 2>&1"
 
 
-# Every metric per dataset: softmax, sigmoid (seed spread) and the PCA baseline.
+# Every metric per dataset: every method side by side (seed spread), the baselines included.
 rule figure_metrics:
     input:
         table=rules.aggregate.output.table,

@@ -62,8 +62,17 @@ def train_cli():
 
 
 def model_embeddings(wildcards):
-    """Embeddings of one dataset's test cells: every attention x seed, then PCA."""
-    return run_embeddings(wildcards) + [f"results/{wildcards.dataset}/embed/pca.npz"]
+    """Embeddings of one dataset's test cells: every attention x seed, then the baselines (the
+    untrained encoder of each attention kind, PCA)."""
+    return (
+        run_embeddings(wildcards)
+        + expand(
+            "results/{dataset}/embed/untrained_{attention}.npz",
+            dataset=wildcards.dataset,
+            attention=ATTENTIONS,
+        )
+        + [f"results/{wildcards.dataset}/embed/pca.npz"]
+    )
 
 
 def dataset_histories(wildcards):
@@ -161,6 +170,7 @@ def final_targets():
                 "representation_summary.csv",
                 "representation_summary.md",
                 "representation_summary.tex",
+                "representation_training.csv",
             ],
         )
         + expand("results/figures/metrics.{ext}", ext=["png", "pdf"])

@@ -1,4 +1,6 @@
-# Embeddings of the held-out (test) cells: one per trained model, plus the PCA baseline.
+# Embeddings of the held-out (test) cells: one per trained model (mean pooling, and CLS pooling
+# in the same file when model.cls_token is on), plus the baselines: the untrained encoder of each
+# kind and PCA.
 
 
 rule embed:
@@ -24,6 +26,36 @@ rule embed:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli embed --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
         " --model {input.model:q} --device {params.device} --output {output.embedding:q}"
+        " > {log:q} 2>&1"
+
+
+# The untrained baseline: the same encoder at the initial weights of its seed-0 training runs
+# (mean pooling), so the tables show what training adds to the architecture.
+rule embed_untrained:
+    input:
+        tokens=rules.tokenize.output.tokens,
+    output:
+        embedding="results/{dataset}/embed/untrained_{attention}.npz",
+    benchmark:
+        "results/benchmarks/embed_untrained/{dataset}/{attention}.tsv"
+    log:
+        "results/logs/embed/{dataset}/untrained_{attention}.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    params:
+        model=section_json("model"),
+        mask_prob=lookup(within=config, dpath="train/mask_prob"),
+        device=lookup(within=config, dpath="device"),
+    message:
+        "embed {wildcards.dataset}: untrained {wildcards.attention} encoder"
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " python -m sigmoid_sc.cli embed --dataset {wildcards.dataset:q} --tokens {input.tokens:q}"
+        " --untrained {wildcards.attention} --model-json {params.model:q}"
+        " --mask-prob {params.mask_prob} --device {params.device} --output {output.embedding:q}"
         " > {log:q} 2>&1"
 
 
