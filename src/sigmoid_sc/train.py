@@ -1,7 +1,9 @@
 """``sigmoid-sc train``: masked-gene pre-training of the encoder on one dataset's tokens.
 
-Read top to bottom: config, schedule and stopping rule, the step, then the run: data, model,
-optimiser, resume, the loop (batch, step, evaluate, stop?, checkpoint), final model. Everything
+Read top to bottom: schedule and stopping rule, the step, then the run: data, model, optimiser,
+resume, the loop (batch, step, evaluate, stop?, checkpoint), final model. The settings arrive as
+``config.Model`` and ``config.Train`` (:func:`sigmoid_sc.config.section`, validated there against
+the schema, ``train.stop`` a nested ``config.Stop``). Everything
 random is a function of ``(seed, step)``: the cells of step ``t`` are the ``t``-th stretch of a
 stream of per-epoch permutations of the training cells seeded by ``(seed, epoch)``, packed up to
 ``train.batch_tokens`` (:class:`sigmoid_sc.tokens.TokenBatches`), the masked positions come from
