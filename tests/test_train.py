@@ -506,9 +506,10 @@ def test_embed_of_a_cls_model_writes_mean_and_cls_pooling_and_the_records_facts(
         np.testing.assert_allclose(npz["X_emb_cls"], cls.numpy(), rtol=1e-5, atol=1e-5)
         mean = pool(genes, torch.from_numpy(cu)).numpy()
         np.testing.assert_allclose(npz["X_emb"], mean, rtol=1e-5, atol=1e-5)
-        # today's record: steps from the config, nothing on stopping or the plateau
-        assert int(npz["steps"]) == TINY_TRAIN["steps"] and str(npz["stop_reason"]) == ""
-        assert np.isnan(npz["plateau"])
+        # the record's facts: steps trained, why the run stopped, whether it plateaued
+        assert int(npz["steps"]) == record["steps_trained"] == TINY_TRAIN["steps"]
+        assert str(npz["stop_reason"]) == record["stop_reason"] == "max_steps"
+        assert float(npz["plateau"]) == float(record["plateau"])
     # a record that says how the run stopped: the embedding carries it
     record.update(steps_trained=9, stop_reason="plateau", plateau=True, final_val_loss=3.0)
     torch.save(record, model_path)
