@@ -144,7 +144,13 @@ def test_the_tarballs_hold_tables_figures_logs_and_embeddings(bundle):
     assert "results/benchmarks/train/blobs/softmax_seed0.tsv" in logs
     assert "results/blobs/train/sigmoid_seed0/history.csv" in logs
     embeddings = members(out / "embeddings.tar.gz")
-    for method in ("softmax_seed0", "sigmoid_seed0", "pca"):
+    for method in (
+        "softmax_seed0",
+        "sigmoid_seed0",
+        "untrained_softmax",
+        "untrained_sigmoid",
+        "pca",
+    ):
         assert f"results/blobs/embed/{method}.npz" in embeddings
 
 
@@ -223,7 +229,10 @@ def run_collect(workdir: Path, *bundles: Path, config: Path) -> subprocess.Compl
 def test_collect_finishes_the_dag_here_from_the_gpu_hosts_embeddings(tmp_path):
     """tools/gpu_collect.sh: a call that stopped at the embeddings (a DAG split over calls) is
     unpacked and finished here: evaluate, aggregate and figures run; nothing trains again."""
-    embeddings = "results/blobs/embed/softmax_seed0.npz results/blobs/embed/sigmoid_seed0.npz"
+    embeddings = " ".join(
+        f"results/blobs/embed/{name}.npz"
+        for name in ("softmax_seed0", "sigmoid_seed0", "untrained_softmax", "untrained_sigmoid")
+    )
     process, out = run_pipeline(
         tmp_path,
         budget_s=400,
@@ -240,13 +249,13 @@ def test_collect_finishes_the_dag_here_from_the_gpu_hosts_embeddings(tmp_path):
     assert done.returncode == 0, log[-6000:]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", log, re.M))
     assert jobs.get("evaluate") == "1" and jobs.get("aggregate") == "1", jobs
-    assert not {"train", "tokenize", "embed"} & set(jobs), jobs
+    assert not {"train", "tokenize", "embed", "embed_untrained"} & set(jobs), jobs
     for name in ("representation_summary.md", "representation.csv"):
         assert (work / "results" / "tables" / name).stat().st_size > 0
     assert (work / "results" / "figures" / "umap_blobs.png").is_file()
     metrics = (work / "results" / "blobs" / "metrics.csv").read_text()
     assert "sigmoid" in metrics and "softmax" in metrics
-    # the models' embeddings are the GPU host's, byte for byte
+    # the encoders' embeddings (trained and untrained) are the GPU host's, byte for byte
     assert all((work / p).read_bytes() == data for p, data in sent.items())
     assert not list(work.glob(".gpu_collect.*")), "the staging folder was left behind"
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
+from sigmoid_sc import model as model_module
 from sigmoid_sc.attention import VarlenBatch, attention_varlen, varlen
 from sigmoid_sc.attention.reference import cell_and_rank, pad_packed, unpad
 from sigmoid_sc.model import Encoder, ModelConfig
@@ -109,18 +110,22 @@ def _count_calls(monkeypatch, module, name):
     "attention, backend",
     [("softmax", "reference"), ("sigmoid", "reference"), ("sigmoid", "triton")],
 )
-def test_the_encoder_builds_the_metadata_once_a_forward(attention, backend, monkeypatch):
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_the_encoder_builds_the_metadata_once_a_forward(attention, backend, cls_token, monkeypatch):
     """Three layers, one forward and backward: the token-to-cell map and the kernel's launch
-    order are built once (they were built in every layer)."""
+    order are built once (they were built in every layer); with a CLS token too, the batch then
+    describing the extended cells."""
     monkeypatch.setenv("SIGMOID_SC_ATTENTION_BACKEND", backend)
     cell_maps = _count_calls(monkeypatch, varlen, "cell_and_rank")
     orders = _count_calls(monkeypatch, varlen.torch, "argsort")
     config = ModelConfig(vocab_size=20, max_len=40, d_model=64, n_heads=2, n_layers=3, d_ff=64,
-                         attention=attention)  # fmt: skip
+                         attention=attention, cls_token=cls_token)  # fmt: skip
     model = Encoder(config)
+    batches = _count_calls(monkeypatch, model_module, "VarlenBatch")
     cu, max_seqlen, _, _, _ = packed()
     ids = torch.randint(3, 20, (int(cu[-1]),), generator=torch.Generator().manual_seed(SEED))
     model(ids, cu, max_seqlen).sum().backward()
+    assert len(batches) == 1
     assert len(cell_maps) == 1
     assert len(orders) == (1 if attention == "sigmoid" and backend == "triton" else 0)
 
@@ -134,7 +139,8 @@ def test_the_encoder_builds_the_metadata_once_a_forward(attention, backend, monk
         ("softmax", "SIGMOID_SC_SOFTMAX_BACKEND", "reference"),
     ],
 )
-def test_no_host_reads_in_a_training_step(attention, env, backend, monkeypatch):
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_no_host_reads_in_a_training_step(attention, env, backend, cls_token, monkeypatch):
     """The encoder's forward and backward on fake tensors, which raise on any read of a device
     value on the host (``.item()``, ``.tolist()``, a boolean-mask index): every attention path
     the encoder takes is free of device syncs. The kernel's optional value check is such a
@@ -142,7 +148,7 @@ def test_no_host_reads_in_a_training_step(attention, env, backend, monkeypatch):
     monkeypatch.setenv(env, backend)
     with FakeTensorMode():
         config = ModelConfig(vocab_size=20, max_len=40, d_model=64, n_heads=2, n_layers=2,
-                             d_ff=64, attention=attention)  # fmt: skip
+                             d_ff=64, attention=attention, cls_token=cls_token)  # fmt: skip
         model = Encoder(config)
         ids = torch.randint(3, 20, (98,))
         cu = torch.tensor([0, 7, 8, 41, 53, 93, 98], dtype=torch.int32)

@@ -89,9 +89,10 @@ rm -rf "$STAGE"
 # shellcheck disable=SC2086  # a list of config files, split on spaces
 config_paths "$REPO" $CONFIGS
 cd "$WORKDIR"
-# the rules that read embeddings and data only; train, tokenize, embed and the GPU experiments
-# are left out, so their outputs (or their absence) are taken as they are. pca is allowed: the
-# cells are prepared anew here, so its (deterministic, CPU) baseline is computed again.
+# the rules that read embeddings and data only; train, tokenize, embed, embed_untrained and the
+# GPU experiments are left out, so their outputs (or their absence) are taken as they are. pca is
+# allowed: the cells are prepared anew here, so its (deterministic, CPU) baseline is computed
+# again.
 ALLOWED=(download prepare pca evaluate aggregate figure_metrics figure_umap figure_loss all)
 set +e
 "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORKDIR" --cores "$CORES" \
