@@ -186,6 +186,8 @@ def test_outputs_are_right(slurm_run):
         (dataset, kind, seed) for kind in config["attentions"] for seed in config["seeds"]
     }
     expected_rows.add((dataset, "pca", -1))
+    # the untrained encoders (seed-0 initial weights), a baseline beside PCA
+    expected_rows |= {(dataset, f"untrained_{kind}", 0) for kind in config["attentions"]}
     assert set(zip(table["dataset"], table["method"], table["seed"])) == expected_rows
     assert len(table) == len(expected_rows)
     for metric in [
@@ -203,7 +205,7 @@ def test_outputs_are_right(slurm_run):
         assert np.isfinite(values).all(), (metric, values)
         lower = -1.0 if metric.startswith("ari") else 0.0
         assert ((values >= lower) & (values <= 1.0)).all(), (metric, values)
-    models = table[table["method"] != "pca"]
+    models = table[table["method"] != "pca"]  # trained and untrained encoders
     assert np.isfinite(models["val_loss"]).all() and (models["val_loss"] > 0).all()
     assert table.loc[table["method"] == "pca", "val_loss"].isna().all()
 
