@@ -350,6 +350,85 @@ def test_softmax_padded_path_matches_reference(lengths, backends, seed, monkeypa
     assert softmax_backend(torch.device("cuda"), 64 * 150, 64, 1024) == "njt"
 
 
+def _fake_varlen_attn(calls, takes_scale):
+    """Stands in for ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention, CUDA only):
+    records what it was given and computes softmax attention per sequence, as the real one
+    does, from ``cu_seq_q`` alone (never the caller's padded layout)."""
+
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        call = dict(cu_q=cu_seq_q, cu_k=cu_seq_k, max_q=max_q, max_k=max_k)
+        calls.append(call if scale is None else {**call, "scale": scale})
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        out = torch.empty_like(query)
+        bounds = cu_seq_q.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[a:b].float().transpose(0, 1) for t in (query, key, value))
+            weights = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+            out[a:b] = (weights @ vs).transpose(0, 1).to(query.dtype)
+        return out
+
+    if takes_scale:
+        return attend
+
+    def without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):  # torch 2.10
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    return without_scale
+
+
+@pytest.mark.parametrize("takes_scale", [True, False])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_softmax_flash_varlen_path_hands_over_the_packed_batch(
+    takes_scale, scale, seed, monkeypatch
+):
+    """The ``varlen`` softmax backend gives PyTorch's FlashAttention varlen function the packed
+    tokens, the batch's int32 ``cu_seqlens`` for queries and keys and its host-int
+    ``max_seqlen``; a scale other than 1/sqrt(D) reaches it as ``scale`` or folded into q.
+    Checked here against the reference with a stand-in for the CUDA-only function; on a GPU,
+    test_softmax_flash_varlen_path_on_cuda runs the real one."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from sigmoid_sc.attention import VarlenBatch
+
+    calls = []
+    monkeypatch.setattr(varlen_module, "varlen_attn", _fake_varlen_attn(calls, takes_scale))
+    cu, max_seqlen, (q, k, v, _) = _packed_inputs([1, 17, 40], 32, torch.float32, seed)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    seqs = VarlenBatch(cu, max_seqlen, q.shape[0])
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "varlen")
+    out = attention_varlen("softmax", q, k, v, seqs, scale=scale)
+    (call,) = calls
+    assert call["cu_q"] is seqs.cu_seqlens and call["cu_k"] is seqs.cu_seqlens
+    assert call["max_q"] == call["max_k"] == max_seqlen and type(call["max_q"]) is int
+    assert ("scale" in call) == (takes_scale and scale is not None)
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "reference")
+    ref = attention_varlen("softmax", *(t.double() for t in (q, k, v)), cu, max_seqlen, scale=scale)
+    assert _rel(out, ref) < 1e-2, f"seed {seed}"
+    # fp32 is refused by name (FlashAttention takes 16-bit inputs only)
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "varlen")
+    with pytest.raises(ValueError, match="'varlen' takes fp16 or bf16"):
+        attention_varlen("softmax", q.float(), k.float(), v.float(), cu, max_seqlen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_softmax_flash_varlen_path_on_cuda(seed, monkeypatch):
+    """The real FlashAttention varlen function against the float64 reference, forward and
+    gradients, bf16, lengths 1 to 300 in one packed batch."""
+    cu, max_seqlen, (q, k, v, do) = _packed_inputs([1, 17, 128, 129, 300], 64, torch.float32, seed)
+    cu = cu.cuda()
+    leaves = [t.cuda().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "varlen")
+    out = attention_varlen("softmax", *leaves, cu, max_seqlen)
+    out.backward(do.cuda().to(torch.bfloat16))
+    monkeypatch.setenv("SIGMOID_SC_SOFTMAX_BACKEND", "reference")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = attention_varlen("softmax", *ref_leaves, cu, max_seqlen)
+    ref.backward(do.cuda().double())
+    errors = [_rel(out, ref)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
+    assert max(errors) < 2e-2, f"seed {seed}: {errors}"
+
+
 def test_padded_reference_consistent_with_varlen_reference(seed):
     """Sanity of the ground truth itself: its two layouts agree."""
     cu, max_seqlen, (q, k, v, _) = _packed_inputs([4, 11], 32, torch.float64, seed)

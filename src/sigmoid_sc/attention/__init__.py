@@ -11,7 +11,9 @@ implementation runs:
   long as padding at most multiplies the rows by ``PADDED_MAX_RATIO``; batches of short cells
   beside a long one (padding beyond that) take SDPA on nested jagged tensors
   (FlashAttention-2-class varlen, no compute on padding), which can also be requested, as can
-  FlexAttention with a document mask; elsewhere the PyTorch reference.
+  FlexAttention with a document mask and PyTorch's FlashAttention varlen entry point
+  (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10, 16-bit inputs on CUDA);
+  elsewhere the PyTorch reference.
 
 The kernel's own entry points, :func:`sigmoid_attention_varlen` and
 :func:`sigmoid_attention_padded` (FlashAttention-style signatures), import from here too; Triton
@@ -20,11 +22,13 @@ is imported only when they are first used, so importing this package stays cheap
 Environment overrides (read at each call, so tests can switch):
 ``SIGMOID_SC_ATTENTION_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference`` for sigmoid
 (``triton`` on CPU needs ``TRITON_INTERPRET=1``); ``SIGMOID_SC_SOFTMAX_BACKEND`` = ``auto`` |
-``padded`` | ``njt`` | ``flex`` | ``reference`` for softmax.
+``padded`` | ``njt`` | ``flex`` | ``varlen`` | ``reference`` for softmax.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 
 import torch
@@ -40,7 +44,7 @@ from .varlen import VarlenBatch
 
 ATTENTION_KINDS = ("softmax", "sigmoid")
 SIGMOID_BACKENDS = ("auto", "triton", "reference")
-SOFTMAX_BACKENDS = ("auto", "padded", "njt", "flex", "reference")
+SOFTMAX_BACKENDS = ("auto", "padded", "njt", "flex", "varlen", "reference")
 
 #: the kernel's public functions, imported from ``triton_sigmoid`` on first use (Triton is heavy)
 _KERNEL_API = ("sigmoid_attention_varlen", "sigmoid_attention_padded")
@@ -99,7 +103,8 @@ def softmax_backend(
     device: torch.device, total: int | None = None, batch: int | None = None,
     max_seqlen: int | None = None,
 ) -> str:  # fmt: skip
-    """``padded``, ``njt``, ``flex`` or ``reference``: what softmax runs on ``device`` now.
+    """``padded``, ``njt``, ``flex``, ``varlen`` or ``reference``: what softmax runs on
+    ``device`` now.
 
     ``auto`` on CUDA: ``padded`` unless the batch's shape (``total`` tokens in ``batch``
     sequences of at most ``max_seqlen``) would pad to more than ``PADDED_MAX_RATIO`` x
@@ -200,6 +205,35 @@ def softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen=None, scale=Non
     return out.transpose(1, 2).values()
 
 
+def softmax_attention_varlen_flash(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+    """Softmax attention through PyTorch's FlashAttention varlen entry point
+    (``torch.nn.attention.varlen.varlen_attn``) on the packed tokens: no padding, no nested
+    tensors, no host read of ``cu_seqlens``; ``[total, H, D]`` in and out, fp16 or bf16 on CUDA.
+    ``cu_seqlens``: as in :func:`softmax_attention_varlen_padded`. A scale other than
+    ``1/sqrt(D)`` is given to the function where it takes one (torch >= 2.11) and folded into
+    q otherwise."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as error:  # torch < 2.10
+        raise ValueError(
+            f"softmax backend 'varlen' needs torch.nn.attention.varlen (torch >= 2.10); "
+            f"torch {torch.__version__} has none"
+        ) from error
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"softmax backend 'varlen' takes fp16 or bf16 inputs, not {q.dtype}")
+    seqs = VarlenBatch.of(cu_seqlens, max_seqlen, q.shape[0])
+    head_dim = q.shape[-1]
+    scale = default_scale(head_dim, scale)
+    kwargs = {}
+    if scale != default_scale(head_dim, None):
+        if "scale" in inspect.signature(varlen_attn).parameters:
+            kwargs["scale"] = scale
+        else:
+            q = q * (scale * math.sqrt(head_dim))
+    cu = seqs.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, seqs.max_seqlen, seqs.max_seqlen, **kwargs)
+
+
 _FLEX = {}
 
 
@@ -273,6 +307,8 @@ def attention_varlen(
         return softmax_attention_varlen_njt(q, k, v, seqs, scale=scale)
     if backend == "flex":
         return softmax_attention_varlen_flex(q, k, v, seqs, scale=scale)
+    if backend == "varlen":
+        return softmax_attention_varlen_flash(q, k, v, seqs, scale=scale)
     return softmax_attention_varlen_reference(q, k, v, seqs, scale=scale)
 
 
@@ -286,6 +322,7 @@ __all__ = [
     "sigmoid_attention_varlen",
     "sigmoid_attention_varlen_reference",
     "sigmoid_backend",
+    "softmax_attention_varlen_flash",
     "softmax_attention_varlen_flex",
     "softmax_attention_varlen_njt",
     "softmax_attention_varlen_padded",
