@@ -171,6 +171,16 @@ class StressTest:
     divergence_factor: float
     logit_queries: int
     logit_every: int
+    task: str  # preference | ordered (sigmoid_sc.stress_test.RankSequences)
+    task_seed: int | None  # seed of the programmes; None: seed
+    module_size: int
+    programme_noise: float | None
+    norm: str  # the encoder's switches (sigmoid_sc.model)
+    qk_norm: bool
+    layer_scale: float | None
+    schedule: str  # after warm-up: constant | cosine (to min_lr_ratio x the peak at max_steps)
+    min_lr_ratio: float
+    checkpoint_every: int
 
     @property
     def lrs(self) -> list[float]:

@@ -4,6 +4,7 @@
 
 
 # Softmax vs sigmoid from the same init, long sequences, no gradient clipping: who diverges.
+# A job stopped by SIGTERM (a time limit) checkpoints its arms and fails; its rerun continues.
 rule stress_test:
     output:
         log="results/tables/stress_test.csv",
@@ -32,6 +33,7 @@ rule stress_test:
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli stress-test --params-json {params.stress:q} --device {params.device}"
+        " --checkpoint-dir results/experiments/stress_test/checkpoints"
         " --log-csv {output.log:q} --summary {output.summary:q}"
         " --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
 
