@@ -579,7 +579,8 @@ def _worker(params: dict, device_name: str, jobs, results, runs_dir: str, state_
         name, lr, seed = job
         job_name = f"[{name} lr={lr:g} seed={seed}] "
         planned = cfg.warmup_steps + cfg.steps
-        if step_s is not None and time.time() + 1.1 * step_s * planned > deadline:
+        late = time.time() > deadline  # nothing to train: no model, no checkpoint
+        if late or (step_s is not None and time.time() + 1.1 * step_s * planned > deadline):
             results.put(("skipped", job, None))
             continue
         try:
@@ -643,7 +644,8 @@ def run_gpu_sweep(cfg: StabilitySweep, params: dict, runs_dir: Path, state_dir: 
         try:
             status, job, info = results.get(timeout=5.0)
         except queue.Empty:
-            if time.time() > deadline + 120 or not any(p.is_alive() for p in procs):
+            # a worker stops its run within a step of the deadline and checkpoints it
+            if time.time() > deadline + 30 or not any(p.is_alive() for p in procs):
                 log("sweep: workers did not report in time; stopping them")
                 break
             continue
@@ -661,7 +663,7 @@ def run_gpu_sweep(cfg: StabilitySweep, params: dict, runs_dir: Path, state_dir: 
     for _ in procs:
         jobs.put(None)
     for p in procs:
-        p.join(timeout=max(10.0, deadline + 60 - time.time()))
+        p.join(timeout=max(5.0, deadline + 20 - time.time()))
         if p.is_alive():
             p.terminate()
             p.join(timeout=10)
