@@ -21,7 +21,10 @@ from sigmoid_sc.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
 #: configs that only override another one (Snakemake merges them: --configfile A B)
-OVERLAYS = {"configs/h200_run.yaml": "configs/shared_data.yaml"}
+OVERLAYS = {
+    "configs/h200_run.yaml": "configs/shared_data.yaml",
+    "configs/stability.yaml": "configs/paper.yaml",
+}
 CPU = torch.device("cpu")
 
 

@@ -333,3 +333,61 @@ def test_tiny_sweep_runs_end_to_end_through_snakemake(tmp_path):
     jobs = dict(re.findall(r"^(stability_\w+)\s+(\d+)$", dry.stdout + dry.stderr, re.M))
     # the boundary and the tables again; seed 2's runs join once the boundary is rewritten
     assert jobs == {"stability_boundary": "1", "stability_sweep": "1"}, dry.stdout[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# tools/gpu_stability.sh (the GPU host's command), in its CPU smoke mode
+
+
+def gpu_script(tmp_path, **env_vars):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "SMOKE": "1",
+           "PACK_DIR": str(tmp_path / "out"), "CARRY": str(tmp_path / "carry"),
+           "PYTHON": sys.executable, "BUDGET": "240", "TMPDIR": str(tmp_path), **env_vars}  # fmt: skip
+    process = subprocess.run(["bash", str(ROOT / "tools" / "gpu_stability.sh")], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) <= 8 and all(re.match(r"^[A-Za-z0-9._-]+$", f) for f in files), files
+    return process
+
+
+@pytest.mark.slow
+def test_gpu_script_sweep_returns_its_tables_and_the_runs_a_next_call_reuses(tmp_path):
+    gpu_script(tmp_path, WORKERS="1")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "stability_boundary.csv", "stability_boundary.md", "stability_lr.png",
+        "stability_logits.png", "stability_runs.csv", "stability_runs.tar.gz",
+        "stability_sweep.log", "versions.txt",
+    ])  # fmt: skip
+    runs = pd.read_csv(out / "stability_runs.csv")
+    # configs/stability.yaml's sweep, made tiny: 2 arms x 2 rates, then seed 1 at the boundary
+    assert len(runs) == 8 and set(runs["seed"]) == {0, 1} and (runs["planned_steps"] == 8).all()
+    assert "Complete: 8 of 8" in (out / "stability_boundary.md").read_text()
+    # the next call on a fresh machine: the returned runs unpacked into the carried folder
+    carry = tmp_path / "next"
+    carry.mkdir()
+    with tarfile.open(out / "stability_runs.tar.gz") as tar:
+        tar.extractall(carry, filter="data")
+    (carry / "runs" / "sigmoid_pre" / "lr0.03" / "seed1" / "summary.json").unlink()
+    gpu_script(tmp_path, WORKERS="1", CARRY=str(carry), PACK_DIR=str(tmp_path / "out2"))
+    log = (tmp_path / "out2" / "stability_sweep.log").read_text()
+    assert "7 runs finished earlier, 1 to run" in log
+    assert len(pd.read_csv(tmp_path / "out2" / "stability_runs.csv")) == 8
+
+
+@pytest.mark.slow
+def test_gpu_script_confirmation_packs_its_arms_and_a_second_call_reuses_them(tmp_path):
+    def call():
+        gpu_script(tmp_path, PART="confirm", CONFIRM_LRS="0.001")
+        return (tmp_path / "out" / "stress_test.log").read_text()
+
+    call()
+    out = tmp_path / "out"
+    summary = json.loads((out / "stress_test_summary.json").read_text())
+    assert summary["complete"] and set(summary["arms"]) == {"softmax", "sigmoid"}
+    assert summary["config"]["task"] == "ordered" and summary["config"]["lr"] == [0.001]
+    with tarfile.open(out / "stress_confirm_arms.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["sigmoid.pt", "softmax.pt"]
+    log = call()  # the finished arms come from their checkpoints, not trained again
+    assert log.count("finished earlier") == 2
