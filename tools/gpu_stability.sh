@@ -29,8 +29,10 @@
 #
 # Packages: torch (and Triton for the sigmoid kernel), numpy, pandas, matplotlib, PyYAML and
 # jsonschema (the config's validation). An image without jsonschema gets it from the wheels in
-# WHEELS (default .whl: tools/gpu_wheels.sh's .whl/xz/wheels.tar.xz, or the four wheels
-# jsonschema, jsonschema_specifications, referencing, rpds_py for its Python), installed into
+# WHEELS (default .whl: tools/gpu_wheels.sh's .whl/xz/wheels.tar.xz, or just the four wheels
+# for the host's Python, fetched here with e.g. `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 -d .whl jsonschema==4.26.0
+# jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1`), installed into
 # /tmp/site for this call; carry them with the runs.
 #
 # Time on one H100 (an estimate from FLOPs, not yet a measurement):
@@ -154,8 +156,12 @@ print(json.dumps(section, sort_keys=True))
 EOF
 }
 
-# the time this call has left, less MARGIN seconds
-left() { echo $((BUDGET - ($(date +%s) - T0) - $1)); }
+# left MARGIN: the seconds this call has left, less MARGIN (at least 1: `timeout 0` never ends)
+left() {
+    local s=$((BUDGET - ($(date +%s) - T0) - $1))
+    [ "$s" -lt 1 ] && s=1
+    echo "$s"
+}
 
 case "$PART" in
 sweep)
