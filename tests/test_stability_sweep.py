@@ -165,7 +165,7 @@ def test_a_job_writes_its_log_and_summary_and_a_rerun_reads_them(tmp_path):
 def test_the_run_cli_stops_at_its_budget_fails_and_its_rerun_ends_where_one_run_would(tmp_path):
     from sigmoid_sc.cli import main
 
-    params = {**TINY_SWEEP, "steps": 40, "final_window": 5, "checkpoint_every": 5}
+    params = {**TINY_SWEEP, "steps": 600, "final_window": 5, "checkpoint_every": 50}
     # a job gets the section without the lists of rates and seeds, and its own arm only
     job = {k: v for k, v in params.items() if k not in ("lrs", "seeds", "arms")}
     job["arms"] = [TINY_SWEEP["arms"][1]]
@@ -176,7 +176,7 @@ def test_the_run_cli_stops_at_its_budget_fails_and_its_rerun_ends_where_one_run_
                      "--out-dir", str(out), *extra])  # fmt: skip
 
     assert run(tmp_path / "whole") == 0
-    assert run(tmp_path / "cut", "--budget-s", "0.2") == 2  # stopped early: the job fails
+    assert run(tmp_path / "cut", "--budget-s", "0.5") == 2  # stopped early: the job fails
     assert (tmp_path / "cut" / "state.pt").is_file()
     assert not (tmp_path / "cut" / "summary.json").exists()
     assert run(tmp_path / "cut") == 0

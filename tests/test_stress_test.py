@@ -502,7 +502,7 @@ def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path):
 def test_stress_cli_continues_after_its_budget_to_the_uninterrupted_result(tmp_path):
     from sigmoid_sc.cli import main
 
-    params = json.dumps({**RESUME, "max_steps": 30, "checkpoint_every": 5})
+    params = json.dumps({**RESUME, "max_steps": 300, "checkpoint_every": 50})
 
     def cli(name, *extra):
         out = tmp_path / name
@@ -517,7 +517,7 @@ def test_stress_cli_continues_after_its_budget_to_the_uninterrupted_result(tmp_p
     full, full_summary = cli("full")
     ckpt = str(tmp_path / "ckpt")
     # wherever the budget stops it, the rerun ends in the same place
-    part, part_summary = cli("part", "--checkpoint-dir", ckpt, "--budget-s", "0.3")
+    part, part_summary = cli("part", "--checkpoint-dir", ckpt, "--budget-s", "0.5")
     assert not part_summary["complete"] and len(part) < len(full)
     assert list(Path(ckpt).glob("*.pt"))
     rest, rest_summary = cli("rest", "--checkpoint-dir", ckpt)
