@@ -21,7 +21,10 @@ from sigmoid_sc.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
 #: configs that only override another one (Snakemake merges them: --configfile A B)
-OVERLAYS = {"configs/h200_run.yaml": "configs/shared_data.yaml"}
+OVERLAYS = {
+    "configs/h200_run.yaml": "configs/shared_data.yaml",
+    "configs/stability.yaml": "configs/paper.yaml",
+}
 CPU = torch.device("cpu")
 
 
@@ -75,7 +78,8 @@ def test_sections_are_the_schemas_keys():
     assert {f.name for f in dataclasses.fields(config.Synthetic)} == dataset_keys
     for (cls, name), nested in config.NESTED.items():
         section = next(s for s, c in config.SECTIONS.items() if c is cls)
-        keys = set(config._subschema(f"{section}.{name}")["properties"])
+        sub = config._subschema(f"{section}.{name}")
+        keys = set(sub.get("items", sub)["properties"])  # a list's items, or a mapping
         assert {f.name for f in dataclasses.fields(nested)} == keys, (section, name)
 
 
@@ -141,6 +145,7 @@ BASES = {
         "logit_queries": 0,
     },  # fmt: skip
     "experiments.jacobian": {"n_cells": 2, "check_rows": 1},
+    "experiments.stability_sweep": {"vocab_size": 40, "seq_len": 8, "steps": 4, "final_window": 1},
 }
 EPS = 1e-6
 
@@ -290,6 +295,21 @@ def test_the_stress_test_takes_every_value_the_schema_takes(one_thread, key, val
         return
     rows, summary = stress_test.run_stress_test(cfg, CPU, log=lambda *_: None)
     assert set(summary["arms"]) and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize(("key", "value"), edge_cases("experiments.stability_sweep"))
+def test_the_stability_sweep_takes_every_value_the_schema_takes(key, value):
+    """Each run of the sweep is a stress-test configuration: every value the sweep's section
+    takes must make one, for every arm (the runs themselves: tests/test_stability_sweep.py)."""
+    from sigmoid_sc import stability_sweep
+
+    cfg = accepted("experiments.stability_sweep", key, value)
+    if cfg is None:
+        return
+    for arm in cfg.arms:
+        run = stability_sweep.stress_config(cfg, arm, cfg.lrs[-1], cfg.seeds[-1])
+        assert run.max_steps == cfg.warmup_steps + cfg.steps and run.attentions == (arm.attention,)
+        assert (run.norm, run.qk_norm, run.layer_scale) == (arm.norm, arm.qk_norm, arm.layer_scale)
 
 
 @pytest.fixture(scope="module")

@@ -243,3 +243,156 @@ def test_cls_id_is_tokenizes():
     from sigmoid_sc.tokenize import CLS_ID as TOKENIZE_CLS_ID
 
     assert CLS_ID == TOKENIZE_CLS_ID
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture switches: norm pre | post, qk_norm, layer_scale
+
+SWITCHES = {
+    "post": {"norm": "post"},
+    "qk_norm": {"qk_norm": True},
+    "layer_scale": {"layer_scale": 0.1},
+}
+
+
+def pre_ln_reference(model, ids, cu, max_seqlen):
+    """The pipeline's encoder written out by hand: x + attn(LN(x)), x + mlp(LN(x)), final LN."""
+    rank = torch.arange(ids.numel()) - cu[:-1].long()[cell_index(cu, ids.numel())]
+    x = model.tok_emb(ids) + model.pos_emb(rank)
+    for block in model.blocks:
+        x = x + block.attn(block.ln_1(x), cu, max_seqlen)
+        x = x + block.mlp(block.ln_2(x))
+    return model.ln_f(x)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_default_switches_are_the_pre_ln_encoder_exactly(attention):
+    model = make_model(attention)
+    assert model.config.norm == "pre" and not model.config.qk_norm
+    assert model.config.layer_scale is None
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    with torch.no_grad():
+        assert torch.equal(model(ids, cu, max_seqlen), pre_ln_reference(model, ids, cu, max_seqlen))
+    names = {name for name, _ in model.named_parameters()}
+    assert not any(word in name for name in names for word in ("q_norm", "gamma", "drop."))
+    assert "ln_f.weight" in names
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_post_ln_normalises_after_each_residual_sum(attention):
+    model = make_model(attention, norm="post")
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    rank = torch.arange(ids.numel()) - cu[:-1].long()[cell_index(cu, ids.numel())]
+    with torch.no_grad():
+        x = model.drop.ln(model.tok_emb(ids) + model.pos_emb(rank))
+        for block in model.blocks:
+            x = block.ln_1(x + block.attn(x, cu, max_seqlen))
+            x = block.ln_2(x + block.mlp(x))
+        assert torch.equal(model(ids, cu, max_seqlen), x)
+    assert isinstance(model.ln_f, torch.nn.Identity)  # no final LayerNorm
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_each_switch_changes_the_forward_pass_of_both_kinds(attention, switch):
+    """Same seed: the shared weights are equal; the switched model computes something else."""
+    base = make_model(attention, seed=3)
+    switched = make_model(attention, seed=3, **SWITCHES[switch])
+    shared = base.state_dict()
+    missing, unexpected = switched.load_state_dict(shared, strict=False)
+    new = {"post": {"drop.ln.weight", "drop.ln.bias"}, "qk_norm": set(), "layer_scale": set()}
+    for i in range(2):
+        new["qk_norm"] |= {
+            f"blocks.{i}.attn.{n}_norm.{w}" for n in "qk" for w in ("weight", "bias")
+        }
+        new["layer_scale"] |= {f"blocks.{i}.ls_{j}.gamma" for j in (1, 2)}
+    assert set(missing) == new[switch]
+    assert set(unexpected) == ({"ln_f.weight", "ln_f.bias"} if switch == "post" else set())
+    for name, value in switched.state_dict().items():  # init of shared weights: unchanged
+        if name in shared:
+            assert torch.equal(value, shared[name]), name
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    with torch.no_grad():
+        diff = (switched(ids, cu, max_seqlen) - base(ids, cu, max_seqlen)).abs().max()
+    assert diff > 1e-3, (switch, float(diff))
+
+
+@pytest.mark.parametrize("switches", [{}, *SWITCHES.values(), {"cls_token": True},
+                                      {"norm": "post", "qk_norm": True, "layer_scale": 1e-4}])  # fmt: skip
+def test_parameter_counts_follow_the_documented_formula(switches):
+    from sigmoid_sc.model import count_parameters_formula
+
+    dims = dict(n_layers=3, d_model=48, n_heads=4, d_ff=80, vocab_size=VOCAB, max_len=MAX_LEN)
+    counts = {}
+    for attention in ("softmax", "sigmoid"):
+        config = ModelConfig(**dims, **switches, attention=attention)
+        counts[attention] = sum(p.numel() for p in Encoder(config).parameters())
+    assert counts["softmax"] == counts["sigmoid"] == count_parameters_formula(config)
+    # the formula of the module docstring, written out
+    L, d, f, head_dim = 3, 48, 80, 12
+    positions = MAX_LEN + int(config.cls_token)
+    expected = VOCAB * d + positions * d + L * (4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d)
+    expected += 2 * d  # pre: the final LayerNorm; post: the embeddings' LayerNorm instead
+    expected += L * 4 * head_dim if config.qk_norm else 0
+    expected += L * 2 * d if config.layer_scale is not None else 0
+    assert counts["softmax"] == expected
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k(attention):
+    """Scaling the q and k projections 10x changes the model without qk_norm, not with it."""
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    diffs = {}
+    for qk_norm in (False, True):
+        model = make_model(attention, seed=5, qk_norm=qk_norm)
+        with torch.no_grad():
+            before = model(ids, cu, max_seqlen)
+            for block in model.blocks:
+                block.attn.qkv.weight[: 2 * 32].mul_(10.0)  # the q and k rows
+            after = model(ids, cu, max_seqlen)
+        diffs[qk_norm] = float((after - before).abs().max())
+    # with qk_norm only LayerNorm's eps (1e-5 against q's variance ~1e-2) is left
+    assert diffs[False] > 0.1 and diffs[True] < 0.02 * diffs[False], diffs
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_qk_normed_q_and_k_reach_the_kernel_in_vs_dtype(attention, monkeypatch):
+    """CUDA autocast runs LayerNorm in fp32 while q, k, v leave the projection in bf16; the
+    kernels take one dtype. Here the q/k norms return fp32 the way autocast's do."""
+    from sigmoid_sc import model as model_module
+
+    class Fp32LayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(
+                x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+            )
+
+    model = make_model(attention, qk_norm=True).to(torch.bfloat16)
+    for block in model.blocks:
+        for name in ("q_norm", "k_norm"):
+            fp32 = Fp32LayerNorm(8)
+            fp32.load_state_dict(getattr(block.attn, name).state_dict())
+            setattr(block.attn, name, fp32)
+    seen = []
+    real = model_module.attention_varlen
+
+    def recording(kind, q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(kind, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "attention_varlen", recording)
+    ids, cu, max_seqlen = pack(make_cells([6, 11], seed=7))
+    with torch.no_grad():
+        out = model(ids, cu, max_seqlen)
+    assert seen == [(torch.bfloat16,) * 3] * 2 and out.dtype == torch.bfloat16
+
+
+def test_layer_scale_starts_at_its_value_and_a_bad_switch_is_refused():
+    model = make_model("sigmoid", layer_scale=1e-3)
+    for block in model.blocks:
+        assert torch.equal(block.ls_1.gamma, torch.full((32,), 1e-3))
+        assert torch.equal(block.ls_2.gamma, torch.full((32,), 1e-3))
+    with pytest.raises(ValueError, match="norm"):
+        ModelConfig(norm="sandwich")
+    with pytest.raises(ValueError, match="layer_scale"):
+        ModelConfig(layer_scale=0.0)

@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "aggregate": "sigmoid_sc.aggregate",
     "figures": "sigmoid_sc.figures",
     "stress-test": "sigmoid_sc.stress_test",
+    "stability-sweep": "sigmoid_sc.stability_sweep",
     "jacobian": "sigmoid_sc.jacobian",
     "kernel-benchmark": "sigmoid_sc.kernel_benchmark",
     "training-speed": "sigmoid_sc.training_speed",

@@ -171,11 +171,69 @@ class StressTest:
     divergence_factor: float
     logit_queries: int
     logit_every: int
+    task: str  # preference | ordered (sigmoid_sc.stress_test.RankSequences)
+    task_seed: int | None  # seed of the programmes; None: seed
+    module_size: int
+    programme_noise: float | None
+    norm: str  # the encoder's switches (sigmoid_sc.model)
+    qk_norm: bool
+    layer_scale: float | None
+    schedule: str  # after warm-up: constant | cosine (to min_lr_ratio x the peak at max_steps)
+    min_lr_ratio: float
+    checkpoint_every: int
 
     @property
     def lrs(self) -> list[float]:
         """The peak learning rates of the run: ``lr`` as a list (a sweep when several)."""
         return [float(v) for v in self.lr] if isinstance(self.lr, tuple) else [float(self.lr)]
+
+
+@dataclass(frozen=True)
+class SweepArm:
+    """One architecture of the stability sweep (an item of ``experiments.stability_sweep.arms``)."""
+
+    name: str
+    attention: str
+    norm: str  # pre | post (sigmoid_sc.model)
+    qk_norm: bool
+    layer_scale: float | None
+
+
+@dataclass(frozen=True)
+class StabilitySweep:
+    """``experiments.stability_sweep`` (sigmoid_sc.stability_sweep)."""
+
+    enabled: bool
+    arms: tuple[SweepArm, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]  # the first at every learning rate, the others at the boundary
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    task: str
+    n_cell_types: int
+    module_size: int
+    programme_noise: float | None
+    rank_noise: float
+    mask_prob: float
+    task_seed: int
+    warmup_steps: int
+    steps: int  # after warm-up
+    schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    precision: str
+    early_steps: int
+    divergence_factor: float
+    final_window: int
+    learned_fraction: float
+    logit_queries: int
+    checkpoint_every: int
+    max_seconds: float
 
 
 @dataclass(frozen=True)
@@ -211,8 +269,8 @@ class TrainingSpeed:
     smoke: bool
 
 
-#: (dataclass, field) -> the dataclass of a nested section
-NESTED = {(Train, "stop"): Stop}
+#: (dataclass, field) -> the dataclass of a nested section (of each item, for a list)
+NESTED = {(Train, "stop"): Stop, (StabilitySweep, "arms"): SweepArm}
 
 #: keys the config no longer has -> what to write instead (an error says so, naming the key)
 REMOVED_KEYS = {
@@ -232,6 +290,7 @@ SECTIONS = {
     "evaluate": Evaluate,
     "aggregate": Aggregate,
     "experiments.stress_test": StressTest,
+    "experiments.stability_sweep": StabilitySweep,
     "experiments.jacobian": Jacobian,
     "experiments.kernel_benchmark": KernelBenchmark,
     "experiments.training_speed": TrainingSpeed,
@@ -256,6 +315,7 @@ class Config:
     evaluate: Evaluate
     aggregate: Aggregate
     stress_test: StressTest
+    stability_sweep: StabilitySweep
     jacobian: Jacobian
     kernel_benchmark: KernelBenchmark
     training_speed: TrainingSpeed
@@ -497,7 +557,8 @@ def _raise(problems: list[str], what: str) -> None:
 
 def _section_checks(name: str, s: Mapping, where: str) -> list[str]:
     problems = []
-    if name in ("model", "experiments.stress_test") and s["d_model"] % s["n_heads"]:
+    experiment = name in ("experiments.stress_test", "experiments.stability_sweep")
+    if (name == "model" or experiment) and s["d_model"] % s["n_heads"]:
         problems.append(
             f"{where}.d_model ({s['d_model']}) must be a multiple of {where}.n_heads "
             f"({s['n_heads']})"
@@ -507,11 +568,35 @@ def _section_checks(name: str, s: Mapping, where: str) -> list[str]:
             f"{where}.val_fraction + {where}.test_fraction must be < 1 to leave training cells; "
             f"got {s['val_fraction']} + {s['test_fraction']}"
         )
-    if name == "experiments.stress_test" and s["seq_len"] > s["vocab_size"] - N_SPECIAL_TOKENS:
+    if experiment and s["seq_len"] > s["vocab_size"] - N_SPECIAL_TOKENS:
         problems.append(
             f"{where}.seq_len ({s['seq_len']}) needs as many distinct genes, but "
             f"{where}.vocab_size ({s['vocab_size']}) holds {s['vocab_size'] - N_SPECIAL_TOKENS} "
             f"(vocab_size - {N_SPECIAL_TOKENS})"
+        )
+    if name == "experiments.stability_sweep":
+        problems += _sweep_checks(s, where)
+    return problems
+
+
+def _sweep_checks(s: Mapping, where: str) -> list[str]:
+    """The stability sweep's arms, learning rates (file names hold 3 significant digits) and
+    final window."""
+    problems = []
+    names = [arm["name"] for arm in s["arms"]]
+    for repeated in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where}.arms: the name {repeated!r} is used more than once")
+    tags: dict[str, list] = {}
+    for lr in s["lrs"]:
+        tags.setdefault(f"{float(lr):.3g}", []).append(lr)
+    for same in (v for v in tags.values() if len(v) > 1):
+        problems.append(
+            f"{where}.lrs must differ in their first 3 significant digits (they name the runs' "
+            f"folders); got {_words(same)}"
+        )
+    if s["final_window"] > s["steps"]:
+        problems.append(
+            f"{where}.final_window ({s['final_window']}) must be <= {where}.steps ({s['steps']})"
         )
     return problems
 
@@ -557,9 +642,8 @@ def _config_checks(config: Mapping) -> list[str]:
     for name in ("prepare", "model"):
         problems += _section_checks(name, config[name], name)
     experiments = config["experiments"]
-    problems += _section_checks(
-        "experiments.stress_test", experiments["stress_test"], "experiments.stress_test"
-    )
+    for name in ("stress_test", "stability_sweep"):
+        problems += _section_checks(f"experiments.{name}", experiments[name], f"experiments.{name}")
     jacobian = experiments["jacobian"]
     if jacobian["enabled"]:
         datasets, seeds = list(config["datasets"]), config["seeds"]
@@ -633,6 +717,8 @@ def _checked(params: Any, subschema: dict, where: str) -> dict:
 def _build(cls, values: Mapping):
     def frozen(name, value):
         if (cls, name) in NESTED:
+            if isinstance(value, list):
+                return tuple(_build(NESTED[cls, name], item) for item in value)
             return _build(NESTED[cls, name], value)
         return tuple(value) if isinstance(value, list) else value
 
@@ -711,6 +797,7 @@ def from_dict(config: Mapping) -> Config:
         evaluate=_build(Evaluate, raw["evaluate"]),
         aggregate=_build(Aggregate, raw["aggregate"]),
         stress_test=_build(StressTest, experiments["stress_test"]),
+        stability_sweep=_build(StabilitySweep, experiments["stability_sweep"]),
         jacobian=_build(Jacobian, experiments["jacobian"]),
         kernel_benchmark=_build(KernelBenchmark, experiments["kernel_benchmark"]),
         training_speed=_build(TrainingSpeed, experiments["training_speed"]),

@@ -1,4 +1,4 @@
-"""A bidirectional pre-LN transformer encoder over packed single-cell tokens.
+"""A bidirectional transformer encoder over packed single-cell tokens.
 
 Tokens of all cells in a batch are concatenated (``input_ids [T]``) and ``cu_seqlens``
 (int32 ``[B + 1]``) marks where each cell starts, as in FlashAttention's varlen API, so no
@@ -22,6 +22,29 @@ With ``cls_token`` off the model is exactly the plain encoder.
 The masked-gene head is tied to the token embedding (GPT-2 / BERT style): the logit of gene
 ``g`` is the dot product of the final hidden state with ``g``'s input embedding. Tying halves
 the parameters that scale with the vocabulary and is what the reference models of the field do.
+
+Architecture switches (``ModelConfig``), applied the same way to both attention kinds; the
+defaults are the pipeline's model, exactly (same modules, parameters, initialisation and forward):
+
+- ``norm="pre"`` (default): ``x = x + f(LN(x))`` per sublayer, a final LayerNorm (GPT-2).
+  ``norm="post"``: ``x = LN(x + f(x))`` per sublayer, a LayerNorm on the embeddings and no final
+  one (BERT / Geneformer). Both have ``2 * n_layers + 1`` LayerNorms, so the same parameter
+  count; the residual projections keep the ``1/sqrt(2 * n_layers)`` initialisation in both, so
+  only the placement of the norms differs.
+- ``qk_norm=True``: a LayerNorm over the head dimension of every head's q and of every head's k
+  before the dot product (Dehghani et al. 2023; Wortsman et al. 2023), shared by the heads of a
+  layer: ``+ 4 * head_dim`` parameters per layer. Under CUDA autocast LayerNorm returns fp32;
+  the normed q and k go back to v's dtype, since the kernels take one dtype.
+- ``layer_scale=g`` (a float; None = off): each sublayer's output is multiplied by a learned
+  per-channel vector initialised to ``g`` before it joins the residual stream (CaiT):
+  ``+ 2 * d_model`` parameters per layer.
+
+Parameter count, with ``d = d_model``, ``f = d_ff``, ``L = n_layers``, ``V = vocab_size``,
+``P = max_len + cls_token``, ``D = d / n_heads`` (:func:`count_parameters_formula`)::
+
+    V*d + P*d + L*(4*d*d + 4*d + 2*d*f + f + d + 4*d) + 2*d     (pre or post)
+    + L * 4 * D                                                  (qk_norm)
+    + L * 2 * d                                                  (layer_scale)
 """
 
 from __future__ import annotations
@@ -38,6 +61,8 @@ from .attention.reference import cell_index
 
 #: the CLS token's id (tokenize's ``cls_id``; token ids 0-2 are pad, mask, cls)
 CLS_ID = 2
+#: the placements of the LayerNorms (``ModelConfig.norm``)
+NORMS = ("pre", "post")
 
 
 @dataclass
@@ -52,10 +77,17 @@ class ModelConfig:
     attention: str = "sigmoid"  # "softmax" | "sigmoid"
     # one CLS token per cell, prepended inside forward (off: records written before it existed)
     cls_token: bool = False
+    norm: str = "pre"  # "pre" (GPT-2) | "post" (BERT / Geneformer), see the module docstring
+    qk_norm: bool = False  # LayerNorm over each head's q and k
+    layer_scale: float | None = None  # LayerScale's initial value; None: off
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"layer_scale must be > 0 or None, not {self.layer_scale!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -69,12 +101,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.proj.residual_out = True  # scaled init, see Encoder._init_weights
         self.dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # over the head dim, shared by the heads
+            self.q_norm = nn.LayerNorm(config.d_model // config.n_heads)
+            self.k_norm = nn.LayerNorm(config.d_model // config.n_heads)
 
     def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int | None = None) -> torch.Tensor:
         """x: ``[T, d_model]`` packed tokens -> ``[T, d_model]``; attention stays within a cell.
         ``cu_seqlens``: the batch's :class:`VarlenBatch` (or int32 ``[B + 1]`` and ``max_seqlen``)."""
         total, d_model = x.shape
         q, k, v = self.qkv(x).view(total, 3, self.n_heads, d_model // self.n_heads).unbind(1)
+        if self.qk_norm:  # autocast runs LayerNorm in fp32: back to v's dtype for the kernel
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         # cu_seqlens come from the packer (sigmoid_sc.train.pack), valid by construction: no
         # host-side value check (a device sync) in every layer of every step
         y = attention_varlen(self.attention, q, k, v, cu_seqlens, max_seqlen, validate=False)
@@ -93,17 +131,49 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel gain on a sublayer's output (CaiT), initialised to ``value``."""
+
+    def __init__(self, d_model: int, value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d_model,), float(value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class EmbeddingNorm(nn.Module):
+    """Post-LN's embedding LayerNorm, then dropout (BERT); replaces the encoder's ``drop``."""
+
+    def __init__(self, d_model: int, dropout: float):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.ln(x))
+
+
 class Block(nn.Module):
+    """One layer: ``norm="pre"``: ``x + f(LN(x))``; ``norm="post"``: ``LN(x + f(x))``."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.post = config.norm == "post"
         self.ln_1 = nn.LayerNorm(config.d_model)
         self.attn = SelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
+        scale = config.layer_scale
+        self.ls_1 = nn.Identity() if scale is None else LayerScale(config.d_model, scale)
+        self.ls_2 = nn.Identity() if scale is None else LayerScale(config.d_model, scale)
 
     def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cu_seqlens, max_seqlen)
-        return x + self.mlp(self.ln_2(x))
+        if self.post:
+            x = self.ln_1(x + self.ls_1(self.attn(x, cu_seqlens, max_seqlen)))
+            return self.ln_2(x + self.ls_2(self.mlp(x)))
+        x = x + self.ls_1(self.attn(self.ln_1(x), cu_seqlens, max_seqlen))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Encoder(nn.Module):
@@ -114,8 +184,10 @@ class Encoder(nn.Module):
         # rank within the cell; a CLS token takes rank 0 and shifts the genes' ranks by one
         self.pos_emb = nn.Embedding(config.max_len + int(config.cls_token), config.d_model)
         self.drop = nn.Dropout(config.dropout)
+        if config.norm == "post":  # BERT: LayerNorm on the embeddings, none at the end
+            self.drop = EmbeddingNorm(config.d_model, config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
-        self.ln_f = nn.LayerNorm(config.d_model)
+        self.ln_f = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -142,7 +214,8 @@ class Encoder(nn.Module):
 
         input_ids: int ``[T]``; cu_seqlens: int32 ``[B + 1]`` with ``cu_seqlens[-1] == T``;
         max_seqlen: the longest cell (an int, so the GPU never has to be asked).
-        Returns float ``[T, d_model]`` after the final layer norm: the states of the gene tokens
+        Returns float ``[T, d_model]`` after the final layer norm (pre-LN; post-LN: the last
+        block's, which ends in one): the states of the gene tokens
         given, in their order (a CLS token, when the model has one, is not among them).
         ``return_cls=True`` (models with ``cls_token`` only) returns ``(genes, cls)``, ``cls``
         the CLS tokens' final states ``[B, d_model]``.
@@ -184,6 +257,17 @@ def with_cls_tokens(
     cls = cu_seqlens[:-1].long() + steps[:-1]
     ids = input_ids.new_full((total + batch,), cls_id).scatter(0, genes, input_ids)
     return ids, cu_seqlens + steps.to(cu_seqlens.dtype), genes, cls
+
+
+def count_parameters_formula(config: ModelConfig) -> int:
+    """The encoder's parameter count from its config (the formula of the module docstring)."""
+    d, f, L = config.d_model, config.d_ff, config.n_layers
+    head_dim = d // config.n_heads
+    per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # qkv, proj, fc, proj, 2 LN
+    per_layer += 4 * head_dim if config.qk_norm else 0
+    per_layer += 2 * d if config.layer_scale is not None else 0
+    positions = config.max_len + int(config.cls_token)
+    return config.vocab_size * d + positions * d + L * per_layer + 2 * d
 
 
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

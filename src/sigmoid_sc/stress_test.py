@@ -10,24 +10,41 @@ sigmoid attention stays stable. This module reruns that experiment:
 - arms: one per attention kind (and per learning rate when ``lr`` is a list: a sweep), each
   from the same initial weights (``torch.manual_seed(seed)``
   before the model is built; parameters do not depend on the kind) and the same batches and
-  masks (functions of ``(seed, step)``). AdamW, linear warm-up to a constant learning rate,
-  no gradient clipping; bf16 autocast on CUDA.
+  masks (functions of ``(seed, step)``). AdamW, the learning rate below, no gradient
+  clipping; bf16 autocast on CUDA.
 - data: synthetic gene-rank sequences, each of exactly ``seq_len`` tokens (real cells rarely
   express 8K genes, and the claim is about 8K-token attention). A sequence belongs to one of
-  ``n_cell_types`` programmes; it lists ``seq_len`` distinct genes ranked by the programme's
-  preference plus Gaussian noise (``rank_noise``), Geneformer-style, so the masked-gene
-  objective has structure to learn. Token ids follow tokens.npz (specials 0-2, genes from 3).
+  ``n_cell_types`` programmes and lists ``seq_len`` distinct genes, Geneformer-style
+  (:class:`RankSequences`). ``task="preference"`` ranks every gene by the programme's
+  preference plus Gaussian noise: at 25,000 genes the masked gene is close to unpredictable,
+  and models stay at chance. ``task="ordered"``: each programme orders modules of co-regulated
+  genes (``module_size``; independent orders, or one shared order displaced by
+  ``programme_noise``) and a sequence is its programme's gene order with every gene displaced
+  by bounded noise (``rank_noise`` positions), so the masked gene is predictable from the
+  programme and the rank: models learn it. Token ids follow tokens.npz (specials 0-2, genes
+  from 3).
+- architecture: ``norm`` (pre | post), ``qk_norm`` and ``layer_scale`` are the encoder's
+  switches (:mod:`sigmoid_sc.model`); the defaults are the pipeline's encoder.
 - per step: masked-gene loss, global gradient norm (L2 over all parameters), each layer's
   gradient norm and their maximum, and the maximum attention logit ``max |q.k| / sqrt(d)``
-  (before sigmoid's bias). The logit is measured by a forward pre-hook on every attention
-  module that recomputes q and k in fp32 from the module's own ``qkv`` weights: exact over every
-  query row when ``logit_queries`` is 0, otherwise over ``logit_queries`` evenly strided
-  query rows per sequence against all keys and heads (a lower bound of the exact maximum,
-  at a small fraction of one attention forward).
+  (before sigmoid's bias), overall and per layer, with each layer's attention entropy (softmax,
+  nats, mean over the scanned rows and heads) or mean row sum (sigmoid). These are measured by
+  a forward pre-hook on every attention module that recomputes q and k in fp32 from the
+  module's own weights: exact over every query row when ``logit_queries`` is 0, otherwise over
+  ``logit_queries`` evenly strided query rows per sequence against all keys and heads (the
+  maximum is then a lower bound of the exact one, at a small fraction of one attention forward).
+- learning rate: linear warm-up over ``warmup_steps``, then constant (``schedule="constant"``)
+  or a cosine from the peak to ``min_lr_ratio`` x the peak at ``max_steps`` (``"cosine"``).
 - divergence: a non-finite loss or gradient norm, or a gradient norm above
   ``divergence_factor`` (10^4) times the median of the first ``early_steps`` steps. That arm
   stops before its optimiser step, and the step and reason are recorded; the other arm runs on.
   Each arm is also bounded by ``max_steps`` and ``max_seconds``.
+
+Resumable: given a checkpoint file, an arm saves its state (weights, optimiser, the rows so far)
+every ``checkpoint_every`` steps and when it stops early (``max_seconds`` of this invocation,
+or a stop request such as SIGTERM), and a rerun continues from there to the same result
+(bitwise on the CPU). A finished arm's file keeps its rows and summary only, so a rerun returns
+them without training. A file written under another configuration is ignored (and replaced).
 
 Outputs: a CSV log (one row per arm and step), a JSON summary (per arm: parameters, steps, stop
 reason, divergence), and the figure (gradient norm, loss and maximum logit against step).
@@ -38,18 +55,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import platform
+import re
+import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import config
 from .attention.reference import default_scale
 from .config import StressTest
-from .io import write_csv, write_json
+from .io import atomic_path, write_csv, write_json
 from .model import Encoder, ModelConfig
 from .runtime import parse_json_arg, resolve_device, set_threads
 from .tokens import choose_masked, masked_gene_loss
@@ -73,7 +95,28 @@ def model_config(cfg: StressTest, attention: str) -> ModelConfig:
         vocab_size=cfg.vocab_size,
         max_len=cfg.seq_len,
         attention=attention,
+        norm=cfg.norm,
+        qk_norm=cfg.qk_norm,
+        layer_scale=cfg.layer_scale,
     )
+
+
+def chance_loss(cfg: StressTest) -> float:
+    """The loss of a uniform guess over the genes: ``ln(vocab_size - 3)`` nats."""
+    return math.log(cfg.vocab_size - N_SPECIAL)
+
+
+def learning_rate(cfg: StressTest, peak_lr: float, step: int) -> float:
+    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then constant or cosine to
+    ``min_lr_ratio * peak_lr`` at step ``max_steps`` (``cfg.schedule``)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak_lr * ((step + 1) / cfg.warmup_steps)  # the original's rounding
+    if cfg.schedule == "constant":
+        return peak_lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * peak_lr
+    return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -87,16 +130,53 @@ def count_parameters(model: torch.nn.Module) -> int:
 class RankSequences:
     """Batches of ``batch_size`` sequences of ``seq_len`` distinct gene tokens each.
 
-    Programme ``t`` has a fixed preference over the genes (``N(0, 2^2)``, seeded by ``seed``);
-    a sequence of programme ``t`` ranks the genes by ``preference[t] + rank_noise * N(0, 1)``
-    and keeps the top ``seq_len``, highest first.
+    The programmes are drawn from ``task_seed`` (``seed`` when None), the batches from
+    ``(seed, step)``: a function of those alone.
+
+    ``task="preference"``: programme ``t`` has a fixed preference over the genes
+    (``N(0, 2^2)``); a sequence of programme ``t`` ranks the genes by
+    ``preference[t] + rank_noise * N(0, 1)`` and keeps the top ``seq_len``, highest first.
+    With thousands of genes within one noise sd of each other, the masked gene is nearly
+    unpredictable: the loss stays near chance.
+
+    ``task="ordered"``: the genes form modules of ``module_size`` genes in a fixed internal
+    order (co-regulated genes); programme ``t`` orders the modules: independently at random
+    (``programme_noise`` None) or as one shared order with each module displaced by
+    ``programme_noise * clip(N(0, 1), -3, 3)`` slots (related cell types). A sequence of
+    programme ``t`` gives the gene at position ``p`` of the programme's gene order the score
+    ``p + rank_noise * clip(N(0, 1), -3, 3)`` and keeps the ``seq_len`` lowest scores, lowest
+    first. The noise is bounded, so the gene at rank ``r`` lies within ``6 * rank_noise``
+    positions of ``r`` in its programme's order: predictable from the programme (which the other
+    genes of the sequence reveal) and the rank, up to ``~ln(rank_noise * sqrt(2 pi e))`` nats
+    (less with the neighbours' help), against ``ln(n_genes)`` for a uniform guess; the rank
+    alone narrows it down too (more so with a shared order).
     """
 
     def __init__(self, cfg: StressTest):
         self.cfg = cfg
         n_genes = cfg.vocab_size - N_SPECIAL
-        rng = np.random.default_rng([cfg.seed, 7])
-        self.preference = (rng.normal(size=(cfg.n_cell_types, n_genes)) * 2.0).astype(np.float32)
+        task_seed = cfg.seed if cfg.task_seed is None else cfg.task_seed
+        rng = np.random.default_rng([task_seed, 7])
+        if cfg.task == "ordered":
+            # modules of `module_size` genes in a fixed internal order; a programme orders
+            # the modules (the last module may be shorter)
+            genes = rng.permutation(n_genes)
+            modules = [genes[i : i + cfg.module_size] for i in range(0, n_genes, cfg.module_size)]
+            orders = []
+            for _ in range(cfg.n_cell_types):
+                if cfg.programme_noise is None:  # independent programmes
+                    slots = rng.permutation(len(modules))
+                else:  # the shared order, each module displaced by bounded noise (slots)
+                    noise = np.clip(rng.standard_normal(len(modules)), -3.0, 3.0)
+                    slots = np.argsort(np.arange(len(modules)) + cfg.programme_noise * noise)
+                orders.append(np.concatenate([modules[m] for m in slots]))
+            self.order = np.stack(orders)
+            # genes beyond this position cannot reach the top seq_len (bounded noise)
+            self.candidates = min(n_genes, cfg.seq_len + math.floor(6 * cfg.rank_noise) + 1)
+        else:
+            self.preference = (rng.normal(size=(cfg.n_cell_types, n_genes)) * 2.0).astype(
+                np.float32
+            )
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``input_ids`` int64 ``[B * seq_len]``, ``cu_seqlens`` int32 ``[B + 1]``, masked bool."""
@@ -104,6 +184,12 @@ class RankSequences:
         rng = np.random.default_rng([cfg.seed, 3, step])
         ids = []
         for programme in rng.integers(cfg.n_cell_types, size=cfg.batch_size):
+            if cfg.task == "ordered":
+                noise = np.clip(rng.standard_normal(self.candidates), -3.0, 3.0)
+                score = np.arange(self.candidates) + cfg.rank_noise * noise
+                keep = np.argsort(score, kind="stable")[: cfg.seq_len]
+                ids.append(self.order[programme, keep] + N_SPECIAL)
+                continue
             score = self.preference[programme] + cfg.rank_noise * rng.standard_normal(
                 self.preference.shape[1], dtype=np.float32
             )
@@ -153,27 +239,53 @@ def grad_norms(model: Encoder, layer_index: list[int]) -> tuple[float, list[floa
 class MaxLogitProbe:
     """Forward pre-hooks that record ``max |q.k| * scale`` over every attention module.
 
-    ``q, k`` are recomputed from the module's ``qkv`` weights on its input (the layer-normed
-    hidden states), so the model itself is untouched. ``queries`` = 0 scans every query row in
-    blocks of 1024; otherwise ``queries`` evenly strided rows per sequence are scanned against
-    all keys (a lower bound of the exact maximum).
+    ``q, k`` are recomputed from the module's ``qkv`` weights on its input (the hidden states
+    the module sees), with its q/k LayerNorms when ``qk_norm`` is on, so the model itself is
+    untouched. ``queries`` = 0 scans every query row in blocks of 1024; otherwise ``queries``
+    evenly strided rows per sequence are scanned against all keys (a lower bound of the exact
+    maximum). Per layer it also records the maximum and, over the scanned rows and heads, the
+    mean attention entropy (softmax, nats) or the mean row sum of ``sigmoid(s - log n)``
+    (sigmoid, the model's per-cell bias).
     """
 
     def __init__(self, model: Encoder, queries: int):
         self.queries = queries
         self.active = False
         self.value = float("nan")
-        self._max: torch.Tensor | None = None
+        n_layers = len(model.blocks)
+        self.layer_max = [float("nan")] * n_layers
+        self.layer_stat = [float("nan")] * n_layers
+        self.kinds = [block.attn.attention for block in model.blocks]
+        self._max: dict[int, torch.Tensor] = {}
+        self._stat: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, int] = {}
         self._cu: np.ndarray | None = None
-        self._handles = [block.attn.register_forward_pre_hook(self._hook) for block in model.blocks]
+        self._handles = [
+            block.attn.register_forward_pre_hook(functools.partial(self._hook, i))
+            for i, block in enumerate(model.blocks)
+        ]
 
     def start(self, cu_seqlens: np.ndarray) -> None:
-        self.active, self._cu, self._max = True, cu_seqlens, None
+        self.active, self._cu = True, cu_seqlens
+        self._max, self._stat, self._rows = {}, {}, {}
 
     def stop(self) -> float:
-        """The maximum since :meth:`start` (one host sync), NaN if not measured."""
+        """The maximum since :meth:`start` (one host sync), NaN if not measured; the per-layer
+        values land in ``layer_max`` and ``layer_stat``."""
         self.active = False
-        self.value = float("nan") if self._max is None else float(self._max)
+        n_layers = len(self.layer_max)
+        self.layer_max = [float("nan")] * n_layers
+        self.layer_stat = [float("nan")] * n_layers
+        if not self._max:
+            self.value = float("nan")
+            return self.value
+        layers = sorted(self._max)
+        values = torch.stack(
+            [self._max[i] for i in layers] + [self._stat[i] / self._rows[i] for i in layers]
+        ).tolist()
+        for j, i in enumerate(layers):
+            self.layer_max[i], self.layer_stat[i] = values[j], values[len(layers) + j]
+        self.value = max(values[: len(layers)])  # never NaN: a NaN logit counts as inf
         return self.value
 
     def remove(self) -> None:
@@ -181,32 +293,56 @@ class MaxLogitProbe:
             handle.remove()
 
     @torch.no_grad()
-    def _hook(self, module, args) -> None:
+    def _hook(self, layer: int, module, args) -> None:
         if not self.active:
             return
         with torch.autocast(args[0].device.type, enabled=False):  # fp32 logits, even under bf16
-            self._measure(module, args[0])
+            self._measure(layer, module, args[0])
 
-    def _measure(self, module, x: torch.Tensor) -> None:
+    def _measure(self, layer: int, module, x: torch.Tensor) -> None:
         total, d_model = x.shape
-        heads = module.n_heads
-        qkv = module.qkv(x.float()).view(total, 3, heads, d_model // heads)
-        q, k = qkv[:, 0], qkv[:, 1]
-        scale = default_scale(d_model // heads, None)
+        heads, head_dim = module.n_heads, d_model // module.n_heads
+        x = x.float()
+        weight, bias = module.qkv.weight.float(), module.qkv.bias.float()
+        # keys of every token; queries only of the scanned rows (the q third of qkv)
+        k = F.linear(x, weight[d_model : 2 * d_model], bias[d_model : 2 * d_model])
+        k = k.view(total, heads, head_dim)
         cu = self._cu
+        spans = []  # (start, end, the scanned rows of this sequence)
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if self.queries and self.queries < end - start:
+                rows = torch.linspace(start, end - 1, self.queries, device=x.device).round().long()
+            else:
+                rows = torch.arange(start, end, device=x.device)
+            spans.append((start, end, rows))
+        rows_all = torch.cat([rows for _, _, rows in spans])
+        q = F.linear(x[rows_all], weight[:d_model], bias[:d_model]).view(-1, heads, head_dim)
+        if getattr(module, "qk_norm", False):
+            q, k = module.q_norm(q), module.k_norm(k)
+        scale = default_scale(head_dim, None)
+        offset = 0
+        for start, end, rows in spans:
             n = end - start
             ks = k[start:end].transpose(0, 1)  # [H, n, D]
-            if self.queries and self.queries < n:
-                rows = torch.linspace(start, end - 1, self.queries, device=x.device).round().long()
-                blocks = [q[rows]]
-            else:
-                blocks = [q[s : min(s + 1024, end)] for s in range(start, end, 1024)]
-            for qs in blocks:
-                logits = torch.matmul(qs.transpose(0, 1), ks.transpose(1, 2))  # [H, m, n]
+            q_seq = q[offset : offset + rows.numel()]
+            offset += rows.numel()
+            for qs in q_seq.split(1024):
+                logits = torch.matmul(qs.transpose(0, 1), ks.transpose(1, 2)) * scale  # [H, m, n]
                 # NaN-aware: a NaN logit is the strongest sign of trouble, keep it
-                m = torch.nan_to_num(logits.abs(), nan=float("inf")).amax() * scale
-                self._max = m if self._max is None else torch.maximum(self._max, m)
+                m = torch.nan_to_num(logits.abs(), nan=float("inf")).amax()
+                if module.attention == "softmax":
+                    logp = torch.log_softmax(logits, dim=-1)
+                    stat = -(logp.exp() * logp).sum(-1).sum()  # entropy, summed over rows
+                else:
+                    stat = torch.sigmoid(logits - math.log(n)).sum()  # row sums, summed
+                self._max[layer] = torch.maximum(self._max[layer], m) if layer in self._max else m
+                self._stat[layer] = self._stat[layer] + stat if layer in self._stat else stat
+                self._rows[layer] = self._rows.get(layer, 0) + logits.shape[0] * logits.shape[1]
+
+
+def attention_stat_name(attention: str) -> str:
+    """The per-layer attention statistic's column stem: entropy (softmax), row sum (sigmoid)."""
+    return "attn_entropy" if attention == "softmax" else "attn_row_sum"
 
 
 class DivergenceDetector:
@@ -239,6 +375,72 @@ class DivergenceDetector:
 
 
 # ----------------------------------------------------------------------------------------
+# stopping from outside, checkpoints
+
+
+class StopRequest:
+    """A flag a signal handler sets; :func:`run_arm` polls it once per step (``should_stop``)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGTERM,)):
+    """Within the block, the ``signals`` set the yielded :class:`StopRequest` instead of ending
+    the process (a job's time limit sends SIGTERM first), so an arm checkpoints and returns."""
+    request = StopRequest()
+
+    def handler(signum, _frame):
+        request.signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+#: keys that may change between invocations without invalidating a checkpoint
+RESUMABLE_KEYS = ("enabled", "attentions", "lr", "max_seconds", "checkpoint_every")
+
+
+def checkpoint_fingerprint(cfg: StressTest, attention: str, peak_lr: float) -> dict:
+    """What a checkpoint must have been written under to be continued."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    return {"config": config, "attention": attention, "peak_lr": float(peak_lr)}
+
+
+def arm_slug(arm: str) -> str:
+    """A file-name-safe form of an arm's name (``softmax lr=0.003`` -> ``softmax_lr-0.003``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", arm.replace("=", "-"))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path | None, fingerprint: dict, log=print) -> dict | None:
+    """The checkpoint at ``path`` if it exists and was written under ``fingerprint``."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (a torn or foreign file: start over, say so)
+        log(f"stress: ignoring unreadable checkpoint {path} ({type(exc).__name__}: {exc})")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log(f"stress: ignoring checkpoint {path}: written under another configuration")
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------------------
 # one arm
 
 
@@ -250,18 +452,32 @@ def run_arm(
     log=print,
     lr: float | None = None,
     on_step=None,
+    checkpoint: str | Path | None = None,
+    should_stop=None,
 ) -> tuple[list[dict], dict]:
-    """Train one arm until divergence, ``max_steps`` or ``max_seconds``.
+    """Train one arm until divergence, ``max_steps``, ``max_seconds`` or a stop request.
 
     ``on_step(rows)``, if given, is called with the arm's rows after every step (partial logs).
+    ``checkpoint``: a file to continue from (when written under this configuration) and to
+    save to every ``checkpoint_every`` steps, on an early stop (``max_seconds`` of this
+    invocation, ``should_stop()`` true) and at the end (rows and summary only).
 
     Returns (rows, summary): a row per completed step (step, lr, loss, grad_norm,
-    max_layer_grad_norm, max_grad_layer, max_attn_logit, tokens, elapsed_s, grad_norm_layer<i>)
-    and the arm's summary (n_params, steps, stop_reason, diverged, divergence_step, ...).
+    max_layer_grad_norm, max_grad_layer, max_attn_logit, tokens, elapsed_s, grad_norm_layer<i>,
+    max_attn_logit_layer<i>, attn_entropy_layer<i> or attn_row_sum_layer<i>) and the arm's
+    summary (n_params, steps, stop_reason, diverged, divergence_step, complete, ...).
     """
     data = data or RankSequences(cfg)
     peak_lr = cfg.lrs[0] if lr is None else float(lr)
     arm = arm_name(cfg, attention, peak_lr)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = checkpoint_fingerprint(cfg, attention, peak_lr)
+    state = load_checkpoint(checkpoint, fingerprint, log)
+    if state is not None and state.get("summary") is not None:  # finished in an earlier run
+        log(
+            f"stress {arm}: finished earlier ({state['summary']['stop_reason']}), from {checkpoint}"
+        )
+        return state["rows"], state["summary"]
     torch.manual_seed(cfg.seed)  # same initial weights for every attention kind
     model = Encoder(model_config(cfg, attention)).to(device)
     model.train()
@@ -288,17 +504,41 @@ def run_arm(
     detector = DivergenceDetector(cfg.early_steps, cfg.divergence_factor)
     rows: list[dict] = []
     stop_reason, divergence = "max_steps", None
-    tokens = 0
+    tokens, elapsed_before, resumed_at = 0, 0.0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rows, detector.early = state["rows"], state["early"]
+        tokens, elapsed_before = state["tokens"], state["elapsed_s"]
+        resumed_at = len(rows)
+        log(f"stress {arm}: resuming at step {resumed_at} from {checkpoint}")
+    stat = attention_stat_name(attention)
+
+    def save(summary: dict | None = None) -> None:
+        if checkpoint is None:
+            return
+        keep = {"fingerprint": fingerprint, "rows": rows, "summary": summary}
+        if summary is None:  # unfinished: everything needed to continue
+            keep.update(
+                model=model.state_dict(), optimizer=optimizer.state_dict(),
+                early=detector.early, tokens=tokens, elapsed_s=elapsed_before + clock(),
+            )  # fmt: skip
+        save_checkpoint(checkpoint, keep)
+
     t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
     log(f"stress {arm}: {n_params:,} parameters on {device}, precision "
         f"{'bf16' if use_bf16 else 'fp32'}")  # fmt: skip
     try:
-        for step in range(cfg.max_steps):
-            if time.perf_counter() - t0 > cfg.max_seconds:
-                stop_reason = "max_seconds"
+        for step in range(len(rows), cfg.max_steps):
+            if clock() > cfg.max_seconds or (should_stop is not None and should_stop()):
+                stop_reason = "max_seconds" if clock() > cfg.max_seconds else "interrupted"
                 break
             ids, cu, masked = data.batch(step)
-            lr = peak_lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak_lr
+            lr = learning_rate(cfg, peak_lr, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             measure = step % cfg.logit_every == 0
@@ -332,9 +572,13 @@ def run_arm(
                 "max_grad_layer": max_layer,
                 "max_attn_logit": max_logit,
                 "tokens": tokens,
-                "elapsed_s": time.perf_counter() - t0,
+                "elapsed_s": elapsed_before + clock(),
             }
             row.update({f"grad_norm_layer{i}": v for i, v in enumerate(layer_norms)})
+            nan = float("nan")
+            for i in range(cfg.n_layers):
+                row[f"max_attn_logit_layer{i}"] = probe.layer_max[i] if measure else nan
+                row[f"{stat}_layer{i}"] = probe.layer_stat[i] if measure else nan
             rows.append(row)
             if on_step is not None:
                 on_step(rows)
@@ -344,51 +588,82 @@ def run_arm(
                 log(f"stress {arm}: diverged at step {step}: {reason}")
                 break
             optimizer.step()
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save()
             if step % 10 == 0 or step == cfg.max_steps - 1:
                 log(f"stress {arm}: step {step} loss {loss_value:.4f} grad norm "
                     f"{global_norm:.4g} max logit {max_logit:.3g} {row['elapsed_s']:.1f}s")  # fmt: skip
     finally:
         probe.remove()
-    elapsed = time.perf_counter() - t0
+    elapsed = elapsed_before + clock()
     finite = [r for r in rows if math.isfinite(r["grad_norm"])]
+    complete = stop_reason in ("max_steps", "diverged")
     summary = {
         "arm": arm,
         "attention": attention,
         "peak_lr": peak_lr,
+        "norm": cfg.norm,
+        "qk_norm": cfg.qk_norm,
+        "layer_scale": cfg.layer_scale,
         "n_params": n_params,
         "steps": len(rows),
         "stop_reason": stop_reason,
+        "complete": complete,
+        "resumed_at_step": resumed_at,
         "diverged": divergence is not None,
         "divergence_step": divergence["step"] if divergence else None,
         "divergence_reason": divergence["reason"] if divergence else None,
         "early_median_grad_norm": detector.early_median,
         "max_grad_norm": max((r["grad_norm"] for r in finite), default=float("nan")),
         "final_loss": rows[-1]["loss"] if rows else float("nan"),
+        "chance_loss": chance_loss(cfg),
         "elapsed_s": elapsed,
         "step_ms_mean": 1000 * elapsed / max(1, len(rows)),
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         ),
     }
+    save(summary if complete else None)
     log(f"stress {arm}: stopped ({stop_reason}) after {len(rows)} steps, {elapsed:.1f}s")
-    del model, optimizer
+    model = optimizer = None  # free the device memory before the next arm
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows, summary
 
 
 def run_stress_test(
-    cfg: StressTest, device: torch.device, log=print, on_progress=None
+    cfg: StressTest,
+    device: torch.device,
+    log=print,
+    on_progress=None,
+    checkpoint_dir: str | Path | None = None,
+    should_stop=None,
+    time_left=None,
 ) -> tuple[list, dict]:
     """Every arm of ``cfg.attentions`` on the same data; (rows of all arms, summary).
 
     ``on_progress(rows, arms, arm_done)``, if given, is called after every step with the rows
     so far and the summaries of the finished arms (so a run cut short can keep its log).
+    ``checkpoint_dir``: one checkpoint file per arm (:func:`run_arm`), so a rerun continues.
+    Once ``should_stop()`` is true, or ``time_left()`` (seconds) is less than the last arm
+    trained here took, arms not yet started are skipped (finished ones are still read from
+    their checkpoints): the next invocation runs them.
     """
     data = RankSequences(cfg)
     rows, arms = [], {}
+    last_arm_s = 0.0
     for lr in cfg.lrs:
         for attention in cfg.attentions:
+            path = None
+            if checkpoint_dir is not None:
+                path = Path(checkpoint_dir) / f"{arm_slug(arm_name(cfg, attention, lr))}.pt"
+            stopping = should_stop is not None and should_stop()
+            if stopping or (time_left is not None and time_left() < last_arm_s):
+                state = load_checkpoint(path, checkpoint_fingerprint(cfg, attention, lr), log)
+                if state is None or state.get("summary") is None:
+                    log(f"stress {arm_name(cfg, attention, lr)}: not started (time budget)")
+                    continue
+            started = time.monotonic()
             on_step = None
             if on_progress is not None:
 
@@ -396,10 +671,13 @@ def run_stress_test(
                     on_progress(before + arm_rows, arms, False)
 
             arm_rows, arm_summary = run_arm(
-                cfg, attention, device, data, log, lr=lr, on_step=on_step
-            )
+                cfg, attention, device, data, log, lr=lr, on_step=on_step, checkpoint=path,
+                should_stop=should_stop,
+            )  # fmt: skip
             rows.extend(arm_rows)  # in place: on_step's `before` is this list
             arms[arm_summary["arm"]] = arm_summary
+            if arm_summary.get("resumed_at_step") is None and arm_summary["complete"]:
+                last_arm_s = max(last_arm_s, time.monotonic() - started)
             if on_progress is not None:
                 on_progress(rows, arms, True)
     return rows, stress_summary(cfg, arms, device)
@@ -448,8 +726,31 @@ def _run(args: argparse.Namespace) -> None:
             write_csv(args.log_csv, pd.DataFrame(rows))
             write_json(args.summary, {**stress_summary(cfg, arms, device), "partial": True})
 
-    rows, summary = run_stress_test(
-        cfg, device, log, on_progress=save_partial if args.partial_every else None
+    # options added with checkpoints: absent from a hand-made Namespace, they are off
+    budget_s = getattr(args, "budget_s", None)
+    checkpoint_dir = getattr(args, "checkpoint_dir", None)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    # with checkpoints, SIGTERM (a job's time limit) stops at the next step and checkpoints;
+    # without, it ends the process at once, leaving the partial log as before
+    signals = (signal.SIGTERM,) if checkpoint_dir else ()
+    with stop_on_signals(signals) as request:
+
+        def should_stop() -> bool:
+            return request() or (deadline is not None and time.monotonic() > deadline)
+
+        rows, summary = run_stress_test(
+            cfg, device, log, on_progress=save_partial if args.partial_every else None,
+            checkpoint_dir=checkpoint_dir, should_stop=should_stop,
+            time_left=None if deadline is None else lambda: deadline - time.monotonic(),
+        )  # fmt: skip
+    if request.signal is not None:  # checkpointed: the log, the finished arms, a failed job
+        finished = {name: arm for name, arm in summary["arms"].items() if arm["complete"]}
+        write_csv(args.log_csv, pd.DataFrame(rows))
+        write_json(args.summary, {**stress_summary(cfg, finished, device), "partial": True})
+        log(f"stress: stopped by signal {request.signal}; checkpointed in {checkpoint_dir}")
+        raise SystemExit(128 + request.signal)
+    summary["complete"] = len(summary["arms"]) == len(cfg.lrs) * len(cfg.attentions) and all(
+        arm["complete"] for arm in summary["arms"].values()
     )
     frame = pd.DataFrame(rows)
     write_csv(args.log_csv, frame)
@@ -459,6 +760,14 @@ def _run(args: argparse.Namespace) -> None:
     for name, arm in summary["arms"].items():
         state = f"diverged at step {arm['divergence_step']}" if arm["diverged"] else "stable"
         log(f"stress {name}: {state}; {arm['steps']} steps ({arm['stop_reason']})")
+    if not summary["complete"]:
+        log("stress: incomplete; run the same command again to continue"
+            + ("" if checkpoint_dir else " (from the start: no --checkpoint-dir)"))  # fmt: skip
+    elif checkpoint_dir and not getattr(args, "keep_checkpoints", False):  # a rerun: afresh
+        for lr in cfg.lrs:
+            for attention in cfg.attentions:
+                slug = arm_slug(arm_name(cfg, attention, lr))
+                (Path(checkpoint_dir) / f"{slug}.pt").unlink(missing_ok=True)
 
 
 def register(subparsers) -> None:
@@ -475,6 +784,20 @@ def register(subparsers) -> None:
     p.add_argument("--summary", required=True, help="JSON summary per arm")
     p.add_argument("--png", required=True)
     p.add_argument("--pdf", required=True)
+    p.add_argument(
+        "--checkpoint-dir", default=None,
+        help="one checkpoint per arm (every checkpoint_every steps, on SIGTERM, at the budget): "
+        "a rerun with the same configuration continues from them",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-checkpoints", action="store_true",
+        help="keep the finished arms' checkpoints (their rows and summaries) once every arm is "
+        "done; by default they are deleted then, so a rerun measures afresh",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget-s", type=float, default=None,
+        help="wall-clock seconds for this invocation: arms stop (checkpointed) when it is spent",
+    )  # fmt: skip
     p.add_argument(
         "--partial-every", type=int, default=25,
         help="rewrite the log (and a partial summary) every N steps and after each arm; 0: "

@@ -208,6 +208,15 @@ EXPERIMENT_OUTPUTS = {
         "results/tables/training_speed.csv",
         "results/tables/training_speed.md",
     ],
+    "stability_sweep": [
+        "results/tables/stability_runs.csv",
+        "results/tables/stability_boundary.csv",
+        "results/tables/stability_boundary.md",
+        "results/figures/stability_lr.png",
+        "results/figures/stability_lr.pdf",
+        "results/figures/stability_logits.png",
+        "results/figures/stability_logits.pdf",
+    ],
 }
 
 
@@ -238,3 +247,47 @@ def jacobian_run():
 def jacobian_model(attention):
     dataset, seed = jacobian_run()
     return f"results/{dataset}/train/{attention}_seed{seed}/model.pt"
+
+
+# --- the stability sweep (sigmoid_sc.stability_sweep): a job per arm x learning rate x seed ---
+
+SWEEP_DIR = "results/experiments/stability_sweep"
+SWEEP = experiment("stability_sweep")
+#: a learning rate in folder names: 3 significant digits (stability_sweep.lr_tag); the config
+#: refuses two rates with one tag
+SWEEP_LRS = {f"{float(lr):.3g}": float(lr) for lr in SWEEP["lrs"]}
+SWEEP_ARMS = {arm["name"]: arm for arm in SWEEP["arms"]}
+SWEEP_SEEDS = [int(seed) for seed in SWEEP["seeds"]]
+
+
+def sweep_json():
+    """The whole section as JSON (the boundary and the tables read every arm and rate)."""
+    return json.dumps(SWEEP, sort_keys=True)
+
+
+def sweep_run_json(wildcards):
+    """What one run depends on: the section with its own arm only and without the lists of
+    rates and seeds (the job gets its rate and seed on the command line), so that adding a
+    rate, a seed or an arm reruns no finished job."""
+    section = {k: v for k, v in SWEEP.items() if k not in ("enabled", "lrs", "seeds", "arms")}
+    return json.dumps({**section, "arms": [SWEEP_ARMS[wildcards.arm]]}, sort_keys=True)
+
+
+def sweep_run(arm, tag, seed):
+    return f"{SWEEP_DIR}/runs/{arm}/lr{tag}/seed{seed}/summary.json"
+
+
+def sweep_first_seed_runs(wildcards=None):
+    """The first seed's run of every arm and learning rate (the boundary checkpoint's input)."""
+    return [sweep_run(arm, tag, SWEEP_SEEDS[0]) for arm in SWEEP_ARMS for tag in SWEEP_LRS]
+
+
+def sweep_all_runs(wildcards):
+    """Every run: the first seed everywhere, the other seeds at the learning rates the
+    stability_boundary checkpoint chose for each arm."""
+    with open(checkpoints.stability_boundary.get().output[0]) as fh:
+        boundary = json.load(fh)["boundary_lrs"]
+    runs = sweep_first_seed_runs()
+    for arm, lrs in boundary.items():
+        runs += [sweep_run(arm, f"{float(lr):.3g}", seed) for lr in lrs for seed in SWEEP_SEEDS[1:]]
+    return runs

@@ -1,9 +1,11 @@
-# The paper's experiments beside the representation comparison: stability stress test (claim c),
-# Jacobian of trained models (claim d), kernel TFLOPS (claim e), training-step speed (claim b).
+# The paper's experiments beside the representation comparison: stability stress test and
+# learning-rate sweep (claim c), Jacobian of trained models (claim d), kernel TFLOPS (claim e),
+# training-step speed (claim b).
 # Each runs when its experiments.<name>.enabled is true (rule all: experiment_targets()).
 
 
 # Softmax vs sigmoid from the same init, long sequences, no gradient clipping: who diverges.
+# A job stopped by SIGTERM (a time limit) checkpoints its arms and fails; its rerun continues.
 rule stress_test:
     output:
         log="results/tables/stress_test.csv",
@@ -32,8 +34,105 @@ rule stress_test:
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli stress-test --params-json {params.stress:q} --device {params.device}"
+        " --checkpoint-dir results/experiments/stress_test/checkpoints"
         " --log-csv {output.log:q} --summary {output.summary:q}"
         " --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
+
+
+# Claim c as a learning-rate sweep: one job per arm x learning rate x seed (a SLURM job each).
+# A run stopped early (max_seconds, SIGTERM) is checkpointed beside its outputs and fails;
+# rerunning the workflow continues it.
+rule stability_run:
+    output:
+        summary=f"{SWEEP_DIR}/runs/{{arm}}/lr{{lr}}/seed{{seed}}/summary.json",
+        log=f"{SWEEP_DIR}/runs/{{arm}}/lr{{lr}}/seed{{seed}}/log.csv.gz",
+    wildcard_constraints:
+        arm="|".join(re.escape(a) for a in SWEEP_ARMS),
+        lr="|".join(re.escape(t) for t in SWEEP_LRS),
+    params:
+        sweep=sweep_run_json,
+        lr=lambda wildcards: SWEEP_LRS[wildcards.lr],
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        device=lookup(within=config, dpath="device"),
+    benchmark:
+        "results/benchmarks/stability_sweep/{arm}_lr{lr}_seed{seed}.tsv"
+    log:
+        "results/logs/experiments/stability_sweep/{arm}_lr{lr}_seed{seed}.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "stability sweep: {wildcards.arm} at lr {wildcards.lr}, seed {wildcards.seed}"
+    threads: 1
+    resources:
+        gpu=gpus_per_job(),
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " python -m sigmoid_sc.cli stability-sweep run --params-json {params.sweep:q}"
+        " --arm {wildcards.arm} --lr {params.lr} --seed {wildcards.seed}"
+        " --out-dir {params.out_dir:q} --device {params.device} > {log:q} 2>&1"
+
+
+# After the first seed's runs: each arm's boundary (its largest stable lr and the next one up),
+# where the other seeds run.
+checkpoint stability_boundary:
+    input:
+        sweep_first_seed_runs,
+    output:
+        f"{SWEEP_DIR}/boundary.json",
+    params:
+        sweep=sweep_json(),
+    log:
+        "results/logs/experiments/stability_sweep/boundary.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "stability sweep: the learning rates around each arm's boundary"
+    shell:
+        "python -m sigmoid_sc.cli stability-sweep boundary --params-json {params.sweep:q}"
+        " --out {output:q} {input:q} > {log:q} 2>&1"
+
+
+# The sweep's tables and figures: final loss vs learning rate, largest stable lr, logit growth.
+rule stability_sweep:
+    input:
+        sweep_all_runs,
+    output:
+        runs="results/tables/stability_runs.csv",
+        boundary=report(
+            "results/tables/stability_boundary.csv",
+            caption="../report/stability_sweep.rst",
+            category="Experiments",
+            subcategory="Stability",
+        ),
+        md="results/tables/stability_boundary.md",
+        lr_png=report(
+            "results/figures/stability_lr.png",
+            caption="../report/stability_sweep.rst",
+            category="Experiments",
+            subcategory="Stability",
+        ),
+        lr_pdf="results/figures/stability_lr.pdf",
+        logits_png=report(
+            "results/figures/stability_logits.png",
+            caption="../report/stability_logits.rst",
+            category="Experiments",
+            subcategory="Stability",
+        ),
+        logits_pdf="results/figures/stability_logits.pdf",
+    params:
+        sweep=sweep_json(),
+    log:
+        "results/logs/experiments/stability_sweep/summarize.log",
+    conda:
+        "../../envs/sigmoid-sc.yaml"
+    message:
+        "stability sweep: tables and figures"
+    shell:
+        "python -m sigmoid_sc.cli stability-sweep summarize --params-json {params.sweep:q}"
+        " --runs-csv {output.runs:q} --boundary-csv {output.boundary:q}"
+        " --boundary-md {output.md:q} --lr-png {output.lr_png:q} --lr-pdf {output.lr_pdf:q}"
+        " --logits-png {output.logits_png:q} --logits-pdf {output.logits_pdf:q}"
+        " {input:q} > {log:q} 2>&1"
 
 
 # dp/ds of attention in trained models: sigmoid's diagonal, bounded Jacobian vs softmax's dense one.
