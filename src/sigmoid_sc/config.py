@@ -49,6 +49,7 @@ class Synthetic:
     n_cell_types: int
     n_batches: int
     seed: int
+    gene_names: str  # index | symbols (sigmoid_sc.synthetic.symbol_names)
 
 
 @dataclass(frozen=True)
