@@ -124,12 +124,17 @@ def download_lockfile_option(wildcards):
 
 
 def download_entry(wildcards):
-    """The dataset's entry, completed for the CLI.
+    """The dataset's entry, completed for the CLI (without the keys of the pretraining
+    protocol: a role or holdout changes no download).
 
     url: the download section's retries and timeout_s as defaults the entry may override;
     path: a relative path is resolved against data_dir when the config sets one.
     """
-    entry = dict(config["datasets"][wildcards.dataset])
+    entry = {
+        key: value
+        for key, value in config["datasets"][wildcards.dataset].items()
+        if key not in sigmoid_sc_config.PROTOCOL_KEYS  # the pretraining protocol's alone
+    }
     if (entry.get("synthetic") or {}).get("gene_names") == "index":
         # the default names (the schema fills the key in): a config that leaves it out keeps
         # the download params it had without the key, so no finished branch reruns
