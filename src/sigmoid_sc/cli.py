@@ -30,6 +30,7 @@ COMMAND_MODULES = {
     "kernel-benchmark": "sigmoid_sc.kernel_benchmark",
     "training-speed": "sigmoid_sc.training_speed",
     "experiment-figures": "sigmoid_sc.experiment_figures",
+    "vocabulary": "sigmoid_sc.vocabulary",  # the pretraining protocol's stages
 }
 #: every stage module, once, in pipeline order
 STAGE_MODULES = tuple(dict.fromkeys(COMMAND_MODULES.values()))
