@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,15 @@ import yaml
 from test_config import edge_cases
 
 from sigmoid_sc import config, vocabulary
+from sigmoid_sc.aggregate import difference_text
+from sigmoid_sc.corpus import pool_tokens
 from sigmoid_sc.errors import ConfigError, DataError
-from sigmoid_sc.synthetic import symbol_names
-from sigmoid_sc.tokenize import tokenize
+from sigmoid_sc.holdout import select_cells
+from sigmoid_sc.match_rates import match_table
+from sigmoid_sc.prepare import prepare
+from sigmoid_sc.protocols import parse_group
+from sigmoid_sc.synthetic import symbol_names, synthetic_counts
+from sigmoid_sc.tokenize import N_SPECIAL, gene_nonzero_median, tokenize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -325,3 +332,295 @@ def test_the_vocabulary_takes_every_value_the_schema_takes(key, value):
     cap = params.max_cells_per_dataset if params.sampling == "capped" else 30
     assert v.symbols.size == 6 and table["train_cells_in_corpus"].tolist() == [min(30, cap)]
     assert (cells["split"] == "train").sum() == min(30, cap) and "test" not in set(cells["split"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a small corpus for real: prepare, holdout, vocabulary, tokens, corpus, train, embed
+
+
+SYNTHETIC = {
+    # corpus, with its batch_1 cells held out
+    "alpha": {"n_cells": 260, "n_genes": 90, "n_cell_types": 3, "n_batches": 2, "seed": 11},
+    # corpus
+    "beta": {"n_cells": 200, "n_genes": 70, "n_cell_types": 3, "n_batches": 1, "seed": 12},
+    # evaluation only
+    "gamma": {"n_cells": 160, "n_genes": 60, "n_cell_types": 3, "n_batches": 1, "seed": 13},
+}
+PREPARE = {"min_genes": 5, "min_cells": 1, "val_fraction": 0.15, "test_fraction": 0.25}
+TOKENIZE = config.section("tokenize", {"max_len": 24})
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """The protocol's files for three synthetic datasets, made by the stages' functions."""
+    root = tmp_path_factory.mktemp("pretrain")
+    prepared = {}
+    for name, params in SYNTHETIC.items():
+        raw = synthetic_counts(**params, gene_names="symbols")
+        raw.uns["sigmoid_sc"] = {"label_key": "cell_type", "batch_key": "batch"}
+        prepared[name] = prepare(raw, name, config.section("prepare", PREPARE))
+    units = {
+        "alpha": select_cells(prepared["alpha"], "alpha", {**HOLDOUT, "keep": False}),
+        "beta": prepared["beta"],
+        "alpha_b1": select_cells(prepared["alpha"], "alpha_b1", {**HOLDOUT, "keep": True}),
+        "gamma": prepared["gamma"],
+    }
+    sampling = config.section("pretrain", {"sampling": "capped", "max_cells_per_dataset": 100})
+    v, cells, _ = vocabulary.corpus_vocabulary(
+        [(n, units[n]) for n in ("alpha", "beta")], sampling, gene_median_norm=True
+    )
+    tokens = {n: tokenize(a, n, TOKENIZE, vocabulary=v) for n, a in units.items()}
+    arrays = pool_tokens(cells, {n: tokens[n] for n in ("alpha", "beta")}, v.vocab_id)
+    np.savez(root / "corpus.npz", **arrays)
+    for name, t in tokens.items():
+        np.savez(root / f"{name}.npz", **t)
+    return {"root": root, "units": units, "vocab": v, "cells": cells, "tokens": tokens}
+
+
+def test_a_holdout_splits_a_dataset_in_two_and_keeps_its_split(small_corpus):
+    units = small_corpus["units"]
+    corpus_side, held = units["alpha"], units["alpha_b1"]
+    assert set(corpus_side.obs["batch"].astype(str)) == {"batch_0"}
+    assert set(held.obs["batch"].astype(str)) == {"batch_1"}
+    assert not set(corpus_side.obs_names) & set(held.obs_names)
+    assert held.uns["sigmoid_sc"]["label_key"] == "cell_type"  # evaluate reads it from here
+    assert held.uns["sigmoid_sc"]["selection"]["keep"] is True
+    assert {"train", "val", "test"} == set(held.obs["split"].astype(str))
+
+
+def test_zero_shot_tokens_use_the_corpus_ids(small_corpus):
+    v, tokens, units = small_corpus["vocab"], small_corpus["tokens"], small_corpus["units"]
+    corpus_arrays = np.load(small_corpus["root"] / "corpus.npz")
+    assert str(corpus_arrays["vocab_id"]) == v.vocab_id
+    for name in ("alpha_b1", "gamma"):
+        t = tokens[name]
+        assert str(t["vocab_id"]) == v.vocab_id and int(t["vocab_size"]) == v.symbols.size + 3
+        assert np.array_equal(t["gene_names"], corpus_arrays["gene_names"])
+    # the top-ranked gene of each gamma cell: by the corpus' medians, not gamma's own
+    gamma, t = units["gamma"], tokens["gamma"]
+    columns, targets = vocabulary.gene_mapping(gamma.var_names, v.symbols)
+    linear = vocabulary.linear(gamma.X).toarray()[:, columns]
+    own_median = gene_nonzero_median(sp.csr_matrix(linear[gamma.obs["split"] == "train"]))
+    first = t["input_ids"][t["offsets"][:-1]] - N_SPECIAL
+    by_corpus = targets[np.argmax(linear / v.gene_median[targets], axis=1)]
+    by_own = targets[np.argmax(linear / own_median, axis=1)]
+    assert np.array_equal(first, by_corpus)
+    assert (by_own != by_corpus).sum() > 10  # the medians matter: the check can fail
+    symbols = v.symbols[first]
+    assert set(symbols) <= set(vocabulary.symbol_keys(gamma.var_names))
+    # the same cell in the corpus and in its own tokens: the same sequence
+    alpha, c = tokens["alpha"], corpus_arrays
+    k = int(np.flatnonzero(c["dataset"] == "alpha")[0])
+    i = int(np.flatnonzero(alpha["obs_names"] == c["source_obs_names"][k])[0])
+    assert np.array_equal(
+        c["input_ids"][c["offsets"][k] : c["offsets"][k + 1]],
+        alpha["input_ids"][alpha["offsets"][i] : alpha["offsets"][i + 1]],
+    )
+
+
+def test_the_corpus_refuses_tokens_of_another_vocabulary(small_corpus):
+    tokens = {n: small_corpus["tokens"][n] for n in ("alpha", "beta")}
+    own = tokenize(small_corpus["units"]["beta"], "beta", TOKENIZE)
+    with pytest.raises(DataError, match="the tokens of 'beta' were not made with the corpus"):
+        pool_tokens(small_corpus["cells"], {**tokens, "beta": own}, small_corpus["vocab"].vocab_id)
+
+
+MODEL = config.section("model", {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32})
+TRAIN = config.section(
+    "train", {"steps": 30, "batch_tokens": 16 * 24, "warmup_steps": 2, "eval_every": 30}
+)
+
+
+def test_evaluate_only_cells_are_never_in_a_training_batch(small_corpus, monkeypatch, tmp_path):
+    """Run the training loop on the corpus tokens and record every batch it packs."""
+    from sigmoid_sc import train as train_module
+
+    corpus_path = small_corpus["root"] / "corpus.npz"
+    drawn = []
+    real_pack = train_module.pack
+
+    def recording_pack(tokens, cells):
+        drawn.append(np.array(cells))
+        return real_pack(tokens, cells)
+
+    monkeypatch.setattr(train_module, "pack", recording_pack)
+    train_module.train("corpus", corpus_path, "sigmoid", 0, MODEL, TRAIN, "cpu", tmp_path / "run")
+    assert len(drawn) == 30, "the loop drew no batches through pack"
+    c = np.load(corpus_path)
+    cells = np.concatenate(drawn)
+    origin, names = c["dataset"][cells], c["source_obs_names"][cells]
+    assert set(origin) == {"alpha", "beta"}
+    assert (c["split"][cells] == "train").all()
+    units = small_corpus["units"]
+    held_out = set(units["alpha_b1"].obs_names)
+    alpha_names = set(names[origin == "alpha"])
+    assert alpha_names and not alpha_names & held_out
+    assert (units["alpha"].obs.loc[list(alpha_names), "batch"].astype(str) == "batch_0").all()
+    # every drawn cell's tokens are those of the training cell it claims to be
+    for name in ("alpha", "beta"):
+        t = small_corpus["tokens"][name]
+        position = {o: i for i, o in enumerate(t["obs_names"])}
+        for k in cells[origin == name][:50]:
+            i = position[c["source_obs_names"][k]]
+            assert t["split"][i] == "train"
+            assert np.array_equal(
+                c["input_ids"][c["offsets"][k] : c["offsets"][k + 1]],
+                t["input_ids"][t["offsets"][i] : t["offsets"][i + 1]],
+            )
+    # and no evaluation cell's sequence was ever drawn: gamma's sequences are not in the batches
+    gamma = small_corpus["tokens"]["gamma"]
+    drawn_sequences = {
+        c["input_ids"][c["offsets"][k] : c["offsets"][k + 1]].tobytes() for k in set(cells)
+    }
+    gamma_sequences = {
+        gamma["input_ids"][gamma["offsets"][i] : gamma["offsets"][i + 1]].tobytes()
+        for i in range(gamma["offsets"].size - 1)
+    }
+    assert not drawn_sequences & gamma_sequences
+
+    # a zero-shot embedding with the corpus model: accepted for tokens of its vocabulary ...
+    from sigmoid_sc.embed import embed, embed_untrained
+
+    model = tmp_path / "run/model.pt"
+    embed("gamma", small_corpus["root"] / "gamma.npz", model, "cpu", tmp_path / "gamma.npz")
+    out = np.load(tmp_path / "gamma.npz")
+    test = small_corpus["tokens"]["gamma"]["split"] == "test"
+    assert out["X_emb"].shape == (int(test.sum()), 16) and np.isfinite(out["X_emb"]).all()
+    assert str(out["method"]) == "sigmoid" and int(out["steps"]) == 30
+    # ... and the untrained baseline of the same vocabulary
+    embed_untrained("gamma", small_corpus["root"] / "gamma.npz", "sigmoid", MODEL, 0.15, "cpu",
+                    tmp_path / "untrained.npz")  # fmt: skip
+    assert str(np.load(tmp_path / "untrained.npz")["method"]) == "untrained_sigmoid"
+    # ... refused for a dataset's own tokens (its own vocabulary)
+    np.savez(tmp_path / "own.npz", **tokenize(units["gamma"], "gamma", TOKENIZE))
+    with pytest.raises(DataError, match="gene vocabulary"):
+        embed("gamma", tmp_path / "own.npz", model, "cpu", tmp_path / "x.npz")
+
+
+def test_holdout_refuses_values_that_are_not_there(small_corpus):
+    with pytest.raises(DataError, match=r"dataset 'alpha_x': holdout values \['STIM'\]"):
+        select_cells(
+            small_corpus["units"]["beta"], "alpha_x", {"obs_key": "batch", "values": ["STIM"]}
+        )
+    with pytest.raises(DataError, match=r"holdout obs_key 'condition' is not a column"):
+        select_cells(
+            small_corpus["units"]["beta"], "beta", {"obs_key": "condition", "values": ["STIM"]}
+        )
+
+
+def test_match_rates_through_the_cli_and_their_table(small_corpus, tmp_path):
+    """tokenize --vocabulary --match-rates writes the rates the table is made of."""
+    v = small_corpus["vocab"]
+    v.save(tmp_path / "vocabulary.npz")
+    small_corpus["units"]["gamma"].write_h5ad(tmp_path / "gamma.h5ad")
+    process = run_cli(
+        "tokenize", "--dataset", "gamma", "--params-json", '{"max_len": 24}',
+        "--input", tmp_path / "gamma.h5ad", "--output", tmp_path / "t.npz",
+        "--vocabulary", tmp_path / "vocabulary.npz", "--match-rates", tmp_path / "m.json",
+        "--min-match-rate", "0.5",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    rates = json.loads((tmp_path / "m.json").read_text())
+    gamma = small_corpus["units"]["gamma"]
+    expected = vocabulary.match_rates(gamma.X, gamma.var_names, v.symbols)
+    assert rates["dataset"] == "gamma"
+    assert rates["token_match_rate"] == pytest.approx(expected["token_match_rate"])
+    assert 0.5 <= rates["token_match_rate"] <= 1
+    units = {"gamma": {"dataset": "gamma", "role": "zero_shot"}}
+    table = match_table([rates], units, None)
+    assert table.iloc[0][["dataset", "source", "role"]].tolist() == ["gamma", "gamma", "zero_shot"]
+    assert list(table.columns[:6]) == [
+        "dataset",
+        "source",
+        "role",
+        "n_cells",
+        "n_genes",
+        "n_genes_matched",
+    ]
+    with pytest.raises(DataError, match=r"no match rates given for \['beta'\]"):
+        match_table([rates], {**units, "beta": {"dataset": "beta", "role": "corpus"}}, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# both protocols side by side
+
+
+def group_files(tmp_path, name, datasets, shift, params):
+    """The aggregate stage's outputs for a group of datasets: sigmoid better by ``shift``."""
+    from sigmoid_sc import aggregate
+
+    rng = np.random.default_rng(len(name))
+    rows = []
+    for dataset in datasets:
+        for seed, noise in zip((0, 1, 2), (-0.002, 0.0, 0.002)):
+            base, sigmoid = rng.normal(0.5, 0.01), shift + noise
+            rows += [
+                {"dataset": dataset, "method": "softmax", "seed": seed, "asw_label": base},
+                {
+                    "dataset": dataset,
+                    "method": "sigmoid",
+                    "seed": seed,
+                    "asw_label": base + sigmoid,
+                },
+            ]
+        rows += [
+            {"dataset": dataset, "method": "pca", "seed": -1, "asw_label": 0.4},
+            {"dataset": dataset, "method": "untrained_sigmoid", "seed": 0, "asw_label": 0.3},
+        ]
+    table = pd.DataFrame(rows)
+    summary = aggregate.summarise(table, params)
+    paths = [tmp_path / f"{name}{suffix}" for suffix in (".csv", "_summary.csv", "_summary.md")]
+    table.to_csv(paths[0], index=False)
+    summary.to_csv(paths[1], index=False)
+    paths[2].write_text(aggregate.to_markdown(summary, params))
+    return paths, summary
+
+
+def test_protocols_stack_every_group_with_its_statistics(tmp_path):
+    from sigmoid_sc import cli
+
+    params = config.section("aggregate", {"bootstrap_resamples": 200})
+    own, own_summary = group_files(tmp_path, "own", ["kang", "pbmc68k"], 0.02, params)
+    corpus_files, _ = group_files(tmp_path, "corpus", ["kang"], -0.03, params)
+    zero, zero_summary = group_files(tmp_path, "zero", ["kang_stim", "pbmc68k"], 0.05, params)
+    groups = ["per_dataset:own", "pretrain:corpus", "pretrain:zero_shot"]
+    files = list(zip(own, corpus_files, zero))
+    out = [tmp_path / f"protocols{s}" for s in (".csv", "_summary.csv", "_summary.md")]
+    status = cli.main(
+        ["protocols", "--groups", *groups, "--tables", *map(str, files[0]),
+         "--summaries", *map(str, files[1]), "--markdowns", *map(str, files[2]),
+         "--params-json", '{"bootstrap_resamples": 200}',
+         "--sources-json", '{"kang_stim": "kang"}',
+         "--table", str(out[0]), "--summary-csv", str(out[1]), "--summary-md", str(out[2])]
+    )  # fmt: skip
+    assert status == 0
+    summary = pd.read_csv(out[1])
+    assert list(summary.columns[:3]) == ["protocol", "role", "source"]
+    assert set(own_summary.columns) <= set(summary.columns)  # the same statistics, as they are
+    zero_rows = summary[summary["role"] == "zero_shot"].drop(columns=["protocol", "role", "source"])
+    pd.testing.assert_frame_equal(
+        zero_rows.reset_index(drop=True), zero_summary, check_dtype=False, check_like=True
+    )
+    stim = summary[(summary["dataset"] == "kang_stim") & (summary["metric"] == "asw_label")]
+    assert stim["source"].tolist() == ["kang"] and stim["difference"].iloc[0] == pytest.approx(0.05)
+    assert len(pd.read_csv(out[0])) == sum(len(pd.read_csv(f)) for f in files[0])
+    markdown = out[2].read_text()
+    assert "## asw_label (primary metric), side by side" in markdown
+    # kang's rows together: its own model, the corpus model on its cells, the held-out STIM cells
+    side_by_side = markdown.split("## asw_label (primary metric)")[1].split("\n## ")[0]
+    kang = [line for line in side_by_side.splitlines() if line.startswith("| kang |")]
+    assert [line.split(" | ")[1:4] for line in kang] == [
+        ["kang", "per_dataset", "own"],
+        ["kang", "pretrain", "corpus"],
+        ["kang_stim", "pretrain", "zero_shot"],
+    ]
+    row = zero_summary[
+        (zero_summary["dataset"] == "kang_stim") & (zero_summary["metric"] == "asw_label")
+    ]
+    row = row.iloc[0]
+    assert row["resolved"].startswith("sigmoid higher")  # the CI excludes 0
+    assert f"| {difference_text(row)} | {row['resolved']} |" in kang[2], kang[2]
+    assert kang[2].endswith("| 0.400 |  | 0.300 |")  # PCA, untrained softmax (none), sigmoid
+    assert "## Protocol pretrain, role zero_shot" in markdown
+    with pytest.raises(ConfigError, match="group 'pretrain:own' is not one of"):
+        parse_group("pretrain:own")
