@@ -170,7 +170,15 @@ def all_histories():
 
 
 def final_targets():
-    """Every table and figure of a run (the inputs of rule all)."""
+    """Every table and figure of a run (the inputs of `all`): each protocol's (the
+    pretraining protocol's: protocol_targets in pretrain_common.smk) and the experiments'."""
+    return per_dataset_targets() + protocol_targets() + experiment_targets()
+
+
+def per_dataset_targets():
+    """The per-dataset protocol's tables and figures, when it runs."""
+    if "per_dataset" not in PROTOCOLS:
+        return []
     return (
         expand(
             "results/tables/{table}",
@@ -189,7 +197,6 @@ def final_targets():
             dataset=DATASETS,
             ext=["png", "pdf"],
         )
-        + experiment_targets()
     )
 
 
