@@ -1,6 +1,8 @@
 # Sigmoid vs softmax attention for single-cell foundation models: the whole DAG.
 # Per dataset: download -> prepare -> tokenize -> train[attention x seed] -> embed -> evaluate;
 # across datasets: aggregate -> tables, figures, report. See README.md and docs/ARCHITECTURE.md.
+# With protocol: pretrain | both, one model per attention x seed on a pooled corpus, every
+# dataset embedded zero-shot (workflow/rules/pretrain.smk), instead of or beside those.
 
 import os
 import sys
@@ -27,6 +29,7 @@ sigmoid_sc_config.validate(config)
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain_common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/tokenize.smk"
@@ -35,6 +38,7 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/experiments.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 # Every table and figure of the run; `snakemake --report results/report.html` afterwards.

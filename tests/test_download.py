@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from sigmoid_sc import cli, config
 from sigmoid_sc.download import load_dataset
 from sigmoid_sc.errors import ConfigError, DataError
-from sigmoid_sc.synthetic import synthetic_counts
+from sigmoid_sc.synthetic import symbol_names, synthetic_counts
 from sigmoid_sc.validate import validate_raw
 
 
@@ -38,6 +38,22 @@ def test_synthetic_shape_types_batches():
     assert expressed.max() > 2 * expressed.min()
     # validates as a dataset
     validate_raw(adata, "syn", "ct", "b")
+
+
+def test_synthetic_gene_symbols_name_genes_alike_in_every_seed_and_change_nothing_else():
+    index = synthetic_counts(n_cells=60, n_genes=300, n_cell_types=3, seed=5)
+    named = synthetic_counts(n_cells=60, n_genes=300, n_cell_types=3, seed=5, gene_names="symbols")
+    assert (index.X != named.X).nnz == 0 and index.obs.equals(named.obs)
+    names = list(named.var_names)
+    assert names[:3] == ["SXAA0", "SXAA1", "SXAA2"] and names[10] == "SXAB0"
+    assert names[260] == "SXBA0" and len(set(names)) == len(names)
+    # another seed and size: the same names for the genes they both have
+    other = synthetic_counts(n_cells=60, n_genes=120, n_cell_types=3, seed=9, gene_names="symbols")
+    assert list(other.var_names) == names[:120]
+    # past 26 x 26 x 10 genes the letters grow, still distinct
+    assert len(set(symbol_names(7000))) == 7000
+    with pytest.raises(ConfigError, match="synthetic.gene_names"):
+        synthetic_counts(n_cells=60, n_genes=120, n_cell_types=3, gene_names="ensembl")
 
 
 def test_synthetic_is_seeded_and_types_have_programmes():

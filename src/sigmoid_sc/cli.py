@@ -30,6 +30,11 @@ COMMAND_MODULES = {
     "kernel-benchmark": "sigmoid_sc.kernel_benchmark",
     "training-speed": "sigmoid_sc.training_speed",
     "experiment-figures": "sigmoid_sc.experiment_figures",
+    "holdout": "sigmoid_sc.holdout",  # the pretraining protocol's stages
+    "vocabulary": "sigmoid_sc.vocabulary",
+    "corpus": "sigmoid_sc.corpus",
+    "match-rates": "sigmoid_sc.match_rates",
+    "protocols": "sigmoid_sc.protocols",
 }
 #: every stage module, once, in pipeline order
 STAGE_MODULES = tuple(dict.fromkeys(COMMAND_MODULES.values()))

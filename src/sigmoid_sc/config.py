@@ -13,6 +13,10 @@ dataclass with :func:`section` (``section("train", params) -> Train``) or, for a
 reads YAML files (later ones merged over earlier ones, as Snakemake merges ``--configfile``
 overlays) into a :class:`Config` holding every section's dataclass.
 
+The protocols (``protocol``: per_dataset | pretrain | both) are read here too: :func:`protocols`
+says which run, :func:`pretrain_units` lists the pretraining protocol's units (the sets of
+cells it scores, :class:`Unit`) from the datasets' ``role`` and ``holdout``.
+
 Imports only yaml and jsonschema (and, for datasets with reader options, the readers' option
 tables), so the Snakefile can import it cheaply.
 """
@@ -49,13 +53,25 @@ class Synthetic:
     n_cell_types: int
     n_batches: int
     seed: int
+    gene_names: str  # index | symbols (sigmoid_sc.synthetic.symbol_names)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A dataset's ``holdout``: its cells whose ``obs[obs_key]`` is in ``values`` are left out
+    of the corpus and scored zero-shot as ``name`` (None: ``<dataset>_holdout``)."""
+
+    obs_key: str
+    values: tuple[str | int, ...]
+    name: str | None
 
 
 @dataclass(frozen=True)
 class Dataset:
     """One entry of ``datasets``. ``name`` is its key; ``scanpy_name`` is the entry's ``name``
     (the scanpy function); ``entry`` is the whole validated entry, read-only, for the keys of
-    the ``url`` source (url, files, obs, sha256, ...; see :mod:`sigmoid_sc.fetch`)."""
+    the ``url`` source (url, files, obs, sha256, ...; see :mod:`sigmoid_sc.fetch`). ``role`` and
+    ``holdout``: its part in the pretraining protocol."""
 
     name: str
     source: str
@@ -68,7 +84,19 @@ class Dataset:
     format: str | None
     reader: Mapping[str, Any]
     synthetic: Synthetic | None
+    role: str  # pretrain | evaluate | none
+    holdout: Holdout | None
     entry: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """``pretrain``: the pretraining protocol's corpus (sigmoid_sc.vocabulary)."""
+
+    sampling: str  # proportional | capped
+    max_cells_per_dataset: int | None  # capped: the most training cells of one dataset
+    sampling_seed: int
+    min_match_rate: float  # floor on a zero-shot dataset's expressed-token match rate
 
 
 @dataclass(frozen=True)
@@ -289,6 +317,7 @@ SECTIONS = {
     "train": Train,
     "evaluate": Evaluate,
     "aggregate": Aggregate,
+    "pretrain": Pretrain,
     "experiments.stress_test": StressTest,
     "experiments.stability_sweep": StabilitySweep,
     "experiments.jacobian": Jacobian,
@@ -306,6 +335,7 @@ class Config:
     attentions: tuple[str, ...]
     device: str
     train_gpus: int
+    protocol: str  # per_dataset | pretrain | both
     datasets: Mapping[str, Dataset]
     download: Download
     prepare: Prepare
@@ -314,6 +344,7 @@ class Config:
     train: Train
     evaluate: Evaluate
     aggregate: Aggregate
+    pretrain: Pretrain
     stress_test: StressTest
     stability_sweep: StabilitySweep
     jacobian: Jacobian
@@ -568,6 +599,18 @@ def _section_checks(name: str, s: Mapping, where: str) -> list[str]:
             f"{where}.val_fraction + {where}.test_fraction must be < 1 to leave training cells; "
             f"got {s['val_fraction']} + {s['test_fraction']}"
         )
+    if name == "pretrain":
+        cap = s["max_cells_per_dataset"]
+        if s["sampling"] == "capped" and cap is None:
+            problems.append(
+                f"{where}.max_cells_per_dataset is needed when {where}.sampling is capped "
+                "(the most training cells one dataset puts in the corpus)"
+            )
+        if s["sampling"] != "capped" and cap is not None:
+            problems.append(
+                f"{where}.max_cells_per_dataset is read only when {where}.sampling is capped "
+                f"(it is {s['sampling']}); remove it or set sampling: capped"
+            )
     if experiment and s["seq_len"] > s["vocab_size"] - N_SPECIAL_TOKENS:
         problems.append(
             f"{where}.seq_len ({s['seq_len']}) needs as many distinct genes, but "
@@ -612,6 +655,11 @@ def _dataset_checks(name: str, entry: Mapping, where: str) -> list[str]:
                 f"n_cell_types; got n_cells {synthetic['n_cells']}, n_genes "
                 f"{synthetic['n_genes']}, n_cell_types {k}"
             )
+    if entry.get("holdout") is not None and entry["role"] != "pretrain":
+        problems.append(
+            f"{where}.holdout splits a corpus dataset: it needs {where}.role: pretrain (got "
+            f"{entry['role']}); a dataset with role {entry['role']} is left out of the corpus whole"
+        )
     files = entry.get("files") or []
     names = [f["name"] for f in files]
     for repeated in sorted({n for n in names if names.count(n) > 1}):
@@ -639,8 +687,10 @@ def _config_checks(config: Mapping) -> list[str]:
     problems = []
     for name, entry in config["datasets"].items():
         problems += _dataset_checks(name, entry, f"datasets.{name}")
-    for name in ("prepare", "model"):
+    for name in ("prepare", "model", "pretrain"):
         problems += _section_checks(name, config[name], name)
+    if "pretrain" in protocols(config):
+        problems += _unit_problems(config["datasets"])[1]
     experiments = config["experiments"]
     for name in ("stress_test", "stability_sweep"):
         problems += _section_checks(f"experiments.{name}", experiments[name], f"experiments.{name}")
@@ -655,6 +705,12 @@ def _config_checks(config: Mapping) -> list[str]:
         if jacobian["seed"] is not None and jacobian["seed"] not in seeds:
             problems.append(
                 f"experiments.jacobian.seed {jacobian['seed']} is not one of seeds ({_words(seeds)})"
+            )
+        if "per_dataset" not in protocols(config):
+            problems.append(
+                "experiments.jacobian analyses the per-dataset protocol's models: with protocol: "
+                "pretrain there are none; set protocol: both or experiments.jacobian.enabled: "
+                "false"
             )
         if not {"softmax", "sigmoid"} <= set(config["attentions"]):
             problems.append("experiments.jacobian needs attentions to list softmax and sigmoid")
@@ -679,6 +735,112 @@ def _config_checks(config: Mapping) -> list[str]:
             "dataset has a batch_key"
         )
     return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# the protocols and the pretraining protocol's units
+
+PROTOCOLS = ("per_dataset", "pretrain")
+#: a unit's part in the pretraining protocol: its training cells are in the corpus, or none is
+CORPUS, ZERO_SHOT = "corpus", "zero_shot"
+#: folders of results/pretrain/ that are no unit's
+RESERVED_UNIT_NAMES = frozenset({"corpus", "tables", "figures"})
+#: results/pretrain/ itself: no dataset may take the name while the pretraining protocol runs
+PRETRAIN_DIR = "pretrain"
+#: keys of a dataset entry that only the pretraining protocol reads: the per-dataset stages'
+#: params leave them out, so changing a role reruns nothing of the per-dataset protocol
+PROTOCOL_KEYS = ("role", "holdout")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One set of cells the pretraining protocol scores: ``results/pretrain/<name>/``.
+
+    ``dataset``: the config entry its cells come from; ``role``: :data:`CORPUS` (its training
+    cells are in the corpus) or :data:`ZERO_SHOT`. With ``obs_key`` set, the unit is the cells
+    whose ``obs[obs_key]`` is in ``values`` (``keep``) or is not (``not keep``): one side of a
+    holdout; else every cell of the dataset.
+    """
+
+    name: str
+    dataset: str
+    role: str
+    obs_key: str | None = None
+    values: tuple[str, ...] = ()
+    keep: bool = True
+
+    @property
+    def selects(self) -> bool:
+        return self.obs_key is not None
+
+    def selection(self) -> dict:
+        """The cell selection as the ``holdout`` stage takes it (JSON-able)."""
+        return {"obs_key": self.obs_key, "values": list(self.values), "keep": self.keep}
+
+
+def protocols(config: Mapping) -> tuple[str, ...]:
+    """The protocols a validated config runs: ``("per_dataset",)``, ``("pretrain",)`` or both."""
+    protocol = config.get("protocol", "per_dataset")
+    return PROTOCOLS if protocol == "both" else (protocol,)
+
+
+def _unit_problems(datasets: Mapping[str, Mapping]) -> tuple[list[Unit], list[str]]:
+    """The units of validated dataset entries (corpus units first, each group in config order),
+    and what is wrong with them, each naming its key."""
+    problems = []
+    if PRETRAIN_DIR in datasets:
+        problems.append(
+            f"datasets.{PRETRAIN_DIR}: the name is taken by the pretraining protocol's results "
+            "folder (results/pretrain/); rename the dataset"
+        )
+    corpus, zero_shot = [], []
+    for name, entry in datasets.items():
+        role, holdout = entry.get("role", "pretrain"), entry.get("holdout")
+        if role == "none":
+            continue
+        if role == "evaluate":
+            zero_shot.append(Unit(name, name, ZERO_SHOT))
+        elif holdout is None:
+            corpus.append(Unit(name, name, CORPUS))
+        else:
+            values = tuple(str(v) for v in holdout["values"])
+            held = holdout.get("name") or f"{name}_holdout"
+            corpus.append(Unit(name, name, CORPUS, holdout["obs_key"], values, keep=False))
+            zero_shot.append(Unit(held, name, ZERO_SHOT, holdout["obs_key"], values, keep=True))
+    if not corpus:
+        problems.append(
+            "the pretraining protocol needs a corpus: at least one dataset with role: pretrain "
+            "(datasets.<name>.role, the default)"
+        )
+    seen: set[str] = set()
+    for unit in zero_shot:
+        if not unit.selects:  # a whole dataset: its name is its key, unique already
+            continue
+        where = f"datasets.{unit.dataset}.holdout.name"
+        if unit.name in RESERVED_UNIT_NAMES:
+            problems.append(
+                f"{where}: {unit.name!r} is a folder of results/pretrain/ "
+                f"({_words(sorted(RESERVED_UNIT_NAMES))}); choose another name"
+            )
+        elif unit.name in datasets or unit.name in seen:
+            problems.append(f"{where}: {unit.name!r} names another dataset or holdout too")
+        seen.add(unit.name)
+    for name in datasets:
+        if name in RESERVED_UNIT_NAMES and datasets[name].get("role", "pretrain") != "none":
+            problems.append(
+                f"datasets.{name}: the name is a folder of results/pretrain/ "
+                f"({_words(sorted(RESERVED_UNIT_NAMES))}); rename it or set its role: none"
+            )
+    return corpus + zero_shot, problems
+
+
+def pretrain_units(config: Mapping) -> list[Unit]:
+    """The pretraining protocol's units of a validated config (:func:`validate`): corpus units
+    first, then zero-shot ones, each group in the order of ``datasets``."""
+    units, problems = _unit_problems(config["datasets"])
+    if problems:
+        _raise(problems, "invalid config")
+    return units
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,6 +925,8 @@ def dataset(name: str, entry: Mapping) -> Dataset:
         format=values.get("format"),
         reader=MappingProxyType(dict(values.get("reader") or {})),
         synthetic=_build(Synthetic, synthetic) if synthetic else None,
+        role=values["role"],
+        holdout=_build(Holdout, values["holdout"]) if values.get("holdout") else None,
         entry=MappingProxyType(values),
     )
 
@@ -788,6 +952,7 @@ def from_dict(config: Mapping) -> Config:
         attentions=tuple(raw["attentions"]),
         device=raw["device"],
         train_gpus=raw["train_gpus"],
+        protocol=raw["protocol"],
         datasets=MappingProxyType({n: dataset(n, e) for n, e in raw["datasets"].items()}),
         download=_build(Download, raw["download"]),
         prepare=_build(Prepare, raw["prepare"]),
@@ -796,6 +961,7 @@ def from_dict(config: Mapping) -> Config:
         train=_build(Train, raw["train"]),
         evaluate=_build(Evaluate, raw["evaluate"]),
         aggregate=_build(Aggregate, raw["aggregate"]),
+        pretrain=_build(Pretrain, raw["pretrain"]),
         stress_test=_build(StressTest, experiments["stress_test"]),
         stability_sweep=_build(StabilitySweep, experiments["stability_sweep"]),
         jacobian=_build(Jacobian, experiments["jacobian"]),

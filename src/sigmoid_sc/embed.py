@@ -7,7 +7,9 @@ size changes nothing but speed. A model with a CLS token (``model.cls_token``) a
 cell's CLS state: ``X_emb_cls`` beside ``X_emb``, scored by ``evaluate`` as method
 ``<attention>_cls``.
 
-``--model model.pt``: a trained encoder (method = its attention kind). ``--untrained KIND``: the
+``--model model.pt``: a trained encoder (method = its attention kind), given the tokens it was
+trained on or, under the pretraining protocol, any dataset's tokens of its corpus vocabulary
+(``vocab_id``: zero-shot). ``--untrained KIND``: the
 same encoder at its initial weights, those a training run of seed ``UNTRAINED_SEED`` starts from
 (``torch.manual_seed(seed)`` then the constructor, as ``train`` does), built from the config's
 model section and the tokens; method ``untrained_<kind>``, mean pooling only. The baseline says
@@ -154,10 +156,13 @@ def embed(
     tokens = load_tokens(tokens_path, dataset)
     model, record = load_model(model_path, dev)
     saved = record["tokens"]
-    if saved["sha256"] != tokens.metadata()["sha256"]:
+    # the tokens it was trained on, or (pretraining protocol) tokens of the same vocabulary
+    same_vocabulary = bool(tokens.vocab_id) and saved.get("vocab_id") == tokens.vocab_id
+    if saved["sha256"] != tokens.metadata()["sha256"] and not same_vocabulary:
         raise DataError(
             f"{dataset}: {model_path} was trained on other tokens than {tokens_path} "
-            "(their contents differ); retrain or pass the tokens it was trained on"
+            "(their contents differ) and not on tokens of their gene vocabulary; retrain or "
+            "pass the tokens it was trained on"
         )
     _check_cls_id(model, tokens, dataset)
     write_embedding(
@@ -211,7 +216,11 @@ def register(subparsers) -> None:
         help="embeddings of the test cells: a trained model.pt, or the untrained encoder",
     )
     p.add_argument("--dataset", required=True)
-    p.add_argument("--tokens", required=True, help="the tokens.npz the model was trained on")
+    p.add_argument(
+        "--tokens",
+        required=True,
+        help="the tokens.npz the model was trained on, or tokens of its corpus vocabulary",
+    )
     p.add_argument("--model", default=None, help="model.pt from `sigmoid-sc train`")
     p.add_argument(
         "--untrained",

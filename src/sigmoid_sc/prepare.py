@@ -6,7 +6,10 @@ Input ``raw.h5ad`` (from ``download``), output ``prepared.h5ad``:
   fewer than ``min_cells`` cells, then (again) cells left with no expressed gene;
 - normalisation: counts -> ``normalize_total`` to 10^4 per cell, then ``log1p`` (log1p CP10K);
   skipped when the data are ``normalized`` (the dataset entry says so; ``download`` records it
-  in ``uns["sigmoid_sc"]`` with the label and batch keys). Counts are kept in ``layers["counts"]``;
+  in ``uns["sigmoid_sc"]`` with the label and batch keys). Counts are kept in ``layers["counts"]``.
+  Non-integer "counts" (a batch of RPKM or normalised values in a counts layer) get the same
+  transform, which keeps each cell's gene ranking; their number of cells is logged and kept in
+  ``uns["sigmoid_sc"]["non_integer_cells"]``;
 - optional ``n_top_genes`` highly variable genes (scanpy's ``seurat`` flavour on log values);
 - the gene vocabulary is ``var_names`` in order: gene ``g`` gets token id ``g + 3``;
 - ``obs["split"]`` in {train, val, test}: seeded and stratified by cell type, so both attention
@@ -28,7 +31,7 @@ from .config import Prepare
 from .errors import DataError
 from .io import write_h5ad
 from .runtime import log_to_stderr, parse_json_arg
-from .validate import expressed_genes_per_cell, recorded_keys, validate_raw
+from .validate import expressed_genes_per_cell, non_integer_cells, recorded_keys, validate_raw
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,13 @@ def prepare(adata, dataset: str, params: Prepare):
     if batch_key is not None:
         adata.obs[batch_key] = pd.Categorical(adata.obs[batch_key].astype(str))
 
+    n_non_integer = 0 if normalized else non_integer_cells(adata.X)
+    if n_non_integer:
+        log.warning(
+            "dataset %s: %d of %d cells have non-integer counts (RPKM or normalised values?); "
+            "they are scaled to 10^4 per cell and log1p-transformed like counts",
+            dataset, n_non_integer, adata.n_obs,
+        )  # fmt: skip
     if not normalized:
         adata.layers["counts"] = adata.X.copy()
         sc.pp.normalize_total(adata, target_sum=1e4)
@@ -144,6 +154,7 @@ def prepare(adata, dataset: str, params: Prepare):
         "dataset": dataset,
         "label_key": label_key,
         "normalized": normalized,
+        "non_integer_cells": n_non_integer,
         "prepare": {k: v for k, v in dataclasses.asdict(params).items() if v is not None},
     }
     if batch_key is not None:

@@ -6,6 +6,26 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .errors import ConfigError
+
+
+def symbol_names(n_genes: int) -> list[str]:
+    """Symbol-like gene names, the same for every seed: gene ``g`` is ``SX`` + letters + digit
+    (``SXAA0``, ``SXAA1``, ..., ``SXAB0``, ...). Two synthetic datasets named this way share the
+    names of their first ``min(n_genes)`` genes (not their roles: each seed draws its own
+    programmes), as two real datasets share gene symbols."""
+    names = []
+    for g in range(n_genes):
+        block, letters = g // 10, ""
+        for _ in range(2):
+            block, letter = divmod(block, 26)
+            letters = chr(ord("A") + letter) + letters
+        while block:
+            block, letter = divmod(block, 26)
+            letters = chr(ord("A") + letter) + letters
+        names.append(f"SX{letters}{g % 10}")
+    return names
+
 
 def synthetic_counts(
     n_cells: int = 1500,
@@ -13,6 +33,7 @@ def synthetic_counts(
     n_cell_types: int = 6,
     n_batches: int = 2,
     seed: int = 0,
+    gene_names: str = "index",
     label_key: str = "cell_type",
     batch_key: str = "batch",
 ):
@@ -36,7 +57,9 @@ def synthetic_counts(
     Sizes as the config's schema allows them (``n_cells >= 2 * n_cell_types``,
     ``n_genes >= 4 * n_cell_types``; :mod:`sigmoid_sc.config` checks them). Returns an AnnData:
     ``X`` float32 CSR counts ``[n_cells, n_genes]``, ``obs[label_key]``
-    ("type_0", ...) and ``obs[batch_key]`` ("batch_0", ...) as categoricals.
+    ("type_0", ...) and ``obs[batch_key]`` ("batch_0", ...) as categoricals. Genes are named
+    ``gene_00000``, ... (``gene_names: index``) or by :func:`symbol_names` (``symbols``); the
+    names change nothing else.
     """
     import anndata as ad
 
@@ -87,5 +110,11 @@ def synthetic_counts(
         },
         index=pd.Index([f"cell_{i:06d}" for i in range(n_cells)]),
     )
-    var = pd.DataFrame(index=pd.Index([f"gene_{g:05d}" for g in range(n_genes)]))
+    if gene_names == "symbols":
+        names = symbol_names(n_genes)
+    elif gene_names == "index":
+        names = [f"gene_{g:05d}" for g in range(n_genes)]
+    else:
+        raise ConfigError(f"synthetic.gene_names must be index or symbols; got {gene_names!r}")
+    var = pd.DataFrame(index=pd.Index(names))
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)

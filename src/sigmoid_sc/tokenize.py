@@ -13,6 +13,12 @@ Token ids: ``pad_id = 0``, ``mask_id = 1``, ``cls_id = 2``; gene ``g`` (column `
 tokens only: a model that wants a CLS token prepends it itself (its sequence is then
 ``max_len + 1`` long).
 
+With ``--vocabulary`` (the pretraining protocol, :mod:`sigmoid_sc.vocabulary`) the genes are
+the corpus vocabulary's instead, matched by symbol, and the medians are the corpus' (from its
+training cells, not the dataset's): token ids then mean the same gene in every dataset. The
+file then also holds ``vocab_id``, the vocabulary's digest, and ``--match-rates`` writes the
+dataset's match rates (``--min-match-rate`` refuses a dataset below the floor).
+
 Output ``tokens.npz``: ``input_ids`` int32 (all cells' tokens concatenated in obs order),
 ``offsets`` int64 ``[n_cells + 1]`` (cell ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``, the
 same layout as ``cu_seqlens``), ``split`` str ``[n_cells]``, ``obs_names`` str ``[n_cells]``,
@@ -30,9 +36,17 @@ import scipy.sparse as sp
 
 from . import config
 from .config import Tokenize
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .io import write_npz
 from .runtime import log_to_stderr, parse_json_arg
+from .vocabulary import (
+    check_match,
+    check_symbols,
+    check_tokenize_params,
+    gene_nonzero_median,
+    load_vocabulary,
+    match_rates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +55,6 @@ N_SPECIAL = 3
 
 #: rows sorted per chunk; bounds the lexsort's working memory (a few x nnz of a chunk)
 CHUNK_CELLS = 8192
-
-
-def gene_nonzero_median(X: sp.spmatrix) -> np.ndarray:
-    """Median of the positive values of each column of ``X`` [cells, genes]: float64 ``[n_genes]``.
-
-    Genes never positive get 1.0 (no rescaling). One pass over the CSC columns; ``np.median``
-    partitions rather than sorts, so this is O(nnz) (0.5 s for 2e7 non-zeros).
-    """
-    csc = sp.csc_matrix(X)
-    median = np.ones(csc.shape[1])
-    for g in range(csc.shape[1]):
-        values = csc.data[csc.indptr[g] : csc.indptr[g + 1]]
-        values = values[values > 0]
-        if values.size:
-            median[g] = np.median(values.astype(np.float64))
-    return median
 
 
 def rank_value_encode(
@@ -102,9 +100,13 @@ def rank_value_encode(
     return input_ids, offsets
 
 
-def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
+def tokenize(adata, dataset: str, params: Tokenize, vocabulary=None) -> dict[str, np.ndarray]:
     """Tokenise a prepared AnnData with the config's ``tokenize`` section; returns the arrays of
-    ``tokens.npz`` (see the module doc)."""
+    ``tokens.npz`` (see the module doc).
+
+    ``vocabulary`` (a :class:`sigmoid_sc.vocabulary.Vocabulary`): the corpus' genes and medians
+    instead of the dataset's own.
+    """
     if "split" not in adata.obs:
         raise DataError(
             f"dataset {dataset!r}: prepared data has no obs['split']; run prepare first"
@@ -112,7 +114,14 @@ def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
     X = sp.csr_matrix(adata.X)
     split = adata.obs["split"].astype(str).to_numpy()
     n_genes = X.shape[1]
-    if params.gene_median_norm:
+    gene_names = np.asarray(adata.var_names, dtype=str)
+    if vocabulary is not None:
+        check_tokenize_params(vocabulary, params.gene_median_norm)
+        X = vocabulary.cells(X, adata.var_names)
+        n_genes, gene_names = len(vocabulary.symbols), vocabulary.symbols.astype(str)
+        gene_median = vocabulary.gene_median
+        input_ids, offsets = rank_value_encode(X, params.max_len, vocabulary.gene_scale())
+    elif params.gene_median_norm:
         # normalised expression (CP10K); ranks compare x / median_g, a ratio of linear values
         X = X.copy()
         X.data = np.expm1(X.data.astype(np.float64))
@@ -128,7 +137,7 @@ def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
     if (lengths == 0).any():
         raise DataError(
             f"dataset {dataset!r}: {int((lengths == 0).sum())} cells have no expressed gene "
-            "in prepared data"
+            + ("of the corpus vocabulary" if vocabulary is not None else "in prepared data")
         )
     log.info(
         "dataset %s: %d cells, %d tokens, length min %d / median %d / max %d (max_len %d)",
@@ -140,12 +149,12 @@ def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
         lengths.max(),
         params.max_len,
     )
-    return {
+    arrays = {
         "input_ids": input_ids,
         "offsets": offsets,
         "split": split.astype(str),
         "obs_names": np.asarray(adata.obs_names, dtype=str),
-        "gene_names": np.asarray(adata.var_names, dtype=str),
+        "gene_names": gene_names,
         "gene_median": gene_median.astype(np.float32),
         "vocab_size": np.int64(n_genes + N_SPECIAL),
         "max_len": np.int64(params.max_len),
@@ -153,6 +162,9 @@ def tokenize(adata, dataset: str, params: Tokenize) -> dict[str, np.ndarray]:
         "mask_id": np.int64(MASK_ID),
         "cls_id": np.int64(CLS_ID),
     }
+    if vocabulary is not None:
+        arrays["vocab_id"] = np.str_(vocabulary.vocab_id)
+    return arrays
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
@@ -160,8 +172,28 @@ def run_tokenize(args: argparse.Namespace) -> None:
     import anndata as ad
 
     params = config.section("tokenize", parse_json_arg(args.params_json, "tokenize: --params-json"))
-    arrays = tokenize(ad.read_h5ad(args.input), args.dataset, params)
-    write_npz(args.output, **arrays)
+    if args.vocabulary is None:
+        if args.match_rates is not None or args.min_match_rate is not None:
+            raise ConfigError("tokenize: --match-rates and --min-match-rate need --vocabulary")
+        write_npz(args.output, **tokenize(ad.read_h5ad(args.input), args.dataset, params))
+        return
+    from .io import write_json
+
+    if args.min_match_rate is not None:  # the schema's range check, naming the key
+        config.section("pretrain", {"min_match_rate": args.min_match_rate})
+    vocabulary = load_vocabulary(args.vocabulary)
+    adata = ad.read_h5ad(args.input)
+    check_symbols(adata.var_names, args.dataset)
+    rates = match_rates(adata.X, adata.var_names, vocabulary.symbols)
+    log.info(
+        "dataset %s: %.1f%% of expressed tokens, %d of %d genes match the corpus vocabulary",
+        args.dataset, 100 * rates["token_match_rate"], rates["n_genes_matched"], rates["n_genes"],
+    )  # fmt: skip
+    if args.min_match_rate is not None:
+        check_match(rates, args.dataset, args.min_match_rate)
+    write_npz(args.output, **tokenize(adata, args.dataset, params, vocabulary))
+    if args.match_rates is not None:
+        write_json(args.match_rates, {"dataset": args.dataset, "n_cells": adata.n_obs, **rates})
 
 
 def register(subparsers) -> None:
@@ -170,4 +202,16 @@ def register(subparsers) -> None:
     p.add_argument("--params-json", default="{}", help="the config's tokenize section as JSON")
     p.add_argument("--input", required=True, help="prepared.h5ad")
     p.add_argument("--output", required=True, help="tokens.npz")
+    p.add_argument(
+        "--vocabulary", default=None, help="the corpus vocabulary.npz (pretraining protocol)"
+    )
+    p.add_argument(
+        "--match-rates", default=None, help="with --vocabulary: write the match rates (json)"
+    )
+    p.add_argument(
+        "--min-match-rate",
+        type=float,
+        default=None,
+        help="with --vocabulary: refuse a dataset whose expressed-token match rate is lower",
+    )
     p.set_defaults(func=run_tokenize)

@@ -45,6 +45,7 @@ class Tokens:
     pad_id: int
     mask_id: int
     cls_id: int
+    vocab_id: str = ""  # the corpus vocabulary's digest (pretraining protocol), else empty
 
     def cells(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
@@ -62,6 +63,7 @@ class Tokens:
             "mask_id": self.mask_id,
             "cls_id": self.cls_id,
             "sha256": digest.hexdigest(),
+            **({"vocab_id": self.vocab_id} if self.vocab_id else {}),
         }
 
 
@@ -91,6 +93,7 @@ def load_tokens(path: str | os.PathLike, dataset: str) -> Tokens:
             pad_id=int(npz["pad_id"]) if "pad_id" in npz.files else 0,
             mask_id=int(npz["mask_id"]),
             cls_id=int(npz["cls_id"]) if "cls_id" in npz.files else 2,
+            vocab_id=str(npz["vocab_id"]) if "vocab_id" in npz.files else "",
         )
     lengths = np.diff(tokens.offsets)
     if tokens.offsets[0] != 0 or tokens.offsets[-1] != tokens.input_ids.size:

@@ -39,6 +39,14 @@ def expressed_genes_per_cell(X) -> np.ndarray:
     return (np.asarray(X) > 0).sum(axis=1).astype(np.int64)
 
 
+def non_integer_cells(X) -> int:
+    """Number of cells (rows) holding at least one non-integer value."""
+    X = sp.csr_matrix(X)
+    fractional = np.asarray(X.data != np.round(X.data))
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    return int(np.unique(rows[fractional]).size)
+
+
 def recorded_keys(uns, dataset: str, path: str) -> tuple[str, str | None, bool]:
     """``(label_key, batch_key, normalized)`` as ``download`` recorded them in the data's
     ``uns["sigmoid_sc"]`` (``prepare`` passes them on); ``path`` names the file in messages."""
