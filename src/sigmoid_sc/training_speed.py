@@ -12,6 +12,9 @@ autocast, per attention implementation, on synthetic workloads:
   on the packed tokens, no padding);
 - ``softmax_varlen``: SDPA on nested jagged tensors (FA2-class varlen,
   ``SIGMOID_SC_SOFTMAX_BACKEND=njt`` in the model);
+- ``softmax_flash_varlen``: PyTorch's FlashAttention varlen function on the packed tokens
+  (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10; ``SIGMOID_SC_SOFTMAX_BACKEND=varlen``
+  in the model);
 - ``softmax_sdpa_cudnn``: SDPA's cuDNN backend on the padded ``[B, N, H, D]`` batch (a key
   mask when lengths differ), through the package's ``softmax_attention_varlen_padded``: the
   model's softmax path on CUDA;
@@ -108,6 +111,7 @@ from .attention import (
     SDPA_REFUSED_VIEWS,
     VarlenBatch,
     attention_varlen,
+    softmax_attention_varlen_flash,
     softmax_attention_varlen_njt,
     softmax_attention_varlen_padded,
 )
@@ -122,12 +126,15 @@ LENGTHS_DIR = Path(__file__).with_name("data")
 IMPLS = (
     "sigmoid_ours",
     "softmax_varlen",
+    "softmax_flash_varlen",
     "softmax_sdpa_cudnn",
     "softmax_sdpa_flash",
     "softmax_sdpa_padded",
     "sigmoid_triton_paper",
 )
-CUDA_ONLY = ("softmax_sdpa_cudnn", "softmax_sdpa_flash", "sigmoid_triton_paper")
+CUDA_ONLY = (
+    "softmax_flash_varlen", "softmax_sdpa_cudnn", "softmax_sdpa_flash", "sigmoid_triton_paper",
+)  # fmt: skip
 MASK_ID = 1
 N_SPECIAL = 3
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # bf16 dense, SXM
@@ -324,6 +331,13 @@ def _njt_softmax(kind, q, k, v, cu_seqlens, max_seqlen=None, scale=None, validat
     return softmax_attention_varlen_njt(q, k, v, cu_seqlens, max_seqlen, scale=scale)
 
 
+def _flash_varlen_softmax(kind, q, k, v, cu_seqlens, max_seqlen=None, scale=None, validate=True):  # noqa: ARG001 (the model's keyword)
+    try:
+        return softmax_attention_varlen_flash(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    except ValueError as exc:  # torch without the varlen function
+        raise NotApplicable(str(exc)) from exc
+
+
 def _paper_sigmoid(dense: bool):
     try:
         import triton_sigmoid
@@ -357,6 +371,8 @@ def attention_for(impl: str, dense: bool, device: torch.device):
         return "sigmoid", attention_varlen
     if impl == "softmax_varlen":  # on the CPU (smoke runs): the model's varlen reference
         return "softmax", _njt_softmax if device.type == "cuda" else attention_varlen
+    if impl == "softmax_flash_varlen":
+        return "softmax", _flash_varlen_softmax
     if impl == "softmax_sdpa_padded":
         return "softmax", _padded_sdpa(None)
     if impl == "softmax_sdpa_cudnn":
