@@ -183,6 +183,56 @@ def test_kernel_benchmark_without_gpu_renders_the_fallback_or_says_skipped(kerne
     assert main(["kernel-benchmark", *outputs("skip")]) == 0
     assert pd.read_csv(tmp_path / "skip.csv")["status"].tolist() == ["skipped"]
     assert (tmp_path / "skip.png").read_bytes()[:4] == b"\x89PNG"
+    # the section's fallback_csv (as the rule passes it) is rendered the same way
+    section = json.dumps({"fallback_csv": str(kernel_csv)})
+    assert main(["kernel-benchmark", "--params-json", section, *outputs("section")]) == 0
+    assert "not rerun here (no CUDA GPU" in (tmp_path / "section.md").read_text()
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run needs Triton's interpreter"
+)
+def test_kernel_benchmark_times_the_cores_cases_from_its_config_section(tmp_path):
+    """--device cpu: the section's cases timed by sigmoid_sc.attention.benchmark (a shipped
+    length pool and a file of lengths), the figure and tables rendered from the core's CSV."""
+    from sigmoid_sc.cli import main
+    from sigmoid_sc.kernel_benchmark import length_pool
+
+    lengths = tmp_path / "mine.txt"
+    lengths.write_text("5\n17\n40\n3\n")
+    section = {
+        "head_dims": [32], "dense_n": [32], "cell_lengths": [str(lengths)],
+        "impls": ["ours", "naive", "njt_efficient"], "hidden": 64, "dense_tokens": 64,
+        "varlen_tokens": 60,
+    }  # fmt: skip
+    out = {k: tmp_path / f"kernel.{k}" for k in ("png", "pdf", "csv", "md")}
+    argv = ["kernel-benchmark", "--device", "cpu", "--params-json", json.dumps(section),
+            "--raw-csv", str(tmp_path / "raw" / "kernel_raw.csv"), "--png", str(out["png"]),
+            "--pdf", str(out["pdf"]), "--table-csv", str(out["csv"]),
+            "--table-md", str(out["md"])]  # fmt: skip
+    assert main(argv) == 0
+    table = pd.read_csv(out["csv"])
+    cases = dict.fromkeys(table["case"])
+    assert list(cases)[0] == "dense N=32" and list(cases)[1].startswith("mine (median ")
+    assert sorted(zip(table["case"].str.split(" ").str[0], table["impl"])) == [
+        ("dense", "naive"), ("dense", "ours"), ("mine", "njt_efficient"), ("mine", "ours"),
+    ]  # fmt: skip
+    ours = table[table["impl"] == "ours"]
+    assert (ours["fwd_tflops"] > 0).all() and ours["note"].isna().all()
+    assert (table["gpu"] == "cpu").all() and (table["hd"] == 32).all()
+    assert "| dense N=32 | 32 | ours |" in out["md"].read_text()
+    assert (tmp_path / "raw" / "kernel_raw.csv").read_text().startswith("# date=")
+    assert out["png"].read_bytes()[:4] == b"\x89PNG" and out["pdf"].read_bytes()[:4] == b"%PDF"
+
+    # the shipped pools are named by their names; a name that is neither a pool nor a file
+    # is refused naming the key, before anything is timed
+    label, pool = length_pool("pbmc3k")
+    assert label == "pbmc3k" and len(pool) > 1000 and (pool > 0).all()
+    bad = json.dumps({**section, "cell_lengths": ["pbmc4k"]})
+    assert main([*argv[:4], bad, *argv[5:]]) == 2
+    # a width the head dim does not divide is refused by the config
+    assert main([*argv[:4], json.dumps({**section, "hidden": 48, "head_dims": [32]}),
+                 *argv[5:]]) == 2  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
