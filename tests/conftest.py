@@ -24,6 +24,16 @@ if not _has_cuda():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole DAG of tests/configs/tiny.yaml, run once per session by Snakemake on 2 cores,
+    then its report (tests/conftest_workflow.py). Read it; to run Snakemake on it again, work
+    on ``conftest_workflow.copy_run(tiny_run, folder)``."""
+    from conftest_workflow import run_tiny_dag
+
+    return run_tiny_dag(tmp_path_factory.mktemp("tiny_run"))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for tiny models: fastest, and spares a loaded 2-core CI box
@@ -42,3 +52,4 @@ def tokens_path(tmp_path_factory):
     from conftest_tokens import make_tokens
 
     return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
+
