@@ -24,6 +24,22 @@ if not _has_cuda():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_caches_for_subprocesses(tmp_path_factory):
+    """One numba and one JAX compilation cache for every process the tests start: evaluate's
+    UMAP and scib-metrics code then compile once per session (per input shape, for JAX), not
+    once per Snakemake working folder (evaluate uses ``./.cache/numba`` and the evaluate rule
+    ``results/.cache/jax`` unless these variables are set). Folders the user set win."""
+    root = tmp_path_factory.getbasetemp() / "compile-cache"
+    names = ("NUMBA_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR")
+    added = [name for name in names if name not in os.environ]
+    for name in added:
+        os.environ[name] = str(root / name.split("_")[0].lower())
+    yield
+    for name in added:
+        os.environ.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The whole DAG of tests/configs/tiny.yaml, run once per session by Snakemake on 2 cores,
