@@ -69,3 +69,15 @@ def tokens_path(tmp_path_factory):
 
     return make_tokens(tmp_path_factory.mktemp("tokens") / "tokens.npz")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _slurm_dag_started_early(request, tmp_path_factory, _compile_caches_for_subprocesses):
+    """tests/test_slurm.py's DAG, submitted as the session starts when that test is collected
+    and a SLURM answers (tests/conftest_slurm.py): the other tests run while its jobs wait for
+    SLURM's status checks. Stopped, if still running, when the session ends."""
+    from conftest_slurm import start_dag_early
+
+    dag = start_dag_early(request.session.items, lambda: tmp_path_factory.mktemp("slurm"))
+    yield
+    if dag is not None:
+        dag.stop()
