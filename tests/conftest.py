@@ -23,6 +23,16 @@ if not _has_cuda():
 
 import pytest  # noqa: E402
 
+#: fixtures of the tests that run last: a whole DAG (the shared run, the SLURM DAG) or SLURM itself
+LATE_FIXTURES = {"tiny_run", "slurm_run", "slurm_cluster"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that need a whole DAG or SLURM run last (each group in its collected order):
+    the others run first, while the DAGs that start with the session run in the background
+    (``_shared_runs_started_early``)."""
+    items.sort(key=lambda item: bool(LATE_FIXTURES & set(getattr(item, "fixturenames", ()))))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _compile_caches_for_subprocesses(tmp_path_factory):
@@ -43,11 +53,12 @@ def _compile_caches_for_subprocesses(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The whole DAG of tests/configs/tiny.yaml, run once per session by Snakemake on 2 cores,
-    then its report (tests/conftest_workflow.py). Read it; to run Snakemake on it again, work
-    on ``conftest_workflow.copy_run(tiny_run, folder)``."""
-    from conftest_workflow import run_tiny_dag
+    then its report (tests/conftest_workflow.py; started with the session). Read it; to run
+    Snakemake on it again, work on ``conftest_workflow.copy_run(tiny_run, folder)``."""
+    from conftest_workflow import start_tiny_dag, started_tiny_dag
 
-    return run_tiny_dag(tmp_path_factory.mktemp("tiny_run"))
+    dag = started_tiny_dag() or start_tiny_dag(tmp_path_factory.mktemp("tiny_run"))
+    return dag.wait()
 
 
 @pytest.fixture
@@ -71,13 +82,21 @@ def tokens_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _slurm_dag_started_early(request, tmp_path_factory, _compile_caches_for_subprocesses):
-    """tests/test_slurm.py's DAG, submitted as the session starts when that test is collected
-    and a SLURM answers (tests/conftest_slurm.py): the other tests run while its jobs wait for
-    SLURM's status checks. Stopped, if still running, when the session ends."""
+def _shared_runs_started_early(request, tmp_path_factory, _compile_caches_for_subprocesses):
+    """The session's two whole DAGs, started as the session starts when a collected test needs
+    them: tests/test_slurm.py's, when a SLURM answers (tests/conftest_slurm.py; its jobs
+    mostly wait for SLURM's status checks), and the shared tiny run (tests/conftest_workflow.py).
+    The other tests run meanwhile (the ones that need the DAGs run last). Stopped, if still
+    running, when the session ends."""
     from conftest_slurm import start_dag_early
+    from conftest_workflow import start_tiny_dag_early
 
-    dag = start_dag_early(request.session.items, lambda: tmp_path_factory.mktemp("slurm"))
+    items = request.session.items
+    dags = [
+        start_dag_early(items, lambda: tmp_path_factory.mktemp("slurm")),
+        start_tiny_dag_early(items, lambda: tmp_path_factory.mktemp("tiny_run")),
+    ]
     yield
-    if dag is not None:
-        dag.stop()
+    for dag in dags:
+        if dag is not None:
+            dag.stop()

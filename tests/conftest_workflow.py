@@ -6,6 +6,10 @@ two datasets, then the report) runs once per test session, in a temporary folder
 ``tiny_run`` fixture of tests/conftest.py. Tests that only read outputs read that run; tests
 that run Snakemake again on a finished run work on a copy (:func:`copy_run`), so the shared run
 stays as it finished, and rerun only what they change.
+
+The run (:class:`TinyDag`) is started in the background when the session starts, if a collected
+test needs it: the unit tests before the first end-to-end test keep one core busy at most, and
+the run uses the other.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,13 +150,77 @@ class TinyRun:
         return self.workdir / "results"
 
 
-def run_tiny_dag(workdir: Path) -> TinyRun:
-    """tests/configs/tiny.yaml's whole DAG on 2 cores in ``workdir``, then its report."""
-    process = snakemake(workdir, "--cores", "2")
-    assert process.returncode == 0, output_of(process)[-6000:]
-    report = snakemake(workdir, "--report", "results/report.html")
-    assert report.returncode == 0, output_of(report)[-4000:]
-    return TinyRun(workdir, output_of(process), output_of(report))
+class TinyDag:
+    """tests/configs/tiny.yaml's whole DAG on 2 cores in ``workdir``, then its report, run by a
+    thread in the background from the start. :meth:`wait` returns the :class:`TinyRun` (or
+    fails the test, with the end of Snakemake's output); :meth:`stop` leaves no Snakemake
+    behind."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+        self.outcome: TinyRun | str = "not finished"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _snakemake(self, *args: str) -> tuple[int | None, str]:
+        """Snakemake's exit status (None: killed at TIMEOUT_S) and output (merged)."""
+        self.process = snakemake_popen(self.workdir, *args)
+        try:
+            out, _ = self.process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            kill_group(self.process)
+            out, _ = self.process.communicate()
+            return None, out
+        return self.process.returncode, out
+
+    def _run(self) -> None:
+        try:
+            code, log = self._snakemake("--cores", "2")
+            if code != 0:
+                self.outcome = f"the shared run failed (exit status {code}):\n{log[-6000:]}"
+                return
+            if self._stopped.is_set():
+                return
+            code, report = self._snakemake("--report", "results/report.html")
+            if code != 0:
+                self.outcome = f"the shared run's report failed:\n{report[-4000:]}"
+                return
+            self.outcome = TinyRun(self.workdir, log, report)
+        except BaseException as exc:  # reported by wait(), in the tests that need the run
+            self.outcome = f"the shared run could not run: {type(exc).__name__}: {exc}"
+
+    def wait(self) -> TinyRun:
+        self._thread.join()
+        if not isinstance(self.outcome, TinyRun):
+            pytest.fail(self.outcome, pytrace=False)
+        return self.outcome
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self.process is not None and self.process.poll() is None:
+            kill_group(self.process)
+        self._thread.join(timeout=60)
+
+
+_SESSION: dict[str, TinyDag] = {}  # the session's shared run, once started
+
+
+def start_tiny_dag(workdir: Path) -> TinyDag:
+    _SESSION["tiny"] = TinyDag(workdir)
+    return _SESSION["tiny"]
+
+
+def started_tiny_dag() -> TinyDag | None:
+    return _SESSION.get("tiny")
+
+
+def start_tiny_dag_early(items, workdir_factory) -> TinyDag | None:
+    """Start the shared run now if a collected test uses ``tiny_run``."""
+    if not any("tiny_run" in getattr(item, "fixturenames", ()) for item in items):
+        return None
+    return start_tiny_dag(workdir_factory())
 
 
 def copy_run(run: TinyRun, dest: Path) -> Path:
