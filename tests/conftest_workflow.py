@@ -8,8 +8,8 @@ that run Snakemake again on a finished run work on a copy (:func:`copy_run`), so
 stays as it finished, and rerun only what they change.
 
 The run (:class:`TinyDag`) is started in the background when the session starts, if a collected
-test needs it: the unit tests before the first end-to-end test keep one core busy at most, and
-the run uses the other.
+test needs it, at a lower scheduling priority (``nice``): the tests that run meanwhile keep one
+core busy at most, and the run uses what they leave.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ TINY_CONFIG = yaml.safe_load(TINY.read_text())
 
 #: seconds a Snakemake call may take before the test fails (its processes are killed)
 TIMEOUT_S = 1500
+#: the niceness of the background run: the tests in the foreground come first
+BACKGROUND_NICE = 10
 
 
 def snakemake_command(workdir: Path, *args: str, configfile: Path | None = TINY) -> list[str]:
@@ -56,12 +58,16 @@ def snakemake_popen(
     configfile: Path | None = TINY,
     env: dict | None = None,
     output=subprocess.PIPE,
+    nice: int = 0,
 ) -> subprocess.Popen:
     """Snakemake started, not waited for: stdout and stderr merged into ``output`` (a pipe,
     read as text from ``stdout``, or an open file), in a process group of its own (so
-    :func:`kill_group` ends it with its jobs)."""
+    :func:`kill_group` ends it with its jobs); ``nice``: its niceness (and its jobs')."""
+    command = snakemake_command(workdir, *args, configfile=configfile)
+    if nice and shutil.which("nice"):
+        command = ["nice", "-n", str(nice), *command]
     return subprocess.Popen(
-        snakemake_command(workdir, *args, configfile=configfile),
+        command,
         cwd=workdir,
         env=snakemake_env(env),
         stdout=output,
@@ -166,7 +172,7 @@ class TinyDag:
 
     def _snakemake(self, *args: str) -> tuple[int | None, str]:
         """Snakemake's exit status (None: killed at TIMEOUT_S) and output (merged)."""
-        self.process = snakemake_popen(self.workdir, *args)
+        self.process = snakemake_popen(self.workdir, *args, nice=BACKGROUND_NICE)
         try:
             out, _ = self.process.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
