@@ -8,8 +8,9 @@ Run on a CUDA machine:
 Prints a table and writes ``DIR/<date>_<gpu>.csv`` and ``.md`` (date, GPU, torch and triton
 versions in the header; ``_sweep.csv`` beside them). The timing core (cases, implementations,
 TFLOPS, the CSV) is the package's :mod:`sigmoid_sc.attention.benchmark`, which the pipeline's
-kernel-benchmark stage runs; this script adds the lab's extras: the real cell-length pools of
-``bench/lengths_*.txt`` (pbmc3k, Baron; read from the h5ad files), kernel variants beside
+kernel-benchmark stage (:mod:`sigmoid_sc.kernel_benchmark`) runs, and the real cell-length
+pools are the package's (``sigmoid_sc/data/lengths_*.txt``: pbmc3k, Baron). This script adds
+the lab's extras: a four-times-longer Baron set, kernel variants beside
 ``ours`` (pointer loads, the exact sigmoid in the backward: the launchers' explicit options,
 one fixed config each), a sweep of variants x launch configs with rounds, compile-warming
 workers, and GPU correctness checks through bench/check_kernel.py.
@@ -42,6 +43,7 @@ from launch_args import parse_configs  # noqa: E402
 
 from sigmoid_sc.attention import benchmark as core  # noqa: E402
 from sigmoid_sc.attention import triton_sigmoid as ts  # noqa: E402
+from sigmoid_sc.kernel_benchmark import length_pool  # noqa: E402
 
 HEAD_DIMS = core.HEAD_DIMS  # hd128 first: the headline targets
 SWEEP_DENSE = "dense N=8192"
@@ -58,8 +60,9 @@ def log(*a):
 
 
 def real_lengths(name: str, scale: int = 1) -> np.ndarray:
-    """Cells drawn without replacement (seed 0) from bench/lengths_<name>.txt until ~65K tokens."""
-    pool = core.read_lengths(HERE / f"lengths_{name}.txt") * scale
+    """Cells drawn without replacement (seed 0) from the package's length pool ``name``
+    (``sigmoid_sc/data/lengths_<name>.txt``), each length times ``scale``, until ~65K tokens."""
+    pool = length_pool(name)[1] * scale
     return core.sample_lengths(pool, core.VARLEN_TOKENS, seed=0)
 
 

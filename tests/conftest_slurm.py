@@ -15,6 +15,12 @@ Who stops the daemons:
 
 Without a working SLURM the tests are skipped with the reason, except under CI, where that is a
 failure.
+
+The DAG of tests/test_slurm.py (:class:`SlurmDag`) is submitted when the session starts, if a
+SLURM already answers then (under CI, ``.ci/run`` started it) and the session runs that test:
+its jobs spend most of their time waiting for the executor plugin's status checks, whose
+interval grows while no job ends, and the other tests run meanwhile. The ``slurm_run`` fixture
+waits for it; without an early start it runs it then.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest_workflow import kill_group, output_of, snakemake, snakemake_popen
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / ".ci" / "setup-slurm.sh"
@@ -166,10 +174,11 @@ def _fail_or_skip(reason: str) -> None:
     pytest.skip(f"SLURM not available: {reason}")
 
 
-def slurm_env(cluster: _Cluster) -> dict[str, str]:
-    """Environment for a Snakemake run with profiles/slurm: partition and (no) account."""
+def slurm_env(cluster: _Cluster | str) -> dict[str, str]:
+    """Environment for a Snakemake run with profiles/slurm: partition (the cluster's, or the
+    one given) and (no) account."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env["SIGMOID_SC_SLURM_PARTITION"] = cluster.partition
+    env["SIGMOID_SC_SLURM_PARTITION"] = cluster if isinstance(cluster, str) else cluster.partition
     env["SIGMOID_SC_SLURM_ACCOUNT"] = ""  # no accounting database on the test node
     return env
 
@@ -253,3 +262,115 @@ def wait_for_jobs_to_end(job_ids: list[str], timeout_s: float = 120) -> None:
             return
         time.sleep(1)
     raise TimeoutError(f"SLURM jobs {job_ids} still active after {timeout_s} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny DAG through the profile, started early
+
+DAG_CONFIG = REPO / "tests" / "configs" / "slurm_tiny.yaml"
+DAG_TIMEOUT_S = 900
+SUBMITTED = re.compile(
+    r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M
+)
+
+
+def expected_jobs(workdir: Path, env: dict) -> Counter:
+    """Jobs per rule of the DAG, from a dry run of the same config (``all`` excluded)."""
+    out = snakemake(
+        workdir, "--dry-run", "--quiet", "rules", "--cores", "1", configfile=DAG_CONFIG,
+        env=env, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, output_of(out)
+    counts = Counter()
+    for line in output_of(out).split("Job stats:", 1)[1].splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in {"all", "total", "job"}:
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+class SlurmDag:
+    """tests/configs/slurm_tiny.yaml's whole DAG, sent through the test copy of
+    ``profiles/slurm`` by a Snakemake running in the background, a :class:`JobWatcher` beside
+    it. :meth:`wait` ends it (at the latest DAG_TIMEOUT_S after the start) and returns what
+    the checks need; :meth:`stop` leaves no Snakemake and no SLURM job behind."""
+
+    def __init__(self, root: Path, partition: str) -> None:
+        self.workdir = root / "slurm_dag"
+        self.workdir.mkdir(parents=True)
+        profile = make_test_profile(root / "profile" / "slurm")
+        self.partition = partition
+        self.env = slurm_env(partition)
+        self.expected = expected_jobs(self.workdir, self.env)
+        self.log_path = root / "snakemake.log"
+        self.watcher = JobWatcher()
+        self.watcher.__enter__()
+        with open(self.log_path, "w") as log:
+            self.process = snakemake_popen(
+                self.workdir, "--profile", str(profile), "--verbose", configfile=DAG_CONFIG,
+                env=self.env, output=log,
+            )  # fmt: skip
+        self.deadline = time.monotonic() + DAG_TIMEOUT_S
+        self.result: dict | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def _cancel_submitted(self) -> None:
+        ids = [slurm_id for _, slurm_id, _ in SUBMITTED.findall(self.log())]
+        if ids:
+            _run(["scancel", *ids], timeout=30)
+
+    def wait(self) -> dict:
+        if self.result is None:
+            timed_out = False
+            try:
+                self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                kill_group(self.process)
+                self.process.wait()
+                timed_out = True
+            self.watcher.__exit__(None, None, None)
+            if self.process.returncode != 0:
+                self._cancel_submitted()  # leave nothing queued behind a failed run
+            log = self.log()
+            self.result = {
+                "returncode": self.process.returncode,
+                "timed_out": timed_out,
+                "workdir": self.workdir,
+                "log": log,
+                "expected": self.expected,
+                "submitted": SUBMITTED.findall(log),
+                "jobs": self.watcher.jobs,
+                "partition": self.partition,
+            }
+        return self.result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            kill_group(self.process)
+            self.process.wait()
+            self._cancel_submitted()
+        if self.result is None:
+            self.watcher.__exit__(None, None, None)
+
+
+def start_dag(root: Path, partition: str) -> SlurmDag:
+    dag = SlurmDag(root, partition)
+    _SESSION["dag"] = dag
+    return dag
+
+
+def started_dag() -> SlurmDag | None:
+    """The session's DAG, if it was started (early or by test_slurm.py)."""
+    return _SESSION.get("dag")
+
+
+def start_dag_early(items, root_factory) -> SlurmDag | None:
+    """Start the DAG now if a collected test uses ``slurm_run`` and a SLURM answers already
+    (never starts SLURM itself: the ``slurm_cluster`` fixture does that, later, as before)."""
+    if not any("slurm_run" in getattr(item, "fixturenames", ()) for item in items):
+        return None
+    if slurm_problem() is not None:
+        return None
+    return start_dag(root_factory(), default_partition())

@@ -119,6 +119,23 @@ def test_the_lists_of_names_agree_with_the_code():
     assert 'attention="|".join(sigmoid_sc_config.ATTENTIONS)' in common
     metrics = config.schema()["$defs"]["metric"]["enum"]
     assert set(metrics) == {"val_loss", *LABEL_METRICS, *BATCH_METRICS}
+    # the kernel benchmark: the timing core's implementations, the kernel's head dims, and
+    # the core's workload settings as the section's defaults
+    from sigmoid_sc.attention import benchmark
+    from sigmoid_sc.attention.triton_sigmoid import SUPPORTED_HEAD_DIMS
+    from sigmoid_sc.kernel_benchmark import packaged_lengths
+
+    kernel = config._subschema("experiments.kernel_benchmark")["properties"]
+    assert tuple(kernel["impls"]["items"]["enum"]) == tuple(benchmark.IMPLS)
+    assert tuple(kernel["head_dims"]["items"]["enum"]) == SUPPORTED_HEAD_DIMS
+    defaults = config.section("experiments.kernel_benchmark", {})
+    assert defaults.head_dims == benchmark.HEAD_DIMS and defaults.dense_n == benchmark.DENSE_N
+    assert (defaults.hidden, defaults.dense_tokens, defaults.varlen_tokens) == (
+        benchmark.HIDDEN,
+        benchmark.DENSE_TOKENS,
+        benchmark.VARLEN_TOKENS,
+    )
+    assert set(defaults.cell_lengths) <= set(packaged_lengths())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The experiments' workflow side: sigmoid-sc training-speed --smoke, the kernel figure and tables,
-and the experiments rules in small Snakemake runs (dry-run of the embedded default, a tiny DAG)."""
+and the experiments rules in Snakemake (dry runs of the embedded default; every experiment rule
+on a copy of the session's shared run of tests/configs/tiny.yaml, tests/conftest_workflow.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest_workflow import TINY_CONFIG, copy_run, job_counts, output_of, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
 HAS_CUDA = False
 try:
     import torch
@@ -30,14 +31,6 @@ def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.Complet
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900):
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
-    command += ["--directory", str(workdir)]
-    if configfile is not None:
-        command += ["--configfile", str(configfile)]
-    return run([*command, *args], workdir, timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +176,56 @@ def test_kernel_benchmark_without_gpu_renders_the_fallback_or_says_skipped(kerne
     assert main(["kernel-benchmark", *outputs("skip")]) == 0
     assert pd.read_csv(tmp_path / "skip.csv")["status"].tolist() == ["skipped"]
     assert (tmp_path / "skip.png").read_bytes()[:4] == b"\x89PNG"
+    # the section's fallback_csv (as the rule passes it) is rendered the same way
+    section = json.dumps({"fallback_csv": str(kernel_csv)})
+    assert main(["kernel-benchmark", "--params-json", section, *outputs("section")]) == 0
+    assert "not rerun here (no CUDA GPU" in (tmp_path / "section.md").read_text()
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run needs Triton's interpreter"
+)
+def test_kernel_benchmark_times_the_cores_cases_from_its_config_section(tmp_path):
+    """--device cpu: the section's cases timed by sigmoid_sc.attention.benchmark (a shipped
+    length pool and a file of lengths), the figure and tables rendered from the core's CSV."""
+    from sigmoid_sc.cli import main
+    from sigmoid_sc.kernel_benchmark import length_pool
+
+    lengths = tmp_path / "mine.txt"
+    lengths.write_text("5\n17\n40\n3\n")
+    section = {
+        "head_dims": [32], "dense_n": [32], "cell_lengths": [str(lengths)],
+        "impls": ["ours", "naive", "njt_efficient"], "hidden": 64, "dense_tokens": 64,
+        "varlen_tokens": 60,
+    }  # fmt: skip
+    out = {k: tmp_path / f"kernel.{k}" for k in ("png", "pdf", "csv", "md")}
+    argv = ["kernel-benchmark", "--device", "cpu", "--params-json", json.dumps(section),
+            "--raw-csv", str(tmp_path / "raw" / "kernel_raw.csv"), "--png", str(out["png"]),
+            "--pdf", str(out["pdf"]), "--table-csv", str(out["csv"]),
+            "--table-md", str(out["md"])]  # fmt: skip
+    assert main(argv) == 0
+    table = pd.read_csv(out["csv"])
+    cases = dict.fromkeys(table["case"])
+    assert list(cases)[0] == "dense N=32" and list(cases)[1].startswith("mine (median ")
+    assert sorted(zip(table["case"].str.split(" ").str[0], table["impl"])) == [
+        ("dense", "naive"), ("dense", "ours"), ("mine", "njt_efficient"), ("mine", "ours"),
+    ]  # fmt: skip
+    ours = table[table["impl"] == "ours"]
+    assert (ours["fwd_tflops"] > 0).all() and ours["note"].isna().all()
+    assert (table["gpu"] == "cpu").all() and (table["hd"] == 32).all()
+    assert "| dense N=32 | 32 | ours |" in out["md"].read_text()
+    assert (tmp_path / "raw" / "kernel_raw.csv").read_text().startswith("# date=")
+    assert out["png"].read_bytes()[:4] == b"\x89PNG" and out["pdf"].read_bytes()[:4] == b"%PDF"
+
+    # the shipped pools are named by their names; a name that is neither a pool nor a file
+    # is refused naming the key, before anything is timed
+    label, pool = length_pool("pbmc3k")
+    assert label == "pbmc3k" and len(pool) > 1000 and (pool > 0).all()
+    bad = json.dumps({**section, "cell_lengths": ["pbmc4k"]})
+    assert main([*argv[:4], bad, *argv[5:]]) == 2
+    # a width the head dim does not divide is refused by the config
+    assert main([*argv[:4], json.dumps({**section, "hidden": 48, "head_dims": [32]}),
+                 *argv[5:]]) == 2  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +233,9 @@ def test_kernel_benchmark_without_gpu_renders_the_fallback_or_says_skipped(kerne
 
 
 def test_embedded_default_schedules_the_cpu_experiments(tmp_path):
-    process = snakemake(tmp_path, "--dry-run", "--quiet", "rules")
-    assert process.returncode == 0, process.stderr + process.stdout
-    listing = process.stdout + process.stderr
+    process = snakemake(tmp_path, "--dry-run", "--quiet", "rules", configfile=None)
+    assert process.returncode == 0, output_of(process)
+    listing = output_of(process)
     for rule in ("stress_test", "jacobian"):
         assert f"\n{rule} " in listing, listing
     for rule in ("kernel_benchmark", "training_speed"):  # GPU experiments: off by default
@@ -206,7 +249,7 @@ def test_a_bad_jacobian_dataset_is_named_before_any_job(tmp_path):
     bad.write_text(yaml.safe_dump(config))
     process = snakemake(tmp_path, "--dry-run", configfile=bad)
     assert process.returncode != 0
-    assert "experiments.jacobian.dataset 'no_such_dataset'" in process.stderr + process.stdout
+    assert "experiments.jacobian.dataset 'no_such_dataset'" in output_of(process)
     assert not (tmp_path / "results").exists()
 
 
@@ -218,72 +261,46 @@ def test_jacobian_refuses_cls_models_before_any_job(tmp_path):
     bad.write_text(yaml.safe_dump(config))
     process = snakemake(tmp_path, "--dry-run", configfile=bad)
     assert process.returncode != 0
-    assert "model.cls_token: true" in process.stderr + process.stdout
+    assert "model.cls_token: true" in output_of(process)
     assert not (tmp_path / "results").exists()
 
 
-TINY_EXPERIMENTS = {
-    "seeds": [0],
-    "attentions": ["softmax", "sigmoid"],
-    "device": "cpu",
-    "datasets": {
-        "blobs": {
-            "source": "synthetic",
-            "label_key": "cell_type",
-            "synthetic": {
-                "n_cells": 160,
-                "n_genes": 60,
-                "n_cell_types": 3,
-                "n_batches": 1,
-                "seed": 1,
-            },  # fmt: skip
-        }
+#: the experiments over tests/configs/tiny.yaml: tiny settings, every one enabled; the Jacobian
+#: analysis needs models without a CLS token
+EXPERIMENTS = {
+    "stress_test": {
+        "enabled": True, "n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32,
+        "vocab_size": 100, "seq_len": 32, "max_steps": 6, "early_steps": 2, "warmup_steps": 2,
+        "precision": "fp32", "logit_queries": 8,
     },
-    "prepare": {"min_genes": 5, "min_cells": 1, "val_fraction": 0.15, "test_fraction": 0.3},
-    "tokenize": {"max_len": 24},
-    "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32},
-    "train": {
-        "steps": 4,
-        "batch_tokens": 320,
-        "warmup_steps": 1,
-        "eval_every": 2,
-        "checkpoint_every": 2,
-    },  # fmt: skip
-    "experiments": {
-        "stress_test": {
-            "enabled": True,
-            "n_layers": 1,
-            "d_model": 16,
-            "n_heads": 2,
-            "d_ff": 32,
-            "vocab_size": 100,
-            "seq_len": 32,
-            "max_steps": 6,
-            "early_steps": 2,
-            "warmup_steps": 2,
-            "precision": "fp32",
-            "logit_queries": 8,
-        },  # fmt: skip
-        "jacobian": {"enabled": True, "n_cells": 4, "check_rows": 1},
-        "kernel_benchmark": {"enabled": True},
-        "training_speed": {"enabled": True},
-    },
-}
+    "jacobian": {"enabled": True, "n_cells": 4, "check_rows": 1},
+    "kernel_benchmark": {"enabled": True},
+    "training_speed": {"enabled": True},
+}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_tiny_dag_runs_every_experiment_rule(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(TINY_EXPERIMENTS))
+def test_every_experiment_rule_runs_on_a_copy_of_the_shared_run(tiny_run, tmp_path):
+    """The shared run's config with every experiment on and no CLS token: of the run's own jobs
+    only the two trainings the Jacobian reads run again (their model changed), then the four
+    experiment rules; their tables, figures, logs and report captions."""
+    workdir = copy_run(tiny_run, tmp_path / "run")
+    config = {**TINY_CONFIG, "experiments": EXPERIMENTS}
+    config["model"] = {**TINY_CONFIG["model"], "cls_token": False}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
     targets = [
         "results/figures/stress_test.png",
         "results/figures/jacobian.png",
         "results/tables/kernel.md",
         "results/tables/training_speed.md",
     ]
-    process = snakemake(tmp_path, "--cores", "2", *targets, configfile=config)
-    assert process.returncode == 0, process.stderr[-4000:]
-    results = tmp_path / "results"
+    process = snakemake(workdir, "--cores", "2", *targets, configfile=configfile)
+    assert process.returncode == 0, output_of(process)[-4000:]
+    counts = job_counts(output_of(process))
+    assert counts == {"jacobian": 1, "kernel_benchmark": 1, "stress_test": 1, "train": 2,
+                      "training_speed": 1, "total": 6}, counts  # fmt: skip
+    results = workdir / "results"
 
     log = pd.read_csv(results / "tables" / "stress_test.csv")
     assert log.groupby("attention").size().to_dict() == {"sigmoid": 6, "softmax": 6}
@@ -294,7 +311,8 @@ def test_tiny_dag_runs_every_experiment_rule(tmp_path):
 
     jacobian = pd.read_csv(results / "tables" / "jacobian.csv")
     assert set(jacobian["attention"]) == {"softmax", "sigmoid"}
-    assert (jacobian["dataset"] == "blobs").all() and (jacobian["n_cells"] == 4).all()
+    first = next(iter(TINY_CONFIG["datasets"]))
+    assert (jacobian["dataset"] == first).all() and (jacobian["n_cells"] == 4).all()
     sig = jacobian[jacobian["attention"] == "sigmoid"]
     assert (sig["offdiag_l1_share_mean"] == 0).all() and (sig["row_max_dpds_max"] <= 0.25).all()
 
@@ -306,8 +324,8 @@ def test_tiny_dag_runs_every_experiment_rule(tmp_path):
         assert (results / "logs" / "experiments" / f"{name}.log").is_file()
 
     # the captions render (reStructuredText errors are printed, not raised, by Snakemake)
-    report = snakemake(tmp_path, "--report", "report.html", *targets, configfile=config)
-    assert report.returncode == 0, report.stderr[-4000:]
-    assert "ERROR/" not in report.stderr + report.stdout
-    html = (tmp_path / "report.html").read_text(errors="replace")
+    report = snakemake(workdir, "--report", "report.html", *targets, configfile=configfile)
+    assert report.returncode == 0, output_of(report)[-4000:]
+    assert "ERROR/" not in output_of(report)
+    html = (workdir / "report.html").read_text(errors="replace")
     assert "Stability stress test" in html and "Jacobian of the attention weights" in html

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -27,12 +25,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from conftest_workflow import snakemake
 
 from sigmoid_sc import fetch as dl
 from sigmoid_sc.errors import DownloadError
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,23 +500,10 @@ def test_check_format_truncated_tar(tmp_path):
 
 
 def _run_snakemake(workdir: Path, configfile: Path, targets: list[str], *extra: str):
-    cmd = [
-        str(SNAKEMAKE),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "2",
-        "--keep-going",
-        "--nocolor",
-        *extra,
-        *targets,
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return snakemake(
+        workdir, "--cores", "2", "--keep-going", "--nocolor", *extra, *targets,
+        configfile=configfile, timeout=300,
+    )  # fmt: skip
 
 
 def _log(workdir: Path, dataset: str) -> str:
@@ -550,7 +535,8 @@ def _write_config(tmp: Path, datasets: dict, download: dict | None = None) -> Pa
 
 
 needs_workflow = pytest.mark.skipif(
-    not (REPO / "Snakefile").exists() or not SNAKEMAKE.exists(), reason="workflow not in place"
+    not (REPO / "Snakefile").exists() or importlib.util.find_spec("snakemake") is None,
+    reason="workflow not in place",
 )
 
 
@@ -727,12 +713,8 @@ def test_paper_config_entries_are_complete_offline():
 def test_paper_config_dry_run_lists_six_branches():
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
     assert len(paper["datasets"]) == 6
-    proc = subprocess.run(
-        [str(SNAKEMAKE), "-n", "--nolock", "--configfile", "configs/paper.yaml", "--nocolor"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = snakemake(
+        REPO, "-n", "--nolock", "--nocolor", configfile=REPO / "configs/paper.yaml", timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     out = proc.stdout + proc.stderr

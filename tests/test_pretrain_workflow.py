@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import job_counts, job_messages, output_of, snakemake
+from conftest_workflow import job_counts, job_messages, output_of, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "configs" / "tiny_pretrain.yaml"

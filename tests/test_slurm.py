@@ -7,8 +7,9 @@ others asked SLURM for a GPU, and that the tables hold the expected rows and san
 Needs a single-node SLURM with a (fake) GPU: ``bash .ci/setup-slurm.sh`` (as root) installs
 and starts one, and the fixture starts an installed one itself when none answers; see
 tests/conftest_slurm.py for who stops it. Skipped without SLURM, except under CI=true, where
-that fails. The DAG run takes 4-7.5 minutes on 2 cores, by their load (most of it evaluate's JAX
-compilation and the plugin's status-check back-off); the profile checks take seconds.
+that fails. The DAG run takes 4-8 minutes on 2 cores, by their load (most of it the plugin's
+status-check back-off and evaluate's compilation), so it is submitted when the session starts
+if a SLURM answers then, and runs beside the other tests; the profile checks take seconds.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,98 +25,31 @@ import pandas as pd
 import pytest
 import yaml
 from conftest_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
+    DAG_CONFIG,
     REPO,
-    JobWatcher,
-    make_test_profile,
     slurm_cluster,
-    slurm_env,
+    start_dag,
+    started_dag,
 )
+from conftest_workflow import output_of, snakemake
 
-CONFIG = REPO / "tests" / "configs" / "slurm_tiny.yaml"
+CONFIG = DAG_CONFIG
 #: the profile gives these `gpu: 1` (of the tiny DAG's rules)
 GPU_RULES = {"train", "embed", "embed_untrained"}
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-RUN_TIMEOUT_S = 900
-SUBMITTED = re.compile(
-    r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M
-)
-
-
-def snakemake(workdir: Path, *args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Snakemake on the project's Snakefile in ``workdir``; output (merged) in the result.
-
-    On timeout the whole process group is killed, so no Snakemake outlives the test (its
-    SLURM jobs are cancelled by the caller).
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(CONFIG),
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"snakemake did not finish within {timeout} s:\n{out[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
-
-def expected_jobs(workdir: Path, env: dict) -> Counter:
-    """Jobs per rule of the DAG, from a dry run of the same config (``all`` excluded)."""
-    out = snakemake(workdir, "--dry-run", "--quiet", "rules", "--cores", "1", env=env, timeout=120)
-    assert out.returncode == 0, out.stdout
-    counts = Counter()
-    table = out.stdout.split("Job stats:", 1)[1]
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in {"all", "total", "job"}:
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811
-    """Run the tiny DAG through the SLURM profile once; yield what the checks need."""
-    workdir = tmp_path_factory.mktemp("slurm_dag")
-    profile = make_test_profile(tmp_path_factory.mktemp("profile") / "slurm")
-    env = slurm_env(slurm_cluster)
-    expected = expected_jobs(workdir, env)
-    with JobWatcher() as watcher:
-        run = snakemake(
-            workdir, "--profile", str(profile), "--verbose", env=env, timeout=RUN_TIMEOUT_S
-        )
-    submitted = SUBMITTED.findall(run.stdout)
-    if run.returncode != 0:
-        # leave nothing queued behind a failed run
-        ids = [slurm_id for _, slurm_id, _ in submitted]
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True)
-    assert run.returncode == 0, f"snakemake --profile profiles/slurm failed:\n{run.stdout[-8000:]}"
-    yield {
-        "workdir": workdir,
-        "log": run.stdout,
-        "expected": expected,
-        "submitted": submitted,
-        "jobs": watcher.jobs,
-        "partition": slurm_cluster.partition,
-    }
+    """The tiny DAG through the SLURM profile, once: the run started with the session
+    (tests/conftest_slurm.py), else one started now; what the checks need."""
+    dag = started_dag() or start_dag(tmp_path_factory.mktemp("slurm"), slurm_cluster.partition)
+    run = dag.wait()
+    assert not run["timed_out"], f"the SLURM DAG did not finish in time:\n{run['log'][-8000:]}"
+    assert run["returncode"] == 0, (
+        f"snakemake --profile profiles/slurm failed:\n{run['log'][-8000:]}"
+    )
+    return run
 
 
 def rule_of(logfile: str) -> str:
@@ -285,11 +216,13 @@ def test_profile_parses_and_reads_the_environment(tmp_path):
     """A dry run of the tiny DAG through the profile, with this Snakemake and plugin."""
     env = {**os.environ, "SIGMOID_SC_SLURM_PARTITION": "gpu", "SIGMOID_SC_SLURM_ACCOUNT": "lab"}
     out = snakemake(
-        tmp_path, "--profile", str(PROFILE.parent), "--dry-run", "--verbose", env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stdout[-5000:]
+        tmp_path, "--profile", str(PROFILE.parent), "--dry-run", "--verbose", configfile=CONFIG,
+        env=env, timeout=120,
+    )  # fmt: skip
+    text = output_of(out)
+    assert out.returncode == 0, text[-5000:]
     # the target rule's block shows the default resources, placeholders filled from the env
-    match = re.search(r"^rule all:\n(?:    .*\n)*?    resources: (.*)$", out.stdout, re.M)
-    assert match, out.stdout[-3000:]
+    match = re.search(r"^rule all:\n(?:    .*\n)*?    resources: (.*)$", text, re.M)
+    assert match, text[-3000:]
     fields = dict(re.findall(r"(\w+)=([^,]*)", match.group(1)))
     assert fields["slurm_partition"] == "gpu" and fields["slurm_account"] == "lab", fields

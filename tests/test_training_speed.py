@@ -1,7 +1,9 @@
-"""``sigmoid-sc training-speed``: its variants, its FLOP count, and a smoke run on the CPU."""
+"""``sigmoid-sc training-speed``: its variants, its FLOP count, and a smoke run on the CPU (through
+bench/train_step_before.py, the stage with the step before token budgets added as a variant)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,28 +14,38 @@ import pytest
 from conftest_tokens import make_tokens
 
 from sigmoid_sc.errors import ConfigError
-from sigmoid_sc.training_speed import Variant, model_flops, parse_variant, today_cells
+from sigmoid_sc.training_speed import Variant, model_flops, parse_variant
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+BEFORE = ROOT / "bench" / "train_step_before.py"
 
 
-def test_variants_parse_and_bad_ones_are_named():
-    assert parse_variant("today:64") == Variant("today:64", True, cells=64)
-    assert parse_variant("tokens@1,4") == Variant("tokens", False, jobs=(1, 4))
+@pytest.fixture(scope="module")
+def before():
+    """bench/train_step_before.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_step_before", BEFORE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_variants_parse_and_bad_ones_are_named(before):
+    assert parse_variant("tokens@1,4") == Variant("tokens", jobs=(1, 4))
     assert parse_variant("tokens:65536+compile@2") == Variant(
-        "tokens:65536+compile", False, batch_tokens=65536, compile=True, jobs=(2,)
+        "tokens:65536+compile", batch_tokens=65536, compile=True, jobs=(2,)
     )
-    for bad in (
-        "today",
-        "today:0",
-        "today:64+compile",
-        "tokens:x",
-        "cells:64",
-        "tokens@0",
-        "tokens@a",
-    ):
+    for bad in ("tokens:x", "cells:64", "tokens@0", "tokens@a", "today:64"):
         with pytest.raises(ConfigError, match="variant"):
             parse_variant(bad)
+    # the bench adds the step before token budgets and passes the stage's variants through
+    assert before.parse_variant("today:64@1,4") == before.Today("today:64", 64, (1, 4))
+    assert before.parse_variant("tokens@2") == Variant("tokens", jobs=(2,))
+    for bad in ("today", "today:0", "today:64+compile", "today:64@0", "tokens:x"):
+        with pytest.raises(ConfigError, match="variant"):
+            before.parse_variant(bad)
 
 
 def test_model_flops_by_hand():
@@ -45,22 +57,23 @@ def test_model_flops_by_hand():
     assert model_flops(model, 10, 8, 34, 2) == dense + attention + head
 
 
-def test_today_cells_are_the_fixed_count_batches_of_before():
+def test_today_cells_are_the_fixed_count_batches_of_before(before):
     cells = np.arange(10, 60)
-    steps = [today_cells(cells, 16, 0, t) for t in range(4)]
+    steps = [before.today_cells(cells, 16, 0, t) for t in range(4)]
     assert all(s.size == 16 for s in steps)
     assert len(set(np.concatenate(steps[:3]).tolist())) == 48  # 3 batches an epoch, 2 left out
     assert not np.array_equal(steps[0], steps[3])
 
 
 def test_smoke_run_on_the_cpu_writes_its_table(tmp_path):
+    """The stage's variants, one and two jobs, beside the bench's step before token budgets
+    (listed first: the "vs first" baseline)."""
     tokens = make_tokens(tmp_path / "tokens.npz", n_cells=160)
     csv, md_path = tmp_path / "speed.csv", tmp_path / "speed.md"
     cli = [
-        sys.executable, "-m", "sigmoid_sc.cli", "training-speed", "--compare", "variants",
-        "--smoke", "--tokens-npz", str(tokens), "--out-csv", str(csv), "--out-md", str(md_path),
-        "--attentions", "sigmoid", "--variants", "today:8", "tokens:256@1,2", "--repeats", "3",
-        "--warmup", "1",
+        sys.executable, str(BEFORE), "--smoke", "--tokens-npz", str(tokens),
+        "--out-csv", str(csv), "--out-md", str(md_path), "--attentions", "sigmoid",
+        "--variants", "today:8", "tokens:256@1,2", "--repeats", "3", "--warmup", "1",
     ]  # fmt: skip
     env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
@@ -72,7 +85,8 @@ def test_smoke_run_on_the_cpu_writes_its_table(tmp_path):
     assert table.note.isna().all(), table.note.tolist()
     assert (table.tokens_per_s_job > 0).all() and (table.step_ms > 0).all()
     today, budget = table.iloc[0], table.iloc[1:]
-    assert today.cells_per_step == 8 and today.speedup_vs_today == 1.0
+    assert today.cells_per_step == 8 and today.speedup_vs_first == 1.0
+    assert budget.iloc[0].speedup_vs_first > 0 and np.isnan(budget.iloc[1].speedup_vs_first)
     assert (budget.tokens_per_step <= 256).all() and (budget.tokens_per_step > 256 - 32).all()
     # two jobs together: the aggregate is at least each one's rate
     assert table.iloc[2].tokens_per_s_total >= table.iloc[2].tokens_per_s_job

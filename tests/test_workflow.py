@@ -1,28 +1,33 @@
 """The workflow as Snakemake runs it: lint, config schema, the whole DAG on a tiny config, reruns.
 
-The end-to-end tests run the real DAG (every stage, both attention kinds, two seeds, two small
-synthetic datasets: tests/configs/tiny.yaml) in a temporary working directory, so nothing lands
-in the repository's results/. They take a few minutes on 2 cores (marked ``slow``).
+The end-to-end tests read the session's shared run of the real DAG (every stage, both attention
+kinds, two seeds, two small synthetic datasets: tests/configs/tiny.yaml; the ``tiny_run``
+fixture, tests/conftest_workflow.py) in a temporary folder, so nothing lands in the
+repository's results/. The rerun tests work on a copy of it. Marked ``slow``: the shared run
+takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest_workflow import (
+    REPO,
+    TINY,
+    TINY_CONFIG,
+    copy_run,
+    job_counts,
+    job_messages,
+    output_of,
+    snakemake,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO / "Snakefile"
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-TINY_CONFIG = yaml.safe_load(TINY.read_text())
 DATASETS = list(TINY_CONFIG["datasets"])
 SEEDS = TINY_CONFIG["seeds"]
 ATTENTIONS = TINY_CONFIG["attentions"]
@@ -35,44 +40,6 @@ UNIT_INTERVAL = (
 RAW = {"asw_label_raw": "asw_label", "isolated_labels_raw": "isolated_labels"}
 ARI = ("ari_kmeans", "ari_leiden")
 BATCH_METRICS = ("asw_batch", "ilisi", "graph_connectivity")
-
-
-def snakemake(workdir: Path, *args: str, configfile: Path | None = TINY, timeout: int = 1500):
-    """Run Snakemake on the repository's Snakefile in ``workdir``; return the finished process."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
-    command += ["--directory", str(workdir)]
-    if configfile is not None:
-        command += ["--configfile", str(configfile)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        command + list(args),
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def output_of(process) -> str:
-    return process.stdout + process.stderr
-
-
-def job_counts(text: str) -> dict[str, int]:
-    """The 'Job stats' table Snakemake prints before running (or dry-running) jobs."""
-    block = text.split("Job stats:", 1)[1]
-    counts = {}
-    for line in block.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
-def job_messages(text: str) -> list[str]:
-    """The ``message:`` of every job Snakemake schedules ('Job 12: train blobs_a: ...')."""
-    return re.findall(r"^Job \d+: (.+)$", text, flags=re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,20 +174,9 @@ def test_a_dataset_without_its_label_column_fails_before_training(tmp_path):
 # the whole DAG, for real
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny config's whole DAG, run by Snakemake on 2 cores, then its report."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    process = snakemake(workdir, "--cores", "2")
-    assert process.returncode == 0, output_of(process)[-6000:]
-    report = snakemake(workdir, "--report", "results/report.html")
-    assert report.returncode == 0, output_of(report)[-4000:]
-    return workdir, output_of(process)
-
-
 @pytest.mark.slow
 def test_every_job_ran_once(tiny_run):
-    _, text = tiny_run
+    text = tiny_run.log
     counts = job_counts(text)
     n_runs = len(DATASETS) * len(SEEDS) * len(ATTENTIONS)
     assert counts["train"] == n_runs
@@ -232,7 +188,7 @@ def test_every_job_ran_once(tiny_run):
 
 @pytest.mark.slow
 def test_representation_table_has_every_dataset_method_seed(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     table = pd.read_csv(workdir / "results/tables/representation.csv")
     # mean pooling and (cls_token: true) CLS pooling of every run; both untrained encoders; PCA
     expected = {
@@ -280,7 +236,7 @@ def test_representation_table_has_every_dataset_method_seed(tiny_run):
 
 @pytest.mark.slow
 def test_summary_rows_and_relative_change_match_the_table(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     table = pd.read_csv(workdir / "results/tables/representation.csv")
     summary = pd.read_csv(workdir / "results/tables/representation_summary.csv")
     assert set(summary["dataset"]) == set(DATASETS) | {"overall"}
@@ -322,7 +278,7 @@ def test_summary_rows_and_relative_change_match_the_table(tiny_run):
 
 @pytest.mark.slow
 def test_figures_and_report_exist(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     figures = workdir / "results/figures"
     names = ["metrics"] + [f"{kind}_{d}" for kind in ("umap", "loss") for d in DATASETS]
     for name in names:
@@ -344,7 +300,7 @@ def test_figures_and_report_exist(tiny_run):
 
 @pytest.mark.slow
 def test_complete_run_has_nothing_left_to_do(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     process = snakemake(workdir, "--dry-run")
     assert process.returncode == 0, output_of(process)
     assert "Nothing to be done" in output_of(process)
@@ -357,10 +313,7 @@ def test_complete_run_has_nothing_left_to_do(tiny_run):
 @pytest.fixture
 def run_copy(tiny_run, tmp_path):
     """A copy of the finished run (results and Snakemake's metadata, times kept)."""
-    workdir, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(workdir, copy, symlinks=True)
-    return copy
+    return copy_run(tiny_run, tmp_path / "run")
 
 
 def branch_files(workdir: Path, dataset: str) -> dict[str, float]:
@@ -401,8 +354,9 @@ def test_forced_branch_target_schedules_only_that_dataset(run_copy):
 
 @pytest.mark.slow
 def test_editing_one_dataset_entry_reruns_only_its_branch(run_copy, tmp_path):
-    """Change one dataset's config entry: its branch and the aggregates rerun, nothing else."""
-    chosen, other = DATASETS
+    """Change one dataset's config entry: its branch and the aggregates rerun, nothing else.
+    The smaller dataset is edited (no batch key: its branch reruns faster)."""
+    other, chosen = DATASETS
     config = yaml.safe_load(TINY.read_text())
     config["datasets"][chosen]["synthetic"]["n_cells"] += 20
     edited = tmp_path / "edited.yaml"

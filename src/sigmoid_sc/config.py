@@ -277,7 +277,14 @@ class Jacobian:
 @dataclass(frozen=True)
 class KernelBenchmark:
     enabled: bool
-    bench_args: tuple[str, ...]
+    head_dims: tuple[int, ...]
+    dense_n: tuple[int, ...]
+    cell_lengths: tuple[str, ...]
+    impls: tuple[str, ...] | None
+    hidden: int
+    dense_tokens: int
+    varlen_tokens: int
+    time_limit: float | None
     fallback_csv: str | None
 
 
@@ -619,6 +626,13 @@ def _section_checks(name: str, s: Mapping, where: str) -> list[str]:
         )
     if name == "experiments.stability_sweep":
         problems += _sweep_checks(s, where)
+    if name == "experiments.kernel_benchmark":
+        for head_dim in s["head_dims"]:
+            if s["hidden"] % head_dim:
+                problems.append(
+                    f"{where}.hidden ({s['hidden']}) must be a multiple of every head dim of "
+                    f"{where}.head_dims (not of {head_dim})"
+                )
     return problems
 
 

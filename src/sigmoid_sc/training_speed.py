@@ -48,21 +48,20 @@ it writes a table that says so and exits 0.
 
 ``--compare variants``: the pipeline's training step on the training cells of a ``tokens.npz``
 (``--tokens-npz``), the encoder of a pipeline config (its ``model`` and ``train`` sections,
-``--config``, or ``--model-json``), per attention kind and step variant:
-
-- ``today:C``: the step as it was before token budgets, emulated line by line: ``C`` cells a
-  step (one seeded permutation per epoch, the remainder dropped), ids and the boolean mask
-  copied from pageable memory, the loss indexing hidden states with the boolean mask on the
-  device (two host syncs a step);
-- ``tokens[:B]``: the training loop's step (:func:`sigmoid_sc.train.optimizer_step` on
-  :func:`sigmoid_sc.train.step_batch`): cells packed up to ``B`` tokens (default: the config's
-  ``train.batch_tokens``), masks built on the host and sent in one pinned copy, the next batch
-  built while the device runs this one; ``+compile``: ``train.compile`` on.
+``--config``, or ``--model-json``), per attention kind and step variant ``tokens[:B][+compile]``:
+the training loop's step (:func:`sigmoid_sc.train.optimizer_step` on
+:func:`sigmoid_sc.train.step_batch`): cells packed up to ``B`` tokens (default: the config's
+``train.batch_tokens``), masks built on the host and sent in one pinned copy, the next batch
+built while the device runs this one; ``+compile``: ``train.compile`` on.
 
 A variant's ``@K1,K2`` runs it as ``K`` jobs at once (``K`` processes, one GPU), each with its
 own seed, started together after their warm-up. Reported per case: tokens per second per job
-(its real tokens over its wall time) and of all jobs together, the median step time, and MFU of
-all jobs together. Without CUDA (and without ``--smoke``) it is an error.
+(its real tokens over its wall time) and of all jobs together, the median step time, MFU of
+all jobs together, and tokens/s per job over the first variant's. Without CUDA (and without
+``--smoke``) it is an error. A caller can add variants of its own (:func:`run_variants`'s
+``parse`` and ``job``; bench/train_step_before.py adds the step as it was before token
+budgets); the job's pieces are :func:`setup_job`, :func:`pipeline_step` and
+:func:`measure_job`.
 
 The clock (:func:`time_steps`): CUDA events recorded at every step's start (and after the
 last), nothing synchronised between the steps, so a step that asks the device nothing is timed
@@ -81,8 +80,8 @@ look-ups, norms and element-wise work count nothing.
     sigmoid-sc training-speed --smoke --out-csv x.csv --out-md x.md   # tiny, on the CPU
     sigmoid-sc training-speed --merge a.csv b.csv --out-csv ab.csv --out-md ab.md
     sigmoid-sc training-speed --compare variants --tokens-npz results/pbmc3k/tokens.npz \\
-        --config configs/shared_data.yaml --variants today:64@1,4 tokens@1,4 \\
-        tokens+compile@1 --out-csv steps.csv --out-md steps.md
+        --config configs/shared_data.yaml --variants tokens@1,4 tokens+compile@1 \\
+        --out-csv steps.csv --out-md steps.md
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ COMPARISONS = ("implementations", "variants")
 #: the variants table's columns
 VARIANT_COLUMNS = [
     "model", "attention", "variant", "jobs", "cells_per_step", "tokens_per_step", "step_ms",
-    "tokens_per_s_job", "tokens_per_s_total", "mfu", "speedup_vs_today", "sigmoid_vs_softmax",
+    "tokens_per_s_job", "tokens_per_s_total", "mfu", "speedup_vs_first", "sigmoid_vs_softmax",
     "peak_mem_gib", "first_steps_s", "note",
 ]  # fmt: skip
 
@@ -720,15 +719,13 @@ def write_skipped(args, reason: str) -> None:
 @dataclass(frozen=True)
 class Variant:
     name: str  # as given, e.g. "tokens:65536+compile"
-    today: bool  # the emulated step before token budgets
-    cells: int = 0  # today: cells a step
-    batch_tokens: int = 0  # tokens: the budget (0: the config's)
+    batch_tokens: int = 0  # the budget (0: the config's)
     compile: bool = False
     jobs: tuple[int, ...] = (1,)
 
 
-def parse_variant(text: str) -> Variant:
-    """``today:C`` | ``tokens[:B][+compile]``, then optionally ``@K1,K2,...`` (jobs)."""
+def parse_jobs(text: str) -> tuple[str, tuple[int, ...]]:
+    """``SPEC[@K1,K2,...]`` -> (SPEC, jobs); ``(1,)`` without ``@``."""
     spec, _, jobs_text = text.partition("@")
     try:
         jobs = tuple(int(k) for k in jobs_text.split(",")) if jobs_text else (1,)
@@ -736,56 +733,54 @@ def parse_variant(text: str) -> Variant:
         jobs = ()
     if not jobs or min(jobs) < 1:
         raise ConfigError(f"variant {text!r}: jobs after @ must be integers >= 1, e.g. @1,4")
+    return spec, jobs
+
+
+def parse_variant(text: str) -> Variant:
+    """``tokens[:B][+compile]``, then optionally ``@K1,K2,...`` (jobs)."""
+    spec, jobs = parse_jobs(text)
     name = spec
     compile_on = spec.endswith("+compile")
-    spec = spec.removesuffix("+compile")
-    kind, _, number = spec.partition(":")
-    if kind == "today" and number.isdigit() and int(number) > 0 and not compile_on:
-        return Variant(name, True, cells=int(number), jobs=jobs)
+    kind, _, number = spec.removesuffix("+compile").partition(":")
     if kind == "tokens" and (number == "" or (number.isdigit() and int(number) > 0)):
-        return Variant(name, False, batch_tokens=int(number or 0), compile=compile_on, jobs=jobs)
-    raise ConfigError(
-        f"variant {text!r}: expected today:CELLS or tokens[:BUDGET][+compile], then @JOBS"
-    )
+        return Variant(name, batch_tokens=int(number or 0), compile=compile_on, jobs=jobs)
+    raise ConfigError(f"variant {text!r}: expected tokens[:BUDGET][+compile], then @JOBS")
 
 
-def today_cells(train_cells: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """The cells of step ``step`` before token budgets: ``batch_size`` cells of a permutation
-    seeded by ``(seed, epoch)``, ``len // batch_size`` batches an epoch."""
-    batch_size = min(batch_size, train_cells.size)
-    per_epoch = train_cells.size // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, 0, epoch]).permutation(train_cells.size)
-    return train_cells[order[index * batch_size : (index + 1) * batch_size]]
+@dataclass
+class JobSetup:
+    """What every variant's step trains: the case's model, optimiser and data
+    (:func:`setup_job`)."""
+
+    spec: dict
+    device: torch.device
+    train: config.Train
+    model_config: ModelConfig
+    model: Encoder
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    autocast: Callable
+    tokens: object  # sigmoid_sc.tokens.Tokens
+    train_cells: np.ndarray
+    seed: int
+    stats: list = dataclasses.field(default_factory=list)  # batch_stats of each step
 
 
-def today_loss(model, input_ids, cu_seqlens, max_seqlen, masked, mask_id):
-    """The masked-gene loss before host-built batches: boolean indexing on the device."""
-    import torch.nn.functional as F
-
-    corrupted = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    hidden = model(corrupted, cu_seqlens, max_seqlen)
-    logits = model.gene_logits(hidden[masked])
-    return F.cross_entropy(logits.float(), input_ids[masked])
-
-
-def run_job(spec: dict, barrier=None) -> dict:
-    """Train ``spec['warmup'] + spec['steps']`` steps of one case; the timing of the last ones.
-
-    ``spec['model']`` and ``spec['train']``: the config's sections (dicts; validated here)."""
-    from .distributed import MaskedGeneLoss
+def setup_job(spec: dict, batch_tokens: int = 0, compile_on: bool = False) -> JobSetup:
+    """The model, optimiser and data of one case. ``spec['model']`` and ``spec['train']``: the
+    config's sections (dicts; validated here), ``train.batch_tokens`` replaced by
+    ``batch_tokens`` when given, ``train.compile`` by ``compile_on``."""
     from .runtime import resolve_device
-    from .tokens import TokenBatches, choose_masked, load_tokens, pack
-    from .train import build_optimizer, compile_loss, optimizer_step, step_batch
+    from .tokens import load_tokens
+    from .train import build_optimizer
 
     dev = resolve_device(spec["device"])
     torch.set_num_threads(1)  # as the pipeline's train jobs (OMP_NUM_THREADS = the rule's threads)
-    variant = parse_variant(spec["variant"])
     tokens = load_tokens(spec["tokens"], "training-speed")
     train_params = dict(spec["train"])
-    if variant.batch_tokens:
-        train_params["batch_tokens"] = variant.batch_tokens
-    train_params["compile"] = variant.compile
+    if batch_tokens:
+        train_params["batch_tokens"] = batch_tokens
+    train_params["compile"] = compile_on
     cfg = config.section("train", train_params)
     model_cfg = ModelConfig(
         **dataclasses.asdict(config.section("model", spec["model"])),
@@ -798,46 +793,45 @@ def run_job(spec: dict, barrier=None) -> dict:
     model = Encoder(model_cfg).to(dev)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg, dev)
-    autocast = autocast_for(cfg.precision, dev)
-    train_cells = tokens.cells("train")
+    return JobSetup(
+        spec, dev, cfg, model_cfg, model, optimizer, scheduler,
+        autocast_for(cfg.precision, dev), tokens, tokens.cells("train"), seed,
+    )  # fmt: skip
+
+
+def pipeline_step(job: JobSetup) -> Callable[[int], torch.Tensor]:
+    """The training loop's step ``t`` (:func:`sigmoid_sc.train.optimizer_step` on the token
+    budget's batch, the next one packed while the device runs this one); its loss."""
+    from .distributed import MaskedGeneLoss
+    from .tokens import TokenBatches
+    from .train import compile_loss, optimizer_step, step_batch
+
+    cfg, tokens, dev = job.train, job.tokens, job.device
     lengths = np.diff(tokens.offsets)
-    stats = []  # batch_stats of each step
+    batches = TokenBatches(job.train_cells, lengths[job.train_cells], cfg.batch_tokens, job.seed)
+    loss_module = compile_loss(MaskedGeneLoss(job.model), dev, cfg.compile)
+    upcoming = {}
 
-    if variant.today:
+    def prepare(t: int) -> None:
+        batch, _, _ = step_batch(tokens, batches, t, job.seed, cfg.mask_prob)
+        upcoming[t] = (batch.to(dev), batch_stats(batch.cu_seqlens, batch.n_masked))
 
-        def step(t: int):
-            cells = today_cells(train_cells, variant.cells, seed, t)
-            ids, cu, max_seqlen = pack(tokens, cells)
-            masked = choose_masked(cu, cfg.mask_prob, np.random.default_rng([seed, 1, t]))
-            ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
-            cu_t = torch.from_numpy(cu).to(dev, non_blocking=True)
-            masked_t = torch.from_numpy(masked).to(dev, non_blocking=True)
-            with autocast():
-                loss = today_loss(model, ids_t, cu_t, max_seqlen, masked_t, tokens.mask_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            stats.append(batch_stats(cu, int(masked.sum())))
-            return loss.detach()
+    def step(t: int):
+        if t not in upcoming:
+            prepare(t)
+        batch, stat = upcoming.pop(t)
+        loss = optimizer_step(loss_module, job.optimizer, job.scheduler, batch, job.autocast)
+        prepare(t + 1)  # the host packs the next batch while the device runs this one
+        job.stats.append(stat)
+        return loss
 
-    else:
-        batches = TokenBatches(train_cells, lengths[train_cells], cfg.batch_tokens, seed)
-        loss_module = compile_loss(MaskedGeneLoss(model), dev, cfg.compile)
-        upcoming = {}
+    return step
 
-        def prepare(t: int) -> None:
-            batch, _, _ = step_batch(tokens, batches, t, seed, cfg.mask_prob)
-            upcoming[t] = (batch.to(dev), batch_stats(batch.cu_seqlens, batch.n_masked))
 
-        def step(t: int):
-            if t not in upcoming:
-                prepare(t)
-            batch, stat = upcoming.pop(t)
-            loss = optimizer_step(loss_module, optimizer, scheduler, batch, autocast)
-            prepare(t + 1)  # the host packs the next batch while the device runs this one
-            stats.append(stat)
-            return loss
+def measure_job(job: JobSetup, step: Callable[[int], torch.Tensor], barrier=None) -> dict:
+    """Train ``spec['warmup'] + spec['steps']`` steps with ``step`` (which appends each step's
+    :func:`batch_stats` to ``job.stats``); the timing and work of the last ones."""
+    spec, dev = job.spec, job.device
 
     def before_timed() -> None:
         if barrier is not None:
@@ -846,10 +840,10 @@ def run_job(spec: dict, barrier=None) -> dict:
             torch.cuda.reset_peak_memory_stats(dev)
 
     timing = time_steps(step, spec["warmup"], spec["steps"], dev, before_timed)
-    timed = np.array(stats[spec["warmup"] : spec["warmup"] + spec["steps"]], dtype=np.float64)
+    timed = np.array(job.stats[spec["warmup"] : spec["warmup"] + spec["steps"]], dtype=np.float64)
     n_tokens, sum_sq, n_masked, n_cells = timed.sum(axis=0)
     flops = model_flops(
-        dataclasses.asdict(model_cfg), tokens.vocab_size, n_tokens, sum_sq, n_masked
+        dataclasses.asdict(job.model_config), job.tokens.vocab_size, n_tokens, sum_sq, n_masked
     )
     return {
         "tokens": float(n_tokens),
@@ -866,24 +860,34 @@ def run_job(spec: dict, barrier=None) -> dict:
     }
 
 
-def _job_process(spec: dict, barrier, queue) -> None:
+def run_job(spec: dict, barrier=None) -> dict:
+    """One case of a ``tokens`` variant (``spec['variant']``), timed."""
+    variant = parse_variant(spec["variant"])
+    job = setup_job(spec, variant.batch_tokens, variant.compile)
+    return measure_job(job, pipeline_step(job), barrier)
+
+
+def _job_process(job: Callable, spec: dict, barrier, queue) -> None:
     try:
-        queue.put(run_job(spec, barrier))
+        queue.put(job(spec, barrier))
     except BaseException as exc:  # reported as the case's note, never a hang
         with contextlib.suppress(Exception):
             barrier.abort()
         queue.put({"error": _error_note(exc)})
 
 
-def run_jobs(spec: dict, jobs: int, timeout: float) -> list[dict]:
-    """``jobs`` processes of one case (seeds ``seed, seed + 1, ...``), timed steps together."""
+def run_jobs(spec: dict, jobs: int, timeout: float, job: Callable = run_job) -> list[dict]:
+    """``jobs`` processes of one case (seeds ``seed, seed + 1, ...``), timed steps together;
+    each runs ``job(spec, barrier)`` (a module-level function: it is sent to a new process)."""
     import multiprocessing as mp
     import queue as queue_module
 
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     barrier, queue = ctx.Barrier(jobs), ctx.Queue()
     procs = [
-        ctx.Process(target=_job_process, args=({**spec, "seed": spec["seed"] + k}, barrier, queue))
+        ctx.Process(
+            target=_job_process, args=(job, {**spec, "seed": spec["seed"] + k}, barrier, queue)
+        )
         for k in range(jobs)
     ]
     results, deadline = [], time.monotonic() + timeout
@@ -937,19 +941,16 @@ def summarise(results: list[dict], jobs: int, peak: float) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_today: tokens/s per job over the ``today`` variant's at the same model, kind
-    and jobs; sigmoid_vs_softmax: the sigmoid row's tokens/s per job over softmax's."""
+    """speedup_vs_first: tokens/s per job over the first variant's at the same model, kind and
+    jobs; sigmoid_vs_softmax: the sigmoid row's tokens/s per job over softmax's."""
 
     def key(r, **over):
         return tuple({**r, **over}[k] for k in ("model", "attention", "variant", "jobs"))
 
     by_key = {key(r): r for r in rows}
-    today = {
-        (r["model"], r["attention"], r["jobs"]): r for r in rows if r["variant"].startswith("today")
-    }
+    first = rows[0]["variant"] if rows else ""
     for r in rows:
-        base = today.get((r["model"], r["attention"], r["jobs"]))
-        r["speedup_vs_today"] = _ratio(r, base)
+        r["speedup_vs_first"] = _ratio(r, by_key.get(key(r, variant=first)))
         other = by_key.get(key(r, attention="softmax"))
         r["sigmoid_vs_softmax"] = _ratio(r, other) if r["attention"] == "sigmoid" else float("nan")
 
@@ -969,11 +970,11 @@ def markdown_variants(rows: list[dict], env: dict) -> str:
         f"tokens {env['tokens']}; {env['steps']} timed steps after {env['warmup']}. tok/s: real "
         "tokens per second (per job; all jobs together). MFU: model FLOPs (6 P T + attention "
         "3.5 x 4 sum n^2 d L + head 6 d V M) / time / the device's bf16 peak, of all jobs "
-        "together. vs today: tokens/s per job over the today variant's (same kind and jobs). "
+        "together. vs first: tokens/s per job over the first variant's (same kind and jobs). "
         "Warm-up s: the slowest job's steps before timing (compilation, autotuning).",
         "",
         "| model | attention | variant | jobs | cells/step | tokens/step | step ms | tok/s per job "
-        "| tok/s all | MFU | vs today | sigmoid / softmax | peak GiB | warm-up s | note |",
+        "| tok/s all | MFU | vs first | sigmoid / softmax | peak GiB | warm-up s | note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | --- |",
     ]
@@ -983,7 +984,7 @@ def markdown_variants(rows: list[dict], env: dict) -> str:
             f"{_fmt(r.get('cells_per_step'), 'f')} | {_fmt(r.get('tokens_per_step'), 'commas')} | "
             f"{_fmt(r.get('step_ms'), 'f')} | {_fmt(r.get('tokens_per_s_job'), 'rate')} | "
             f"{_fmt(r.get('tokens_per_s_total'), 'rate')} | {_fmt(r.get('mfu'), 'pct')} | "
-            f"{_fmt(r.get('speedup_vs_today'), 'x')} | {_fmt(r.get('sigmoid_vs_softmax'), 'x')} | "
+            f"{_fmt(r.get('speedup_vs_first'), 'x')} | {_fmt(r.get('sigmoid_vs_softmax'), 'x')} | "
             f"{_fmt(r.get('peak_mem_gib'), 'f')} | {_fmt(r.get('first_steps_s'), 'f')} | "
             f"{r.get('note', '')} |"
         )
@@ -1001,8 +1002,12 @@ def config_sections(paths: list[str], model_json: str) -> tuple[dict, dict]:
     return model, dict(raw.get("train") or {})
 
 
-def run_variants(args) -> str:
-    """Every case of ``--variants`` x jobs x ``--attentions``; the Markdown table."""
+def run_variants(args, parse: Callable = parse_variant, job: Callable = run_job) -> str:
+    """Every case of ``--variants`` x jobs x ``--attentions``; the Markdown table.
+
+    ``parse(text)``: a variant (its ``name`` and ``jobs``); ``job(spec, barrier)``: one case of
+    it, timed (``spec['variant']`` is the variant's text). A caller adds variants of its own by
+    passing both."""
     from .runtime import resolve_device
 
     dev = resolve_device("cpu" if args.smoke else args.device)
@@ -1020,7 +1025,7 @@ def run_variants(args) -> str:
     env = {**env, "tokens": Path(args.tokens_npz).name, "steps": args.repeats}
     env["warmup"] = args.warmup
     rows, t_start, text = [], time.perf_counter(), ""
-    for variant in [parse_variant(v) for v in args.variants]:
+    for variant in [parse(v) for v in args.variants]:
         for jobs in variant.jobs:
             for attention in args.attentions:
                 row = {"model": label, "attention": attention, "variant": variant.name}
@@ -1033,7 +1038,8 @@ def run_variants(args) -> str:
                         "attention": attention, "variant": variant.name, "seed": 0,
                         "device": dev.type, "steps": args.repeats, "warmup": args.warmup,
                     }  # fmt: skip
-                    row.update(summarise(run_jobs(spec, jobs, args.job_timeout), jobs, peak))
+                    results = run_jobs(spec, jobs, args.job_timeout, job)
+                    row.update(summarise(results, jobs, peak))
                 rows.append(row)
                 print(
                     f"training-speed {label} {attention} {variant.name} x{jobs}: "
@@ -1074,7 +1080,7 @@ ONLY = {
     },
     "variants": {
         "tokens_npz": None, "config": [], "model_json": "", "label": "",
-        "attentions": list(ATTENTION_KINDS), "variants": ["today:64@1", "tokens@1"],
+        "attentions": list(ATTENTION_KINDS), "variants": ["tokens@1"],
         "device": "cuda", "job_timeout": 300.0,
     },
 }  # fmt: skip
@@ -1127,16 +1133,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     var.add_argument("--attentions", nargs="+", choices=ATTENTION_KINDS)
     var.add_argument(
         "--variants", nargs="+",
-        help="today:CELLS | tokens[:BUDGET][+compile], each optionally @JOBS,JOBS (processes); "
-        "default: today:64@1 tokens@1",
+        help="tokens[:BUDGET][+compile], each optionally @JOBS,JOBS (processes); default: tokens@1",
     )  # fmt: skip
     var.add_argument("--device", choices=("cuda", "auto"), help="default: cuda")
     var.add_argument("--job-timeout", type=float, help="seconds a case may take (300)")
 
 
-def settle(args: argparse.Namespace) -> argparse.Namespace:
+def settle(args: argparse.Namespace, parse: Callable = parse_variant) -> argparse.Namespace:
     """The options of ``args.compare`` checked and completed: the other comparison's options
-    refused, the config section's settings under the options given on the command line."""
+    refused, the config section's settings under the options given on the command line, every
+    variant parsed by ``parse``."""
     compare = getattr(args, "compare", "implementations")
     other = next(c for c in COMPARISONS if c != compare)
     given = [name for name in ONLY[other] if getattr(args, name, None) is not None]
@@ -1169,12 +1175,16 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
                 f"{args.warmup} >= 0"
             )
         for variant in args.variants:
-            parse_variant(variant)  # a typo fails before any job starts
+            parse(variant)  # a typo fails before any job starts
     return args
 
 
-def run_training_speed(args: argparse.Namespace) -> None:
-    args = settle(args)
+def run_training_speed(
+    args: argparse.Namespace, parse: Callable = parse_variant, job: Callable = run_job
+) -> None:
+    """The stage; ``parse`` and ``job``: the variants of ``--compare variants`` (see
+    :func:`run_variants`)."""
+    args = settle(args, parse)
     if args.compare == "variants":
         from .runtime import resolve_device
 
@@ -1186,7 +1196,7 @@ def run_training_speed(args: argparse.Namespace) -> None:
         # SIGTERM (e.g. `timeout`) ends the run through SystemExit: the running case's jobs
         # are killed, the cases measured so far are on disk
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-        print(run_variants(args), end="")
+        print(run_variants(args, parse, job), end="")
         return
     if args.merge:
         frame = merge(args.merge)

@@ -17,12 +17,14 @@ rule evaluate:
     threads: 2
     params:
         evaluate=section_json("evaluate"),
-        # compiled JAX programs persist across jobs and runs
+        # compiled JAX programs persist across jobs and runs (a JAX_COMPILATION_CACHE_DIR set
+        # in the environment wins)
         jax_cache="results/.cache/jax",
     message:
         "evaluate {wildcards.dataset}: every embedding"
     shell:
-        "JAX_COMPILATION_CACHE_DIR={params.jax_cache:q} OMP_NUM_THREADS={threads}"
+        'JAX_COMPILATION_CACHE_DIR="${{JAX_COMPILATION_CACHE_DIR:-{params.jax_cache}}}"'
+        " OMP_NUM_THREADS={threads}"
         " NUMBA_NUM_THREADS={threads}"
         " python -m sigmoid_sc.cli evaluate --dataset {wildcards.dataset:q} --prepared {input.prepared:q}"
         " --params-json {params.evaluate:q}"

@@ -185,10 +185,9 @@ rule jacobian:
         " --csv {output.csv:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
 
 
-# Attention TFLOPS against sequence length (bench/kernel.py); skipped with a note without a GPU.
+# Attention TFLOPS against sequence length (sigmoid_sc.kernel_benchmark); without a GPU the
+# section's fallback_csv is rendered, or a note says it was skipped.
 rule kernel_benchmark:
-    input:
-        script=os.path.join(workflow.basedir, "bench", "kernel.py"),
     output:
         png=report(
             "results/figures/kernel_tflops.png",
@@ -205,13 +204,8 @@ rule kernel_benchmark:
         ),
         md="results/tables/kernel.md",
     params:
-        bench_args=" ".join(experiment("kernel_benchmark")["bench_args"]),
-        fallback=(
-            f"--fallback-csv {experiment('kernel_benchmark')['fallback_csv']}"
-            if experiment("kernel_benchmark")["fallback_csv"]
-            else ""
-        ),
-        raw_dir="results/experiments/kernel_benchmark",
+        kernel=json.dumps(experiment("kernel_benchmark"), sort_keys=True),
+        raw_csv="results/experiments/kernel_benchmark/kernel_raw.csv",
     benchmark:
         "results/benchmarks/kernel_benchmark/kernel_benchmark.tsv"
     log:
@@ -224,8 +218,8 @@ rule kernel_benchmark:
     resources:
         gpu=gpus_per_job(),
     shell:
-        "python -m sigmoid_sc.cli kernel-benchmark --bench-script {input.script:q}"
-        " --bench-args={params.bench_args:q} {params.fallback} --keep-dir {params.raw_dir:q}"
+        "python -m sigmoid_sc.cli kernel-benchmark --params-json {params.kernel:q}"
+        " --raw-csv {params.raw_csv:q}"
         " --png {output.png:q} --pdf {output.pdf:q}"
         " --table-csv {output.csv:q} --table-md {output.md:q} > {log:q} 2>&1"
 
