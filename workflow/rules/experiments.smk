@@ -72,67 +72,72 @@ rule stability_run:
         " --out-dir {params.out_dir:q} --device {params.device} > {log:q} 2>&1"
 
 
-# After the first seed's runs: each arm's boundary (its largest stable lr and the next one up),
-# where the other seeds run.
-checkpoint stability_boundary:
-    input:
-        sweep_first_seed_runs,
-    output:
-        f"{SWEEP_DIR}/boundary.json",
-    params:
-        sweep=sweep_json(),
-    log:
-        "results/logs/experiments/stability_sweep/boundary.log",
-    conda:
-        "../../envs/sigmoid-sc.yaml"
-    message:
-        "stability sweep: the learning rates around each arm's boundary"
-    shell:
-        "python -m sigmoid_sc.cli stability-sweep boundary --params-json {params.sweep:q}"
-        " --out {output:q} {input:q} > {log:q} 2>&1"
+# The checkpoint and the sweep's summary exist only when the sweep is enabled: a checkpoint in
+# the workflow makes Snakemake ignore --allowed-rules, which tools/gpu_collect.sh relies on to
+# finish a DAG from embeddings without training again.
+if SWEEP["enabled"]:
+
+    # After the first seed's runs: each arm's boundary (its largest stable lr and the next one up),
+    # where the other seeds run.
+    checkpoint stability_boundary:
+        input:
+            sweep_first_seed_runs,
+        output:
+            f"{SWEEP_DIR}/boundary.json",
+        params:
+            sweep=sweep_json(),
+        log:
+            "results/logs/experiments/stability_sweep/boundary.log",
+        conda:
+            "../../envs/sigmoid-sc.yaml"
+        message:
+            "stability sweep: the learning rates around each arm's boundary"
+        shell:
+            "python -m sigmoid_sc.cli stability-sweep boundary --params-json {params.sweep:q}"
+            " --out {output:q} {input:q} > {log:q} 2>&1"
 
 
-# The sweep's tables and figures: final loss vs learning rate, largest stable lr, logit growth.
-rule stability_sweep:
-    input:
-        sweep_all_runs,
-    output:
-        runs="results/tables/stability_runs.csv",
-        boundary=report(
-            "results/tables/stability_boundary.csv",
-            caption="../report/stability_sweep.rst",
-            category="Experiments",
-            subcategory="Stability",
-        ),
-        md="results/tables/stability_boundary.md",
-        lr_png=report(
-            "results/figures/stability_lr.png",
-            caption="../report/stability_sweep.rst",
-            category="Experiments",
-            subcategory="Stability",
-        ),
-        lr_pdf="results/figures/stability_lr.pdf",
-        logits_png=report(
-            "results/figures/stability_logits.png",
-            caption="../report/stability_logits.rst",
-            category="Experiments",
-            subcategory="Stability",
-        ),
-        logits_pdf="results/figures/stability_logits.pdf",
-    params:
-        sweep=sweep_json(),
-    log:
-        "results/logs/experiments/stability_sweep/summarize.log",
-    conda:
-        "../../envs/sigmoid-sc.yaml"
-    message:
-        "stability sweep: tables and figures"
-    shell:
-        "python -m sigmoid_sc.cli stability-sweep summarize --params-json {params.sweep:q}"
-        " --runs-csv {output.runs:q} --boundary-csv {output.boundary:q}"
-        " --boundary-md {output.md:q} --lr-png {output.lr_png:q} --lr-pdf {output.lr_pdf:q}"
-        " --logits-png {output.logits_png:q} --logits-pdf {output.logits_pdf:q}"
-        " {input:q} > {log:q} 2>&1"
+    # The sweep's tables and figures: final loss vs learning rate, largest stable lr, logit growth.
+    rule stability_sweep:
+        input:
+            sweep_all_runs,
+        output:
+            runs="results/tables/stability_runs.csv",
+            boundary=report(
+                "results/tables/stability_boundary.csv",
+                caption="../report/stability_sweep.rst",
+                category="Experiments",
+                subcategory="Stability",
+            ),
+            md="results/tables/stability_boundary.md",
+            lr_png=report(
+                "results/figures/stability_lr.png",
+                caption="../report/stability_sweep.rst",
+                category="Experiments",
+                subcategory="Stability",
+            ),
+            lr_pdf="results/figures/stability_lr.pdf",
+            logits_png=report(
+                "results/figures/stability_logits.png",
+                caption="../report/stability_logits.rst",
+                category="Experiments",
+                subcategory="Stability",
+            ),
+            logits_pdf="results/figures/stability_logits.pdf",
+        params:
+            sweep=sweep_json(),
+        log:
+            "results/logs/experiments/stability_sweep/summarize.log",
+        conda:
+            "../../envs/sigmoid-sc.yaml"
+        message:
+            "stability sweep: tables and figures"
+        shell:
+            "python -m sigmoid_sc.cli stability-sweep summarize --params-json {params.sweep:q}"
+            " --runs-csv {output.runs:q} --boundary-csv {output.boundary:q}"
+            " --boundary-md {output.md:q} --lr-png {output.lr_png:q} --lr-pdf {output.lr_pdf:q}"
+            " --logits-png {output.logits_png:q} --logits-pdf {output.logits_pdf:q}"
+            " {input:q} > {log:q} 2>&1"
 
 
 # dp/ds of attention in trained models: sigmoid's diagonal, bounded Jacobian vs softmax's dense one.
